@@ -1,0 +1,42 @@
+"""The genq HTTP API: `create_app()` builds it from settings; `genq api` serves it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services import routes_batches, routes_jobs, routes_system
+from services.errors import install_handlers
+from services.metrics import Metrics
+from services.state import AppState, Limits, build_state
+from shared.config import Settings, get_settings
+from shared.migrate import upgrade
+
+log = logging.getLogger("genq.api")
+
+
+def create_app(settings: Settings | None = None, *, state: AppState | None = None,
+               limits: Limits | None = None, migrate: bool = True) -> FastAPI:
+    settings = settings or (state.settings if state else get_settings())
+    state = state or build_state(settings, limits)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            upgrade(settings.database_url)
+        log.info("genq api ready: %d models, database %s", len(state.registry.models),
+                 settings.database_url.split("@")[-1])
+        yield
+
+    app = FastAPI(title="genq", version="0.1.0", lifespan=lifespan,
+                  description="A distributed job queue for generative models.")
+    app.state.genq = state
+    app.state.metrics = Metrics(state.sessions)
+    install_handlers(app)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_batches.router)
+    app.include_router(routes_system.router)
+    return app

@@ -1,0 +1,60 @@
+"""Errors in the OpenAI shape: {"error": {"type", "code", "message", "param"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("genq.api")
+
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "conflict_error",
+          413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable", 401: "authentication_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.extra = status, message, code, param, extra
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    err = {"type": _TYPES.get(status, "api_error"), "code": code, "message": message, "param": param}
+    err.update(extra)
+    return {"error": err}
+
+
+def not_found(kind: str, ident: str) -> APIError:
+    return APIError(404, f"no {kind} with id {ident!r}", code="not_found", param="id")
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param, **(exc.extra or {})),
+                            status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        return JSONResponse(error_body(400, f"{param + ': ' if param else ''}{first['msg']}",
+                                       "invalid_request", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body(500, "internal error", "internal_error"), status_code=500)

@@ -1,0 +1,60 @@
+"""Single jobs: submit, read, cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from services.body import batch_error, parse_json_body, read_body
+from services.deps import SessionDep, StateDep, TenantDep
+from services.errors import not_found
+from shared import jobs as jobs_data
+from shared.db import Job
+from shared.finalize import maybe_finalize_batch
+from shared.validation import validate_line
+from shared.views import job_object
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def load_job(session: SessionDep, job_id: str, tenant: str | None) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant != tenant:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.post("", status_code=202)
+async def submit_job(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    """Submit one request line; answers 202 with the queued job."""
+    obj = parse_json_body(await read_body(request, state.limits.max_body_bytes))
+    line, errors = validate_line(obj, None, state.registry)
+    if line is None:
+        raise batch_error(errors)
+
+    def _create() -> dict[str, Any]:
+        job, item = jobs_data.create_job(session, line=line, tenant=tenant)
+        session.commit()
+        state.publisher.publish([item])
+        return job_object(job)
+
+    return await run_in_threadpool(_create)
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    return job_object(load_job(session, job_id, tenant))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    """Cancel a queued or running job. Cancelling a finished job changes nothing (idempotent)."""
+    job = load_job(session, job_id, tenant)
+    jobs_data.cancel_job(session, job.id)
+    session.commit()
+    if job.batch_id:
+        maybe_finalize_batch(state.sessions, state.storage, job.batch_id)
+    session.refresh(job)
+    return job_object(job)

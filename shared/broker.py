@@ -1,0 +1,92 @@
+"""Celery wiring shared by the API (which publishes) and the workers (which consume).
+
+Messages carry only a job id; the body lives in the results database. One queue per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from celery import Celery
+
+from shared.config import Settings
+
+RUN_JOB_TASK = "genq.run_job"
+# Above the longest job we expect to run; genq's own job leases recover crashed work much sooner.
+VISIBILITY_TIMEOUT_S = 6 * 3600
+
+
+def queue_name(model: str) -> str:
+    return f"genq.{model}"
+
+
+@dataclass(frozen=True)
+class Publish:
+    job_id: str
+    model: str
+    priority: int | None = None
+
+
+class Publisher(Protocol):
+    """What the API needs from the broker."""
+
+    def publish(self, items: Iterable[Publish]) -> int: ...
+    def ping(self) -> None: ...
+
+
+def make_celery(settings: Settings) -> Celery:
+    broker = settings.broker_url
+    if broker.startswith("sqla+sqlite:///"):
+        path = broker.removeprefix("sqla+sqlite:///")
+        if path and not path.startswith(":"):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    app = Celery("genq", broker=broker, set_as_current=False)
+    transport_options: dict[str, object] = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    if urlsplit(broker).scheme in ("redis", "rediss"):
+        # Redis emulates priorities with one list per step; prefetch 1 makes them mean something.
+        transport_options.update(queue_order_strategy="priority", priority_steps=list(range(10)), sep=":")
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_default_queue="genq.default",
+        task_create_missing_queues=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+class CeleryPublisher:
+    """Publishes job ids to per-model queues over one pooled broker connection."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def publish(self, items: Iterable[Publish]) -> int:
+        count = 0
+        with self.app.producer_or_acquire() as producer:
+            for item in items:
+                # Celery's priority 0..9 where 9 is the highest on Redis with our transport options
+                # is inverted by kombu ("0 is highest"); map genq's 9 = most urgent onto it.
+                priority = None if item.priority is None else 9 - item.priority
+                self.app.send_task(RUN_JOB_TASK, args=[item.job_id], queue=queue_name(item.model),
+                                   priority=priority, producer=producer)
+                count += 1
+        return count
+
+    def ping(self) -> None:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)

@@ -1,0 +1,104 @@
+"""genq configuration: the `GENQ_*` environment variables of the public contract (section 4).
+
+Build settings with `get_settings()` (cached) in processes, or `Settings(...)` directly in tests.
+Every value is checked when the settings are built, so a bad URL stops a process at start with
+a message that names the variable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER_URL = "sqla+sqlite:///./var/broker.db"
+
+_DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+_BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "sqla+postgresql+psycopg",
+                   "amqp", "pyamqp", "memory")
+_STORAGE_SCHEMES = ("file", "s3")
+
+
+class ConfigError(ValueError):
+    """Raised with one line per bad variable, each naming it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", frozen=True)
+
+    database_url: str = Field(default="sqlite:///./var/genq.db")
+    broker_url: str = Field(default=EMBEDDED_BROKER_URL)
+    storage_url: str = Field(default="file://./var/objects")
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_secure: bool = True
+    models_file: Path | None = None
+    auth: Literal["off", "required"] = "off"
+
+    @field_validator("database_url")
+    @classmethod
+    def _db(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in _DB_SCHEMES:
+            raise ValueError(f"scheme {scheme!r} is not supported; use sqlite:///PATH or postgresql+psycopg://...")
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in _BROKER_SCHEMES:
+            raise ValueError(f"scheme {scheme!r} is not supported; use redis://HOST:PORT/DB or {EMBEDDED_BROKER_URL}")
+        return v
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in _STORAGE_SCHEMES:
+            raise ValueError(f"scheme {parts.scheme!r} is not supported; use file://DIR or s3://BUCKET[/PREFIX]")
+        if parts.scheme == "s3" and not parts.netloc:
+            raise ValueError("s3:// needs a bucket name, e.g. s3://genq-outputs")
+        if parts.scheme == "file" and not (parts.netloc or parts.path):
+            raise ValueError("file:// needs a directory, e.g. file://./var/objects")
+        return v
+
+    @field_validator("models_file")
+    @classmethod
+    def _models_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v} is not a file (write one with `genq models build-tiny`)")
+        return v
+
+    def check_s3(self) -> None:
+        if urlsplit(self.storage_url).scheme == "s3" and not self.s3_endpoint:
+            raise ConfigError("GENQ_S3_ENDPOINT: required when GENQ_STORAGE_URL is s3://")
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("sqla+")
+
+
+def build_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's report into one line per variable."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"GENQ_{field.upper()}: {msg}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    settings.check_s3()
+    return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return build_settings()

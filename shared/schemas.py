@@ -1,0 +1,148 @@
+"""The job contract: what crosses between the API and the workers.
+
+Request lines use the OpenAI Batch input format. The API validates them with these models; the
+worker parses the stored body again with the same model, so both sides agree on every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TEXT_URL = "/v1/completions"
+IMAGE_URL = "/v1/images/generations"
+
+# Job kinds by request url. A url listed here but without a runner kind in a model's registry
+# entry is refused at validation time.
+URL_KINDS: dict[str, str] = {TEXT_URL: "text", IMAGE_URL: "image"}
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
+BATCH_STATUSES = (
+    "validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled",
+)
+TERMINAL_BATCH_STATUSES = ("completed", "failed", "expired", "cancelled")
+
+MAX_SEED = 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CompletionBody(_Strict):
+    """An OpenAI `/v1/completions` body plus genq's sampling extras."""
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str | list[str] = Field(description="One prompt, or a list of prompts answered in order.")
+    max_tokens: int = Field(default=16, ge=1, le=4096)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k filtering.")
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    do_sample: bool | None = None
+    adapter: str | None = Field(default=None, min_length=1, max_length=200)
+    # Accepted so that existing OpenAI batch files work unchanged.
+    user: str | None = Field(default=None, max_length=256)
+    stream: Literal[False] = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not 1 <= len(v) <= 64:
+                raise ValueError("must hold between 1 and 64 prompts")
+            if any(not p for p in v):
+                raise ValueError("prompts must not be empty")
+        elif not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if len(v) > 4:
+                raise ValueError("at most 4 stop sequences")
+            if any(not s for s in v):
+                raise ValueError("stop sequences must not be empty")
+        elif v == "":
+            raise ValueError("must not be empty")
+        return v
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are sampled; `temperature: 0` means greedy unless do_sample says otherwise."""
+        if self.do_sample is not None:
+            return self.do_sample
+        return self.temperature > 0
+
+
+class ImageBody(_Strict):
+    """An OpenAI `/v1/images/generations` body plus diffusion extras (runner added later)."""
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str = Field(default="", max_length=4000)
+    n: int = Field(default=1, ge=1, le=10)
+    size: str = "512x512"
+    response_format: Literal["url", "b64_json"] = "url"
+    negative_prompt: str | None = Field(default=None, max_length=4000)
+    num_inference_steps: int = Field(default=30, ge=1, le=200)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    scheduler: str | None = None
+    adapter: str | None = None
+    user: str | None = None
+
+
+BODY_MODELS: dict[str, type[BaseModel]] = {TEXT_URL: CompletionBody, IMAGE_URL: ImageBody}
+
+
+class RequestLine(_Strict):
+    """One request: the OpenAI Batch input line format."""
+
+    custom_id: str | None = Field(default=None, min_length=1, max_length=512)
+    method: Literal["POST"] = "POST"
+    url: str
+    body: dict[str, Any]
+    # genq extension: 0 (lowest) to 9; wired to broker priorities in a later release.
+    priority: int | None = Field(default=None, ge=0, le=9)
+
+    @field_validator("url")
+    @classmethod
+    def _known_url(cls, v: str) -> str:
+        if v not in URL_KINDS:
+            raise ValueError(f"must be one of {', '.join(URL_KINDS)}")
+        return v
+
+    def parsed_body(self) -> BaseModel:
+        return BODY_MODELS[self.url].model_validate(self.body)
+
+
+class BatchCreate(_Strict):
+    """`POST /v1/batches` with requests inline (the NDJSON body and OpenAI file shapes are parsed
+    by the route into the same list)."""
+
+    requests: list[dict[str, Any]] | None = None
+    input_file_id: str | None = None
+    endpoint: str | None = None
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None

@@ -1,0 +1,54 @@
+"""Public JSON shapes of jobs, batches and output lines (the contract's section 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.db import Batch, File, Job
+
+
+def _ts(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def job_object(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id, "object": "job", "batch_id": job.batch_id, "custom_id": job.custom_id,
+        "url": job.url, "model": job.model, "status": job.status, "priority": job.priority,
+        "progress": round(job.progress or 0.0, 4), "attempts": job.attempts,
+        "created_at": _ts(job.created_at), "started_at": _ts(job.started_at),
+        "finished_at": _ts(job.finished_at), "error": job.error, "result": job.result,
+    }
+
+
+def batch_object(batch: Batch, request_counts: dict[str, int]) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
+        "errors": batch.errors, "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window, "status": batch.status,
+        "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+    }
+    for name in ("created", "in_progress", "expires", "finalizing", "completed", "failed", "expired",
+                 "cancelling", "cancelled"):
+        obj[f"{name}_at"] = _ts(getattr(batch, f"{name}_at"))
+    obj["request_counts"] = request_counts
+    obj["metadata"] = batch.meta
+    obj["priority"] = batch.priority
+    return obj
+
+
+def output_line(job: Job) -> dict[str, Any]:
+    """One line of a batch's output or error file, in OpenAI's output-line shape."""
+    if job.status == "succeeded":
+        response: dict[str, Any] | None = {"status_code": 200, "request_id": job.id, "body": job.result}
+        error = None
+    else:
+        response = None
+        error = job.error or {"code": job.status, "message": f"request {job.status}"}
+    return {"id": f"batch_req_{job.id.removeprefix('job_')}", "custom_id": job.custom_id,
+            "response": response, "error": error}
+
+
+def file_object(f: File) -> dict[str, Any]:
+    return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": _ts(f.created_at),
+            "filename": f.filename, "purpose": f.purpose}
