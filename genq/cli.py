@@ -1,0 +1,237 @@
+"""The `genq` command: services (api, worker, up), client commands and admin tasks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_API = "http://127.0.0.1:8000"
+
+
+def _settings() -> Any:
+    from shared.config import ConfigError, get_settings
+
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+@click.version_option("0.1.0", prog_name="genq")
+def main() -> None:
+    """genq: a distributed job queue for generative models."""
+
+
+# --- services ----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--log-level", default="info", show_default=True)
+def api(host: str, port: int, log_level: str) -> None:
+    """Run the HTTP API service (applies database migrations first)."""
+    import uvicorn
+
+    from services.app import create_app
+
+    _logging(log_level)
+    uvicorn.run(create_app(_settings()), host=host, port=port, log_level=log_level)
+
+
+@main.command()
+@click.option("--models", required=True, help="Comma-separated model names to serve, e.g. gpt2,tiny-gpt2.")
+@click.option("--gpu", type=int, default=None, help="Pin to this GPU (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--concurrency", type=int, default=1, show_default=True,
+              help="Jobs run at once (threads; 1 runs them one by one).")
+@click.option("--lease", type=float, default=30.0, show_default=True,
+              help="Seconds a job's lease lasts between heartbeats; a dead worker's job is recovered after it.")
+@click.option("--max-attempts", type=int, default=3, show_default=True,
+              help="Starts of one job before it is failed (protects against jobs that crash workers).")
+@click.option("--log-level", default="info", show_default=True)
+def worker(models: str, gpu: int | None, concurrency: int, lease: float, max_attempts: int, log_level: str) -> None:
+    """Run a worker consuming the queues of MODELS."""
+    # Pin the GPU before anything imports torch: CUDA reads this once, at initialisation.
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    assert "torch" not in sys.modules, "torch was imported before the GPU was pinned"
+    from shared.registry import RegistryError
+    from workers.app import run_worker
+
+    _logging(log_level)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    try:
+        run_worker(_settings(), names, concurrency=concurrency, lease_s=lease, max_attempts=max_attempts,
+                   loglevel=log_level.upper())
+    except (ValueError, RegistryError, OSError) as exc:
+        raise click.ClickException(f"worker could not start: {exc}") from None
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--models", default=None, help="Models to start workers for (default: every registered model).")
+def up(host: str, port: int, models: str | None) -> None:
+    """Run the whole stack on this machine: the API plus one worker per model."""
+    from shared.migrate import upgrade
+    from shared.registry import load_registry
+
+    settings = _settings()
+    names = models.split(",") if models else load_registry(settings.models_file).names()
+    upgrade(settings.database_url)  # once, before the processes start side by side
+    exe = [sys.executable, "-m", "genq"]
+    procs = [subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)])]
+    procs += [subprocess.Popen([*exe, "worker", "--models", name]) for name in names]
+    click.echo(f"genq up: API on http://{host}:{port}, workers for {', '.join(names)} (Ctrl-C stops)")
+
+    def stop(*_: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        failed = [p.args for p in procs if p.poll() not in (None, 0)]
+        if failed:
+            click.echo(f"genq up: a process exited: {failed[0]}", err=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+# --- client commands ---------------------------------------------------------------------------
+
+api_option = click.option("--api", "api_url", default=DEFAULT_API, show_default=True, help="genq API base URL.")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--wait", is_flag=True, help="Show a progress bar until the batch finishes.")
+@api_option
+def submit(file: Path, wait: bool, api_url: str) -> None:
+    """Submit a JSONL file of request lines as one batch; prints the batch id."""
+    from genq.client import Client
+
+    client = Client(api_url)
+    batch = client.submit_file(file)
+    click.echo(batch["id"])
+    if wait:
+        batch = client.wait_batch(batch["id"], progress=True)
+        counts = batch["request_counts"]
+        click.echo(f"{batch['id']} {batch['status']}: {counts['completed']} completed, "
+                   f"{counts['failed']} failed, {counts.get('cancelled', 0)} cancelled of {counts['total']}")
+        if batch["status"] != "completed":
+            sys.exit(1)
+
+
+@main.command()
+@click.argument("ident")
+@api_option
+def status(ident: str, api_url: str) -> None:
+    """Show a batch or a job (by id) as JSON."""
+    from genq.client import Client
+
+    click.echo(json.dumps(Client(api_url).get(ident), indent=2))
+
+
+@main.command()
+@click.argument("ident")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write to DIR/<id>.jsonl (or .json for a job) instead of standard output.")
+@api_option
+def results(ident: str, out: Path | None, api_url: str) -> None:
+    """Fetch a batch's results (JSONL, input order) or a job's result."""
+    from genq.client import Client
+
+    client = Client(api_url)
+    if ident.startswith("batch_"):
+        data = client.results(ident)
+        name = f"{ident}.jsonl"
+    else:
+        data = json.dumps(client.get(ident), indent=2).encode() + b"\n"
+        name = f"{ident}.json"
+    if out is None:
+        sys.stdout.buffer.write(data)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+        click.echo(str(out / name))
+
+
+@main.command()
+@click.argument("ident")
+@api_option
+def cancel(ident: str, api_url: str) -> None:
+    """Cancel a batch or a job."""
+    from genq.client import Client
+
+    obj = Client(api_url).cancel(ident)
+    click.echo(f"{obj['id']} {obj['status']}")
+
+
+# --- admin ---------------------------------------------------------------------------------------
+
+@main.group()
+def models() -> None:
+    """Model registry tools."""
+
+
+@models.command("build-tiny")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("var/models"),
+              show_default=True)
+def build_tiny(out: Path) -> None:
+    """Write small random-weight models in Hugging Face format, plus DIR/models.toml."""
+    from workers.tiny import build_tiny as build
+
+    started = time.perf_counter()
+    registry = build(out)
+    click.echo(f"wrote tiny models and {registry} in {time.perf_counter() - started:.1f}s")
+
+
+@models.command("list")
+def list_models() -> None:
+    """Print the configured registry."""
+    from shared.registry import load_registry
+
+    for spec in load_registry(_settings().models_file).models.values():
+        click.echo(f"{spec.name}\t{spec.kind}\t{spec.queue}\t{spec.source}")
+
+
+@main.group()
+def db() -> None:
+    """Results database tools."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations."""
+    from shared.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    click.echo("database is up to date")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The Celery side of a worker: a thin task that hands the job id to the runtime."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from sqlalchemy.exc import OperationalError
+
+from shared.broker import RUN_JOB_TASK, CeleryPublisher, make_celery, queue_name
+from shared.config import Settings
+from shared.registry import load_registry
+from shared.storage import storage_from_settings
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger("genq.worker")
+
+
+def build_worker(settings: Settings, models: list[str], *, lease_s: float = 30.0, max_attempts: int = 3,
+                 device: str | None = None) -> tuple[Celery, WorkerRuntime]:
+    app = make_celery(settings)
+    runtime = WorkerRuntime(settings, load_registry(settings.models_file), storage_from_settings(settings),
+                            CeleryPublisher(app), models=models, lease_s=lease_s,
+                            max_attempts=max_attempts, device=device)
+
+    # If the database is briefly unreachable the message goes back with a growing delay instead of
+    # being acknowledged as done; the guarded state changes make the second delivery harmless.
+    @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True,
+              autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=30, max_retries=None)
+    def run_job(job_id: str) -> str:
+        return runtime.execute(job_id)
+
+    return app, runtime
+
+
+def run_worker(settings: Settings, models: list[str], *, concurrency: int = 1, lease_s: float = 30.0,
+               max_attempts: int = 3, preload: bool = True, loglevel: str = "INFO") -> None:
+    """Start consuming the models' queues in this process (pool solo, or threads for concurrency > 1:
+    never prefork, so CUDA is never initialised in a process that forks)."""
+    app, runtime = build_worker(settings, models, lease_s=lease_s, max_attempts=max_attempts)
+    if preload:
+        runtime.preload()
+    runtime.start_maintenance()
+    pool = "solo" if concurrency <= 1 else "threads"
+    argv = ["worker", "-Q", ",".join(queue_name(m) for m in models), "--pool", pool,
+            "--concurrency", str(max(1, concurrency)), "--loglevel", loglevel,
+            "--hostname", f"genq-{'+'.join(models)}-{runtime.worker_id.split(':')[1]}@%h",
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    try:
+        app.worker_main(argv)
+    finally:
+        runtime.stop()

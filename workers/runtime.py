@@ -1,0 +1,194 @@
+"""A worker process's runtime: resident runners, job execution and lease upkeep.
+
+`execute(job_id)` is a plain function of this object, so it is testable without a broker; the
+Celery task in workers/app.py only calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from shared import jobs as jobs_data
+from shared.broker import Publisher
+from shared.config import Settings
+from shared.db import Job, session_factory, session_scope
+from shared.finalize import finalize_stale_batches, maybe_finalize_batch
+from shared.registry import Registry
+from shared.schemas import BODY_MODELS
+from shared.storage import Storage
+from workers.runners import make_runner
+from workers.runners.base import InvalidRequest, JobCancelled, RunContext
+
+log = logging.getLogger("genq.worker")
+
+PROGRESS_EVERY_S = 0.25
+CANCEL_CHECK_EVERY_S = 0.25
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, registry: Registry, storage: Storage, publisher: Publisher, *,
+                 models: list[str], lease_s: float = 30.0, max_attempts: int = 3,
+                 device: str | None = None) -> None:
+        unknown = [m for m in models if m not in registry]
+        if unknown:
+            raise ValueError(f"models not in the registry: {', '.join(unknown)}")
+        self.settings, self.registry, self.storage, self.publisher = settings, registry, storage, publisher
+        self.sessions = session_factory(settings.database_url)
+        self.models = models
+        self.lease_s = lease_s
+        self.max_attempts = max_attempts
+        self.device = device
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._runners: dict[str, Any] = {}
+        self._load_lock = threading.Lock()
+        self._running: set[str] = set()
+        self._running_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- models --------------------------------------------------------------------------
+
+    def runner(self, model: str) -> Any:
+        """The resident runner for a model, loaded on first use and kept for the process's life."""
+        runner = self._runners.get(model)
+        if runner is not None:
+            return runner
+        with self._load_lock:
+            if model not in self._runners:
+                spec = self.registry.get(model)
+                assert spec is not None
+                started = time.perf_counter()
+                runner = make_runner(spec, device=self.device)
+                runner.load()
+                log.info("loaded model %s (%s) in %.2fs", model, spec.kind, time.perf_counter() - started)
+                self._runners[model] = runner
+        return self._runners[model]
+
+    def preload(self) -> None:
+        for model in self.models:
+            self.runner(model)
+
+    # --- one job ---------------------------------------------------------------------------
+
+    def _context(self, job_id: str) -> RunContext:
+        last_progress = [0.0]
+        last_check = [0.0]
+        cancelled = [False]
+
+        def set_progress(p: float) -> None:
+            now = time.monotonic()
+            if now - last_progress[0] >= PROGRESS_EVERY_S:
+                last_progress[0] = now
+                with session_scope(self.sessions) as s:
+                    jobs_data.set_progress(s, job_id, p, worker=self.worker_id)
+
+        def is_cancelled() -> bool:
+            now = time.monotonic()
+            if not cancelled[0] and now - last_check[0] >= CANCEL_CHECK_EVERY_S:
+                last_check[0] = now
+                with session_scope(self.sessions) as s:
+                    cancelled[0] = jobs_data.is_cancelled(s, job_id)
+            return cancelled[0]
+
+        return RunContext(job_id=job_id, set_progress=set_progress, is_cancelled=is_cancelled)
+
+    def _finish(self, job_id: str, status: str, **values: Any) -> bool:
+        with session_scope(self.sessions) as s:
+            return jobs_data.finish_job(s, job_id, worker=self.worker_id, status=status, **values)
+
+    def execute(self, job_id: str) -> str:
+        """Run one job if this worker can claim it. Returns what happened, for logs and tests."""
+        with session_scope(self.sessions) as s:
+            job = jobs_data.claim_job(s, job_id, worker=self.worker_id, lease_s=self.lease_s)
+            if job is None:
+                current = s.get(Job, job_id)
+                outcome = f"skipped ({current.status if current else 'unknown job'})"
+                log.info("job %s %s", job_id, outcome)
+                return outcome
+            s.expunge(job)
+        with self._running_lock:
+            self._running.add(job_id)
+        try:
+            outcome = self._run_claimed(job)
+        finally:
+            with self._running_lock:
+                self._running.discard(job_id)
+        if job.batch_id:
+            maybe_finalize_batch(self.sessions, self.storage, job.batch_id)
+        log.info("job %s %s (model %s, attempt %d)", job_id, outcome, job.model, job.attempts)
+        return outcome
+
+    def _run_claimed(self, job: Job) -> str:
+        if job.attempts > self.max_attempts:
+            self._finish(job.id, "failed", error={
+                "code": "too_many_attempts",
+                "message": f"the job was started {job.attempts - 1} times without finishing; giving up"})
+            return "failed"
+        if job.model not in self.registry:
+            self._finish(job.id, "failed", error={"code": "model_not_found",
+                                                  "message": f"model {job.model!r} is not served"})
+            return "failed"
+        try:
+            body = BODY_MODELS[job.url].model_validate(job.body)
+            result = self.runner(job.model).run(body, self._context(job.id))
+        except JobCancelled:
+            return "cancelled"
+        except InvalidRequest as exc:
+            self._finish(job.id, "failed", error={"code": "invalid_request", "message": str(exc),
+                                                  "param": exc.param})
+            return "failed"
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the worker
+            log.exception("job %s failed", job.id)
+            self._finish(job.id, "failed", error={"code": "runtime_error",
+                                                  "message": f"{type(exc).__name__}: {exc}"[:2000]})
+            return "failed"
+        # A key per attempt, so a late duplicate can never overwrite or delete the winner's output.
+        key = f"jobs/{job.id}/{job.attempts}/result.json"
+        self.storage.put(key, json.dumps(result).encode(), "application/json")
+        if self._finish(job.id, "succeeded", result=result, output_key=key):
+            return "succeeded"
+        self.storage.delete(key)  # cancelled meanwhile, or the lease passed to another worker
+        return "discarded"
+
+    # --- leases ----------------------------------------------------------------------------
+
+    def maintain_once(self) -> None:
+        """Renew this worker's leases; recover jobs of dead workers; finish stuck batches."""
+        with self._running_lock:
+            held = list(self._running)
+        with session_scope(self.sessions) as s:
+            jobs_data.renew_leases(s, held, worker=self.worker_id, lease_s=self.lease_s)
+        with session_scope(self.sessions) as s:
+            to_publish, failed = jobs_data.requeue_expired(s, models=self.models, max_attempts=self.max_attempts)
+        if to_publish:
+            log.warning("recovering %d job(s) whose worker stopped: %s", len(to_publish),
+                        ", ".join(p.job_id for p in to_publish[:10]))
+            self.publisher.publish(to_publish)
+        for job_id in failed:
+            with session_scope(self.sessions) as s:
+                batch_id = s.get(Job, job_id).batch_id  # type: ignore[union-attr]
+            if batch_id:
+                maybe_finalize_batch(self.sessions, self.storage, batch_id)
+        finalize_stale_batches(self.sessions, self.storage)
+
+    def _loop(self) -> None:
+        period = max(0.5, self.lease_s / 3)
+        while not self._stop.wait(period):
+            try:
+                self.maintain_once()
+            except Exception:  # noqa: BLE001 - keep the heartbeat alive through DB blips
+                log.exception("lease upkeep failed; retrying")
+
+    def start_maintenance(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="genq-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
