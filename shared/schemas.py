@@ -141,7 +141,7 @@ class BatchCreate(_Strict):
     """`POST /v1/batches` with requests inline (the NDJSON body and OpenAI file shapes are parsed
     by the route into the same list)."""
 
-    requests: list[dict[str, Any]] | None = None
+    requests: list[Any] | None = None
     input_file_id: str | None = None
     endpoint: str | None = None
     completion_window: str = "24h"

@@ -1,5 +1,8 @@
-"""A runner that answers instantly without a model: for smoke tests of a deployment and for
-measuring genq's own overhead (bench/). It is a real kind (`kind = "echo"` in the registry)."""
+"""A runner that answers without a model: for smoke tests of a deployment and for measuring
+genq's own overhead (bench/). It is a real kind (`kind = "echo"` in the registry).
+
+Registry option `delay_s` (default 0) makes each job take that long, in ten steps that report
+progress and honour cancellation, which is how tests observe a job mid-run."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pydantic import BaseModel
 
 from shared.registry import ModelSpec
 from shared.schemas import CompletionBody
-from workers.runners.base import RunContext
+from workers.runners.base import JobCancelled, RunContext
 
 
 class EchoRunner:
@@ -19,12 +22,18 @@ class EchoRunner:
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
+        self.delay_s = float(spec.options.get("delay_s", 0.0))
 
     def load(self) -> None:
         pass
 
     def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
         assert isinstance(body, CompletionBody)
+        for step in range(10 if self.delay_s > 0 else 0):
+            time.sleep(self.delay_s / 10)
+            if ctx.is_cancelled():
+                raise JobCancelled(ctx.job_id)
+            ctx.set_progress((step + 1) / 10)
         choices = [
             {"text": prompt, "index": i, "logprobs": None, "finish_reason": "stop"}
             for i, prompt in enumerate(p for p in body.prompts for _ in range(body.n))

@@ -1,0 +1,86 @@
+"""Settings and the model registry: defaults, and clear errors naming what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import EMBEDDED_BROKER_URL, ConfigError, build_settings
+from shared.registry import RegistryError, load_registry, parse_registry
+
+
+def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("DATABASE_URL", "BROKER_URL", "STORAGE_URL", "MODELS_FILE", "AUTH"):
+        monkeypatch.delenv(f"GENQ_{var}", raising=False)
+    s = build_settings()
+    assert s.database_url == "sqlite:///./var/genq.db"
+    assert s.broker_url == EMBEDDED_BROKER_URL and s.embedded_broker
+    assert s.storage_url == "file://./var/objects" and s.auth == "off" and s.models_file is None
+
+
+def test_env_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    reg = tmp_path / "m.toml"
+    reg.write_text('[models.a]\nkind = "text"\nsource = "gpt2"\n')
+    monkeypatch.setenv("GENQ_BROKER_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("GENQ_MODELS_FILE", str(reg))
+    monkeypatch.setenv("GENQ_S3_SECURE", "false")
+    s = build_settings()
+    assert s.broker_url == "redis://redis:6379/0" and s.models_file == reg and s.s3_secure is False
+
+
+@pytest.mark.parametrize("var, value, words", [
+    ("GENQ_DATABASE_URL", "mysql://x/y", "GENQ_DATABASE_URL: scheme 'mysql' is not supported"),
+    ("GENQ_BROKER_URL", "kafka://x", "GENQ_BROKER_URL: scheme 'kafka'"),
+    ("GENQ_STORAGE_URL", "gs://bucket", "GENQ_STORAGE_URL: scheme 'gs'"),
+    ("GENQ_STORAGE_URL", "s3://", "GENQ_STORAGE_URL: s3:// needs a bucket"),
+    ("GENQ_AUTH", "maybe", "GENQ_AUTH:"),
+    ("GENQ_MODELS_FILE", "/nonexistent/models.toml", "GENQ_MODELS_FILE: /nonexistent/models.toml is not a file"),
+    ("GENQ_S3_SECURE", "perhaps", "GENQ_S3_SECURE:"),
+])
+def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str, words: str) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as exc:
+        build_settings()
+    assert words in str(exc.value)
+
+
+def test_s3_needs_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENQ_STORAGE_URL", "s3://genq-outputs")
+    monkeypatch.delenv("GENQ_S3_ENDPOINT", raising=False)
+    with pytest.raises(ConfigError, match="GENQ_S3_ENDPOINT"):
+        build_settings()
+
+
+def test_builtin_registry_names_contract_models() -> None:
+    reg = load_registry(None)
+    assert {"gpt2", "sd15", "tiny-gpt2", "tiny-sd"} <= set(reg.names())
+    assert reg.get("gpt2").source == "gpt2" and reg.get("gpt2").kind == "text"
+    assert reg.get("sd15").source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert reg.get("tiny-gpt2").queue == "genq.tiny-gpt2"
+
+
+def test_relative_source_is_resolved_against_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "models.toml"
+    f.write_text('[models.m]\nkind = "text"\nsource = "./m"\nmax_batch_size = 4\nrevision = "main"\n')
+    spec = load_registry(f).get("m")
+    assert spec.source == str(tmp_path / "m") and spec.max_batch_size == 4
+    assert spec.options == {"revision": "main"}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[models.m]\nkind = 'video'\nsource = 'x'", "models.m.kind must be one of"),
+    ("[models.m]\nkind = 'text'", "models.m.source"),
+    ("[models.'Bad Name']\nkind = 'text'\nsource = 'x'", "must use only"),
+    ("[models.m]\nkind = 'text'\nsource = 'x'\nmax_batch_size = 0", "max_batch_size must be a positive"),
+    ("models = 3", "needs at least one"),
+    ("[models.m\n", "not valid TOML"),
+])
+def test_registry_errors(text: str, words: str) -> None:
+    with pytest.raises(RegistryError, match=words):
+        parse_registry(text, Path("."), "test.toml")
+
+
+def test_missing_registry_file(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="cannot read model registry"):
+        load_registry(tmp_path / "nope.toml")

@@ -1,0 +1,37 @@
+"""Object storage: the file backend here; the S3 backend against a real endpoint in integration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import build_settings
+from shared.storage import FileStorage, check_key, storage_from_settings
+
+
+def test_file_storage_round_trip(tmp_path: Path) -> None:
+    st = FileStorage(tmp_path / "objects")
+    assert not st.exists("jobs/job_1/1/result.json")
+    st.put("jobs/job_1/1/result.json", b'{"a": 1}', "application/json")
+    assert st.exists("jobs/job_1/1/result.json")
+    assert st.get("jobs/job_1/1/result.json") == b'{"a": 1}'
+    assert st.presigned_url("jobs/job_1/1/result.json") is None
+    st.delete("jobs/job_1/1/result.json")
+    with pytest.raises(KeyError):
+        st.get("jobs/job_1/1/result.json")
+    st.ping()
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a//b", "a/../b", "", "with space", "x" * 400])
+def test_keys_cannot_escape(key: str) -> None:
+    with pytest.raises(ValueError):
+        check_key(key)
+
+
+def test_file_url_relative_and_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    rel = storage_from_settings(build_settings(storage_url="file://./var/objects"))
+    assert rel.root == (tmp_path / "var/objects").resolve()  # type: ignore[attr-defined]
+    absolute = storage_from_settings(build_settings(storage_url=f"file://{tmp_path}/abs"))
+    assert absolute.root == tmp_path / "abs"  # type: ignore[attr-defined]
