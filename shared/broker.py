@@ -45,10 +45,11 @@ def make_celery(settings: Settings) -> Celery:
         if path and not path.startswith(":"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     app = Celery("genq", broker=broker, set_as_current=False)
-    transport_options: dict[str, object] = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    transport_options: dict[str, object] = {}
     if urlsplit(broker).scheme in ("redis", "rediss"):
         # Redis emulates priorities with one list per step; prefetch 1 makes them mean something.
-        transport_options.update(queue_order_strategy="priority", priority_steps=list(range(10)), sep=":")
+        transport_options.update(visibility_timeout=VISIBILITY_TIMEOUT_S, queue_order_strategy="priority",
+                                 priority_steps=list(range(10)), sep=":")
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -1,0 +1,46 @@
+"""Fast API checks with an in-process app (SQLite, file storage, in-memory broker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from services.app import create_app
+from services.state import Limits
+from shared.config import build_settings
+
+
+def _app(tmp_path: Path, broker: str = "memory://", **limits: int) -> TestClient:
+    settings = build_settings(database_url=f"sqlite:///{tmp_path}/g.db", broker_url=broker,
+                              storage_url=f"file://{tmp_path}/obj")
+    return TestClient(create_app(settings, limits=Limits(**limits)))
+
+
+def test_readyz_reports_a_broken_broker(tmp_path: Path) -> None:
+    with _app(tmp_path, broker="redis://127.0.0.1:1/0") as c:
+        resp = c.get("/readyz")
+        assert c.get("/healthz").json() == {"status": "ok"}
+    assert resp.status_code == 503
+    checks = resp.json()["checks"]
+    assert checks["database"] == "ok" and checks["storage"] == "ok" and checks["broker"].startswith("error")
+
+
+def test_limits_are_enforced(tmp_path: Path) -> None:
+    line = b'{"custom_id":"a","url":"/v1/completions","body":{"model":"tiny-gpt2","prompt":"x"}}\n'
+    with _app(tmp_path, max_batch_lines=3, max_body_bytes=1000) as c:
+        ok = c.post("/v1/batches", content=line.replace(b'"a"', b'"b"') + line,
+                    headers={"Content-Type": "application/x-ndjson"})
+        too_many = c.post("/v1/batches", content=b"".join(line.replace(b'"a"', f'"{i}"'.encode()) for i in range(4)),
+                          headers={"Content-Type": "application/x-ndjson"})
+        too_big = c.post("/v1/jobs", content=b" " * 1001, headers={"Content-Type": "application/json"})
+    assert ok.status_code == 202
+    assert too_many.status_code == 413 and "at most 3 lines, got 4" in too_many.json()["error"]["message"]
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "body_too_large"
+
+
+def test_image_url_is_refused_for_a_text_model(tmp_path: Path) -> None:
+    with _app(tmp_path) as c:
+        resp = c.post("/v1/jobs", json={"url": "/v1/images/generations", "body": {"model": "tiny-gpt2", "prompt": "x"}})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "body.model" and "text model" in resp.json()["error"]["message"]
