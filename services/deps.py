@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from services.state import AppState
+from shared.results import ResultRenderer
 
 
 def get_state(request: Request) -> AppState:
@@ -28,6 +29,11 @@ def get_tenant() -> str | None:
     return None
 
 
+def get_renderer(request: Request, state: Annotated[AppState, Depends(get_state)]) -> ResultRenderer:
+    return ResultRenderer(state.storage, str(request.base_url))
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[str | None, Depends(get_tenant)]
+RendererDep = Annotated[ResultRenderer, Depends(get_renderer)]

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from services.body import batch_error, ndjson_lines, parse_json_body, read_body
-from services.deps import SessionDep, StateDep, TenantDep
+from services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
 from shared import jobs as jobs_data
 from shared.db import Batch, Job
@@ -103,7 +103,7 @@ def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> dict[str
 
 
 @router.get("/{batch_id}/jobs")
-def list_batch_jobs(batch_id: str, session: SessionDep, tenant: TenantDep, limit: Limit = 100,
+def list_batch_jobs(batch_id: str, session: SessionDep, tenant: TenantDep, renderer: RendererDep, limit: Limit = 100,
                     after: str | None = None, status: str | None = None) -> dict[str, Any]:
     """The batch's jobs in input order; `after` is the last job id of the previous page."""
     load_batch(session, batch_id, tenant)
@@ -119,13 +119,14 @@ def list_batch_jobs(batch_id: str, session: SessionDep, tenant: TenantDep, limit
             raise APIError(400, f"after: no job {after!r} in this batch", code="invalid_request", param="after")
         q = q.where(Job.seq > prev.seq)
     rows = session.execute(q.order_by(Job.seq).limit(limit + 1)).scalars().all()
-    data = [job_object(j) for j in rows[:limit]]
+    data = [job_object(j, renderer.render(j)) for j in rows[:limit]]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
 
 @router.get("/{batch_id}/results")
-def batch_results(batch_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
+def batch_results(batch_id: str, state: StateDep, session: SessionDep, tenant: TenantDep,
+                  renderer: RendererDep) -> StreamingResponse:
     """JSONL, one line per finished request, in input order (read live from the database)."""
     load_batch(session, batch_id, tenant)
 
@@ -134,7 +135,8 @@ def batch_results(batch_id: str, state: StateDep, session: SessionDep, tenant: T
             q = (select(Job).where(Job.batch_id == batch_id, Job.status.in_(TERMINAL_JOB_STATUSES))
                  .order_by(Job.seq).execution_options(yield_per=1000))
             for job in s.execute(q).scalars():
-                yield (json.dumps(output_line(job), separators=(",", ":")) + "\n").encode()
+                line = output_line(job, renderer.render(job))
+                yield (json.dumps(line, separators=(",", ":")) + "\n").encode()
 
     return StreamingResponse(lines(), media_type="application/jsonl")
 

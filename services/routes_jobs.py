@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from fastapi.concurrency import run_in_threadpool
 
 from services.body import batch_error, parse_json_body, read_body
-from services.deps import SessionDep, StateDep, TenantDep
-from services.errors import not_found
+from services.deps import RendererDep, SessionDep, StateDep, TenantDep
+from services.errors import APIError, not_found
 from shared import jobs as jobs_data
 from shared.db import Job
 from shared.finalize import maybe_finalize_batch
@@ -44,12 +45,26 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return job_object(load_job(session, job_id, tenant))
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep, renderer: RendererDep) -> dict[str, Any]:
+    job = load_job(session, job_id, tenant)
+    return job_object(job, renderer.render(job))
+
+
+@router.get("/{job_id}/outputs/{name}")
+def get_output(job_id: str, name: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> Response:
+    """The bytes of one output (an image) of a succeeded job, authorised like the job itself."""
+    job = load_job(session, job_id, tenant)
+    keys = [d.get("output_key") for d in (job.result or {}).get("data", []) if isinstance(d, dict)]
+    key = next((k for k in keys if k and k.rsplit("/", 1)[-1] == name), None)
+    if job.status != "succeeded" or key is None:
+        raise APIError(404, f"job {job_id} has no output {name!r}", code="not_found", param="name")
+    media = "image/png" if name.endswith(".png") else "application/octet-stream"
+    return Response(state.storage.get(key), media_type=media)
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+def cancel_job(job_id: str, state: StateDep, session: SessionDep, tenant: TenantDep,
+               renderer: RendererDep) -> dict[str, Any]:
     """Cancel a queued or running job. Cancelling a finished job changes nothing (idempotent)."""
     job = load_job(session, job_id, tenant)
     jobs_data.cancel_job(session, job.id)
@@ -57,4 +72,4 @@ def cancel_job(job_id: str, state: StateDep, session: SessionDep, tenant: Tenant
     if job.batch_id:
         maybe_finalize_batch(state.sessions, state.storage, job.batch_id)
     session.refresh(job)
-    return job_object(job)
+    return job_object(job, renderer.render(job))

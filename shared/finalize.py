@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import Batch, File, Job, new_id, session_scope
 from shared.jobs import ACTIVE
+from shared.results import ResultRenderer
 from shared.storage import Storage
 from shared.views import output_line
 
@@ -63,12 +64,14 @@ def maybe_finalize_batch(factory: sessionmaker[Session], storage: Storage, batch
     with session_scope(factory) as session:
         batch = session.get(Batch, batch_id)
         assert batch is not None
+        # File-backed outputs get API-relative URLs here: the worker does not know the API's address.
+        renderer = ResultRenderer(storage)
         ok: list[bytes] = []
         bad: list[bytes] = []
         jobs = session.execute(select(Job).where(Job.batch_id == batch_id).order_by(Job.seq)
                                .execution_options(yield_per=2000)).scalars()
         for job in jobs:
-            line = (json.dumps(output_line(job), separators=(",", ":")) + "\n").encode()
+            line = (json.dumps(output_line(job, renderer.render(job)), separators=(",", ":")) + "\n").encode()
             (ok if job.status == "succeeded" else bad).append(line)
         output_id = _write_file(session, storage, batch, "batch_output", "output", ok)
         error_id = _write_file(session, storage, batch, "batch_output", "errors", bad)

@@ -96,21 +96,50 @@ class CompletionBody(_Strict):
         return self.temperature > 0
 
 
+# Scheduler names a request may give; runners map them to diffusers scheduler classes.
+SCHEDULERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpm_solver_multistep", "lms", "heun", "unipc")
+MAX_IMAGE_SIDE = 2048
+
+
 class ImageBody(_Strict):
-    """An OpenAI `/v1/images/generations` body plus diffusion extras (runner added later)."""
+    """An OpenAI `/v1/images/generations` body plus diffusion extras."""
 
     model: str = Field(min_length=1, max_length=200)
     prompt: str = Field(default="", max_length=4000)
     n: int = Field(default=1, ge=1, le=10)
-    size: str = "512x512"
+    size: str = Field(default="512x512", description="WIDTHxHEIGHT in pixels, each a multiple of 8.")
     response_format: Literal["url", "b64_json"] = "url"
     negative_prompt: str | None = Field(default=None, max_length=4000)
     num_inference_steps: int = Field(default=30, ge=1, le=200)
     guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    scheduler: str | None = None
-    adapter: str | None = None
-    user: str | None = None
+    scheduler: Literal[SCHEDULERS] | None = None  # type: ignore[valid-type]
+    adapter: str | None = Field(default=None, min_length=1, max_length=200)
+    # Accepted so that existing OpenAI requests work; genq has one quality and style per model.
+    quality: str | None = Field(default=None, max_length=32)
+    style: str | None = Field(default=None, max_length=32)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        w, sep, h = v.partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise ValueError("must look like 512x512 (WIDTHxHEIGHT)")
+        width, height = int(w), int(h)
+        if width % 8 or height % 8:
+            raise ValueError("width and height must be multiples of 8")
+        if not (8 <= width <= MAX_IMAGE_SIDE and 8 <= height <= MAX_IMAGE_SIDE):
+            raise ValueError(f"width and height must be between 8 and {MAX_IMAGE_SIDE}")
+        return f"{width}x{height}"
+
+    @property
+    def width(self) -> int:
+        return int(self.size.partition("x")[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.size.partition("x")[2])
 
 
 BODY_MODELS: dict[str, type[BaseModel]] = {TEXT_URL: CompletionBody, IMAGE_URL: ImageBody}

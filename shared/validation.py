@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from shared.registry import Registry
-from shared.schemas import BODY_MODELS, CompletionBody, RequestLine
+from shared.schemas import BODY_MODELS, CompletionBody, ImageBody, RequestLine
 
 # Which registry kinds may serve each request url.
 URL_SERVED_BY: dict[str, tuple[str, ...]] = {
@@ -100,6 +100,14 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *,
     if isinstance(body, CompletionBody) and body.max_tokens > spec.max_tokens:
         return None, [LineError(line, "body.max_tokens",
                                 f"must be <= {spec.max_tokens} for model {model!r}")]
+    if isinstance(body, ImageBody):
+        max_side = int(spec.options.get("max_size", 1024))
+        if max(body.width, body.height) > max_side:
+            return None, [LineError(line, "body.size", f"must be at most {max_side}x{max_side} for model {model!r}")]
+        max_steps = int(spec.options.get("max_steps", 150))
+        if body.num_inference_steps > max_steps:
+            return None, [LineError(line, "body.num_inference_steps",
+                                    f"must be <= {max_steps} for model {model!r}")]
     if getattr(body, "adapter", None):
         return None, [LineError(line, "body.adapter", f"adapter {body.adapter!r} is not registered")]  # type: ignore[attr-defined]
     return ValidLine(line or 0, req, body), []

@@ -11,13 +11,15 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def job_object(job: Job) -> dict[str, Any]:
+def job_object(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job as the API shows it; `result` is the rendered result (see shared.results)."""
     return {
         "id": job.id, "object": "job", "batch_id": job.batch_id, "custom_id": job.custom_id,
         "url": job.url, "model": job.model, "status": job.status, "priority": job.priority,
         "progress": round(job.progress or 0.0, 4), "attempts": job.attempts,
         "created_at": _ts(job.created_at), "started_at": _ts(job.started_at),
-        "finished_at": _ts(job.finished_at), "error": job.error, "result": job.result,
+        "finished_at": _ts(job.finished_at), "error": job.error,
+        "result": job.result if result is None else result,
     }
 
 
@@ -37,10 +39,11 @@ def batch_object(batch: Batch, request_counts: dict[str, int]) -> dict[str, Any]
     return obj
 
 
-def output_line(job: Job) -> dict[str, Any]:
+def output_line(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any]:
     """One line of a batch's output or error file, in OpenAI's output-line shape."""
     if job.status == "succeeded":
-        response: dict[str, Any] | None = {"status_code": 200, "request_id": job.id, "body": job.result}
+        body = job.result if result is None else result
+        response: dict[str, Any] | None = {"status_code": 200, "request_id": job.id, "body": body}
         error = None
     else:
         response = None

@@ -28,6 +28,10 @@ from workers.runners.base import InvalidRequest, JobCancelled, RunContext
 
 log = logging.getLogger("genq.worker")
 
+
+def output_key(job_id: str, attempt: int, name: str) -> str:
+    return f"jobs/{job_id}/{attempt}/{name}"
+
 PROGRESS_EVERY_S = 0.25
 CANCEL_CHECK_EVERY_S = 0.25
 
@@ -77,7 +81,8 @@ class WorkerRuntime:
 
     # --- one job ---------------------------------------------------------------------------
 
-    def _context(self, job_id: str) -> RunContext:
+    def _context(self, job: Job, written: list[str]) -> RunContext:
+        job_id = job.id
         last_progress = [0.0]
         last_check = [0.0]
         cancelled = [False]
@@ -97,7 +102,14 @@ class WorkerRuntime:
                     cancelled[0] = jobs_data.is_cancelled(s, job_id)
             return cancelled[0]
 
-        return RunContext(job_id=job_id, set_progress=set_progress, is_cancelled=is_cancelled)
+        def put_output(name: str, data: bytes, content_type: str) -> str:
+            key = output_key(job_id, job.attempts, name)
+            self.storage.put(key, data, content_type)
+            written.append(key)
+            return key
+
+        return RunContext(job_id=job_id, set_progress=set_progress, is_cancelled=is_cancelled,
+                          put_output=put_output)
 
     def _finish(self, job_id: str, status: str, **values: Any) -> bool:
         with session_scope(self.sessions) as s:
@@ -135,27 +147,30 @@ class WorkerRuntime:
             self._finish(job.id, "failed", error={"code": "model_not_found",
                                                   "message": f"model {job.model!r} is not served"})
             return "failed"
+        written: list[str] = []  # output objects of this attempt, removed unless it succeeds
         try:
             body = BODY_MODELS[job.url].model_validate(job.body)
-            result = self.runner(job.model).run(body, self._context(job.id))
+            result = self.runner(job.model).run(body, self._context(job, written))
+            # A key per attempt, so a late duplicate can never overwrite or delete the winner's output.
+            key = output_key(job.id, job.attempts, "result.json")
+            self.storage.put(key, json.dumps(result).encode(), "application/json")
+            written.append(key)
         except JobCancelled:
-            return "cancelled"
+            outcome, values = "cancelled", None
         except InvalidRequest as exc:
-            self._finish(job.id, "failed", error={"code": "invalid_request", "message": str(exc),
-                                                  "param": exc.param})
-            return "failed"
+            outcome, values = "failed", {"error": {"code": "invalid_request", "message": str(exc), "param": exc.param}}
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the worker
             log.exception("job %s failed", job.id)
-            self._finish(job.id, "failed", error={"code": "runtime_error",
-                                                  "message": f"{type(exc).__name__}: {exc}"[:2000]})
-            return "failed"
-        # A key per attempt, so a late duplicate can never overwrite or delete the winner's output.
-        key = f"jobs/{job.id}/{job.attempts}/result.json"
-        self.storage.put(key, json.dumps(result).encode(), "application/json")
-        if self._finish(job.id, "succeeded", result=result, output_key=key):
-            return "succeeded"
-        self.storage.delete(key)  # cancelled meanwhile, or the lease passed to another worker
-        return "discarded"
+            outcome, values = "failed", {"error": {"code": "runtime_error",
+                                                   "message": f"{type(exc).__name__}: {exc}"[:2000]}}
+        else:
+            outcome, values = "succeeded", {"result": result, "output_key": key}
+        if values is not None and self._finish(job.id, outcome, **values) and outcome == "succeeded":
+            return outcome
+        # Failed, cancelled meanwhile, or the lease passed to another worker: leave nothing behind.
+        for k in written:
+            self.storage.delete(k)
+        return outcome if outcome != "succeeded" else "discarded"
 
     # --- leases ----------------------------------------------------------------------------
 

@@ -22,14 +22,39 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+def _keep_in_memory(outputs: dict[str, bytes]) -> Callable[[str, bytes, str], str]:
+    def put(name: str, data: bytes, content_type: str) -> str:
+        outputs[name] = data
+        return name
+
+    return put
+
+
 @dataclass
 class RunContext:
-    """Per-job hooks a runner may use; the defaults make a runner callable without a worker."""
+    """Per-job hooks a runner may use; the defaults make a runner callable without a worker.
+
+    `put_output(name, data, content_type)` stores one output file (an image, say) and returns its
+    object key; the worker puts it under `jobs/<job id>/<attempt>/<name>` and removes it again if
+    the job does not succeed. The default keeps outputs in `outputs`, for tests and direct use.
+    """
 
     job_id: str = "job_local"
     set_progress: Callable[[float], None] = lambda p: None
     is_cancelled: Callable[[], bool] = lambda: False
+    outputs: dict[str, bytes] = field(default_factory=dict)
+    put_output: Callable[[str, bytes, str], str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.put_output is None:
+            self.put_output = _keep_in_memory(self.outputs)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Image `index` of a request with seed `seed` uses seed + index, so the same request gives the
+    same images and image k alone is reproduced by asking for n=1 with seed + k."""
+    return (seed + index) % (2**63)
 
 
 class Runner(Protocol):
