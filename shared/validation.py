@@ -63,6 +63,8 @@ def _pydantic_errors(exc: ValidationError, line: int | None, prefix: str) -> lis
 
 def parse_json_line(text: str | bytes, line: int) -> tuple[Any, LineError | None]:
     try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
         return json.loads(text), None
     except UnicodeDecodeError:
         return None, LineError(line, None, "not valid UTF-8", code="invalid_json")

@@ -1,0 +1,94 @@
+"""Request-line validation: precise errors naming the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.registry import parse_registry
+from shared.validation import parse_json_line, validate_batch, validate_line
+
+REG = parse_registry("""
+[models.t]
+kind = "text"
+source = "x"
+max_tokens = 64
+[models.img]
+kind = "image"
+source = "y"
+max_size = 256
+max_steps = 50
+[models.g]
+kind = "gan"
+source = "z"
+""", Path("."))
+
+
+def _text(**body: Any) -> dict[str, Any]:
+    return {"custom_id": "a", "url": "/v1/completions", "body": {"model": "t", "prompt": "hi", **body}}
+
+
+def _image(**body: Any) -> dict[str, Any]:
+    return {"custom_id": "i", "url": "/v1/images/generations", "body": {"model": "img", "prompt": "cat", "size": "64x64", **body}}
+
+
+def test_valid_lines_are_normalised() -> None:
+    ok, errors = validate_line(_text(temperature=0, stop="\n"), 1, REG)
+    assert errors == [] and ok is not None
+    assert ok.body.sampling is False and ok.body.stop_list == ["\n"]
+    img, errors = validate_line(_image(size="64x128", scheduler="ddim"), 1, REG)
+    assert errors == [] and (img.body.width, img.body.height) == (64, 128)
+    gan, errors = validate_line({**_image(), "body": {"model": "g", "size": "32x32"}}, 1, REG)
+    assert errors == [] and gan is not None
+
+
+@pytest.mark.parametrize("line, param, words", [
+    (_text(max_tokens=65), "body.max_tokens", "<= 64 for model 't'"),
+    (_text(temperature=-1), "body.temperature", "greater than or equal to 0"),
+    (_text(stop=["a", "b", "c", "d", "e"]), "body.stop", "at most 4"),
+    (_text(prompt=[]), "body.prompt", "between 1 and 64"),
+    (_text(logprobs=21), "body.logprobs", "less than or equal to 20"),
+    (_text(stream=True), "body.stream", "False"),
+    (_text(adapter="mine"), "body.adapter", "not registered"),
+    ({**_text(), "method": "GET"}, "method", "POST"),
+    ({**_text(), "extra": 1}, "extra", "unknown field"),
+    (_image(size="500x500"), "body.size", "multiples of 8"),
+    (_image(size="big"), "body.size", "WIDTHxHEIGHT"),
+    (_image(size="512x512"), "body.size", "at most 256x256"),
+    (_image(num_inference_steps=51), "body.num_inference_steps", "<= 50"),
+    (_image(num_inference_steps=0), "body.num_inference_steps", "greater than or equal to 1"),
+    (_image(scheduler="magic"), "body.scheduler", "'ddim'"),
+    (_image(response_format="png"), "body.response_format", "url"),
+    ({**_image(), "body": {"model": "t", "prompt": "x"}}, "body.model", "text model and cannot serve"),
+    ({**_text(), "body": {"model": "img", "prompt": "x"}}, "body.model", "image model and cannot serve"),
+])
+def test_errors_name_the_field(line: dict[str, Any], param: str, words: str) -> None:
+    ok, errors = validate_line(line, 7, REG)
+    assert ok is None and len(errors) >= 1
+    err = errors[0].as_dict()
+    assert err["param"] == param and err["line"] == 7
+    assert words in err["message"] and err["message"].startswith(f"line 7: {param}: ")
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"a": ', "not valid JSON"),
+    (b'\xff\xfe{}', "not valid UTF-8"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+])
+def test_unparseable_lines(raw: bytes, words: str) -> None:
+    obj, err = parse_json_line(raw, 4)
+    assert obj is None and err is not None and err.line == 4 and words in err.message
+
+
+def test_batch_rules() -> None:
+    lines = [(1, _text()), (2, {**_text(), "custom_id": "b"}), (3, _image())]
+    ok, errors = validate_batch(lines, REG, max_lines=10)
+    assert errors == [] and [v.line for v in ok] == [1, 2, 3]
+    _, errors = validate_batch(lines, REG, max_lines=10, endpoint="/v1/completions")
+    assert [(e.line, e.param) for e in errors] == [(3, "url")]
+    _, errors = validate_batch(lines, REG, max_lines=2)
+    assert errors[0].code == "batch_too_large"
+    _, errors = validate_batch([], REG, max_lines=2)
+    assert errors[0].param == "requests"
