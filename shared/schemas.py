@@ -97,7 +97,7 @@ class CompletionBody(_Strict):
 
 
 # Scheduler names a request may give; runners map them to diffusers scheduler classes.
-SCHEDULERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpm_solver_multistep", "lms", "heun", "unipc")
+SCHEDULERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpm_solver_multistep", "heun", "unipc")
 MAX_IMAGE_SIDE = 2048
 
 

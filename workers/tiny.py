@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,17 @@ dining car, which would open again at six o'clock with coffee, tea, eggs, toast 
 
 
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
-    """Write `out_dir/tiny-gpt2/` and `out_dir/models.toml`; return the registry path."""
+    """Write `tiny-gpt2/`, `tiny-sd/` and `tiny-gan/` under `out_dir`, registered in
+    `out_dir/models.toml`; return the registry path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     build_tiny_text(out_dir / TINY_TEXT_NAME, seed=seed)
     entry = {"kind": "text", "source": f"./{TINY_TEXT_NAME}", "max_batch_size": 16, "max_tokens": 256}
-    return write_registry(out_dir, {TINY_TEXT_NAME: entry})
+    write_registry(out_dir, {TINY_TEXT_NAME: entry})
+    build_tiny_sd(out_dir / TINY_SD_NAME, seed=seed)
+    write_registry(out_dir, {TINY_SD_NAME: TINY_SD_ENTRY})
+    build_tiny_gan(out_dir / TINY_GAN_NAME, seed=seed)
+    return write_registry(out_dir, {TINY_GAN_NAME: TINY_GAN_ENTRY})
 
 
 def build_tiny_text(model_dir: Path, seed: int = 0) -> Path:
@@ -155,3 +161,137 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     raise TypeError(f"unsupported registry value {value!r}")
+
+
+TINY_GAN_NAME = "tiny-gan"
+TINY_GAN_ENTRY: dict[str, Any] = {"kind": "gan", "source": f"./{TINY_GAN_NAME}", "max_batch_size": 16}
+TINY_GAN_LABELS = ["cat", "dog", "car"]
+
+
+def build_tiny_gan(model_dir: Path, seed: int = 0) -> Path:
+    """A class-conditional 32x32 DCGAN with random weights; the prompt picks "cat", "dog" or "car".
+
+    BatchNorm statistics are measured on one batch of random latents, so that the untrained
+    network's output spans the pixel range instead of sitting at mid-grey (the images are still
+    noise, but different seeds and labels visibly give different images).
+    """
+    import torch
+
+    from workers.gan import DCGANGenerator, GANConfig, save_generator
+
+    config = GANConfig(z_dim=32, base_channels=16, image_size=32, channels=3,
+                       num_classes=len(TINY_GAN_LABELS), class_labels=list(TINY_GAN_LABELS))
+    torch.manual_seed(seed)
+    model = DCGANGenerator(config)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.momentum = None  # running stats = this batch's stats
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.train()(torch.randn(64, config.z_dim, generator=generator),
+                      torch.randint(0, config.num_classes, (64,), generator=generator))
+    for norm in norms:
+        norm.momentum = 0.1
+    return save_generator(model.eval(), config, model_dir)
+
+
+TINY_SD_NAME = "tiny-sd"
+TINY_SD_ENTRY: dict[str, Any] = {
+    "kind": "image", "source": f"./{TINY_SD_NAME}", "max_batch_size": 8, "max_size": 256, "safety_checker": False,
+}
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's pre-tokenizer split (as in transformers' CLIPTokenizer): words, single digits, punctuation runs.
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def build_tiny_sd(model_dir: Path, seed: int = 0) -> Path:
+    """A Stable Diffusion pipeline in diffusers format, shaped like diffusers' own test components.
+
+    UNet, VAE and CLIP text encoder are tiny with random weights (images are coloured noise); the
+    tokenizer is a real CLIP-style BPE trained on CORPUS; PNDM is the default scheduler as in SD 1.5.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer_dir = model_dir / "tokenizer"
+    write_clip_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    eos_id = tokenizer.convert_tokens_to_ids(CLIP_EOS)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.convert_tokens_to_ids(CLIP_BOS), eos_token_id=eos_id, pad_token_id=eos_id,
+    ))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    scheduler = PNDMScheduler(  # SD 1.5's scheduler config
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
+
+
+def write_clip_tokenizer_files(tokenizer_dir: Path, num_merges: int = 486) -> Path:
+    """Train a CLIP-style BPE on CORPUS and write it as CLIP's `vocab.json` + `merges.txt`.
+
+    CLIP lowercases, splits words with its own regex and marks word ends with `</w>`; its vocabulary
+    is the 256 byte symbols, the same with `</w>`, one token per merge, then the two specials (here
+    about 1000 tokens). The few hundred merges are learnt here in plain Python rather than with
+    `tokenizers`' trainer, whose tie-breaking between equally frequent pairs varies from run to run.
+    """
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    words = Counter(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(CORPUS)))
+    pieces = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(pieces[word], pieces[word][1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # most frequent, ties by name
+        merges.append(best)
+        pieces = {w: _merge_pair(p, best) for w, p in pieces.items()}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges), CLIP_BOS, CLIP_EOS]:
+        vocab.setdefault(token, len(vocab))
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return tokenizer_dir
+
+
+def _merge_pair(pieces: list[str], pair: tuple[str, str]) -> list[str]:
+    out: list[str] = []
+    for piece in pieces:
+        if out and (out[-1], piece) == pair:
+            out[-1] += piece
+        else:
+            out.append(piece)
+    return out

@@ -27,3 +27,15 @@ def text_runner(tiny_dir: Path):
     runner = TextRunner(spec, device="cpu")
     runner.load()
     return runner
+
+
+@pytest.fixture(scope="session")
+def image_runner(tiny_dir: Path):
+    """A loaded ImageRunner for `tiny-sd` (built by build_tiny into tiny_dir) on the CPU."""
+    from shared.registry import load_registry
+    from workers.runners.image import ImageRunner
+
+    spec = load_registry(tiny_dir / "models.toml").get("tiny-sd")
+    runner = ImageRunner(spec, device="cpu")
+    runner.load()
+    return runner

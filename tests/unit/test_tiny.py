@@ -1,4 +1,5 @@
-"""`build_tiny`: an offline, deterministic GPT-2 with a real BPE tokenizer, plus its registry."""
+"""`build_tiny`: offline, deterministic tiny models (GPT-2 with a real BPE tokenizer, Stable
+Diffusion, a DCGAN) plus their registry."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from workers.tiny import build_tiny, write_registry
 def test_registry_points_at_the_model(tiny_dir: Path) -> None:
     registry = load_registry(tiny_dir / "models.toml")
     spec = registry.get("tiny-gpt2")
-    assert spec is not None and registry.names() == ["tiny-gpt2"]
+    assert spec is not None and registry.names() == ["tiny-gpt2", "tiny-sd", "tiny-gan"]
     assert spec.kind == "text"
     assert Path(spec.source) == (tiny_dir / "tiny-gpt2").resolve()
     assert (Path(spec.source) / "model.safetensors").is_file()
@@ -59,11 +60,10 @@ def test_build_is_deterministic_and_offline(
 
 def test_write_registry_appends_entries(tmp_path: Path) -> None:
     build_tiny(tmp_path)
-    (tmp_path / "tiny-sd").mkdir()
     path = write_registry(tmp_path, {"tiny-sd": {"kind": "image", "source": "./tiny-sd", "max_batch_size": 4}})
     write_registry(tmp_path, {"v1.5": {"kind": "echo", "source": "echo", "note": 'say "hi"', "fp16": True}})
     registry = load_registry(path)
-    assert registry.names() == ["tiny-gpt2", "tiny-sd", "v1.5"]
+    assert registry.names() == ["tiny-gpt2", "tiny-sd", "tiny-gan", "v1.5"]
     assert registry.get("tiny-sd").source == str((tmp_path / "tiny-sd").resolve())
     assert registry.get("tiny-sd").max_batch_size == 4
     assert registry.get("tiny-gpt2").max_tokens == 256

@@ -10,7 +10,9 @@ from shared.registry import ModelSpec
 # kind -> "module:Class", imported lazily so that the API never pulls in torch.
 RUNNERS: dict[str, str] = {
     "text": "workers.runners.text:TextRunner",
+    "image": "workers.runners.image:ImageRunner",
     "echo": "workers.runners.echo:EchoRunner",
+    "gan": "workers.runners.gan:GANRunner",
 }
 
 

@@ -1,0 +1,28 @@
+"""The queue throughput benchmark still runs end to end (tiny sizes), so it cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "queue_throughput.py"
+
+
+@pytest.mark.integration
+def test_queue_throughput_bench_reports_positive_rates(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--jobs", "50", "--batch-lines", "200", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert result == json.loads(out.read_text())
+    assert result["raw_celery"]["tasks"] == 50 and result["raw_celery"]["tasks_per_s"] > 0
+    assert result["genq_e2e"]["jobs"] == 50 and result["genq_e2e"]["jobs_per_s"] > 0
+    assert result["genq_e2e"]["accept_s"] > 0
+    assert result["ratio_genq_to_raw"] > 0
+    assert result["batch_accept"]["lines"] == 200 and result["batch_accept"]["lines_per_s"] > 0
+    assert result["machine"]["cpus"] >= 1

@@ -1,0 +1,135 @@
+"""Image sampling from a GAN generator (workers.gan.DCGANGenerator): one `/v1/images/generations`
+request per run, each image one forward pass.
+
+The request shape is the image one, read the GAN way:
+- `size` must be the generator's native `{image_size}x{image_size}`; left out, it defaults to that.
+- `prompt` is ignored by unconditional models. A class-conditional model reads it as a class label:
+  it must equal one of the model's `class_labels`, ignoring case and surrounding spaces.
+- `num_inference_steps`, `guidance_scale`, `scheduler` and `negative_prompt` mean nothing to a
+  single-pass generator: they are ignored and reported as None.
+- Image k uses latent z ~ N(0, I) drawn on the CPU from seed `derive_seed(seed, k)`, and is
+  generated alone (batch of one), so n=1 with that seed gives bit-identical pixels on the same
+  device; a request without a seed gets a random one, reported back.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from pydantic import BaseModel
+
+from shared.registry import ModelSpec
+from shared.schemas import ImageBody
+from workers.gan import DCGANGenerator, GANConfig, load_generator, to_pil
+from workers.runners.base import InvalidRequest, JobCancelled, RunContext, derive_seed
+from workers.runners.png import encode_png
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+RANDOM_SEED_BOUND = 2**32  # random seeds stay exact in JSON numbers (and in JavaScript)
+
+
+class GANRunner:
+    kind: ClassVar[str] = "gan"
+
+    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+        self.spec = spec
+        self.device = self._resolve_device(device or spec.device)
+        self.dtype = self._resolve_dtype(spec.dtype, self.device)
+        self.model: DCGANGenerator | None = None
+        self.config: GANConfig | None = None
+
+    @staticmethod
+    def _resolve_device(device: str) -> str:
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return device
+
+    @staticmethod
+    def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
+        if dtype == "auto":
+            return torch.float16 if device.startswith("cuda") else torch.float32
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} must be auto or one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+
+    def load(self) -> None:
+        self.model, self.config = load_generator(self.spec.source, self.device, self.dtype)
+
+    def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
+        assert isinstance(body, ImageBody)
+        if self.model is None:
+            self.load()
+        assert self.model is not None and self.config is not None
+        # 1. Check the request against what this generator can make.
+        class_index = self.check_inputs(body)
+        seed = body.seed if body.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+        parameters = self.request_parameters(body, seed, class_index)
+        if ctx.is_cancelled():
+            raise JobCancelled(ctx.job_id)
+        # 2. One latent per image from its own seed, one forward pass each.
+        seeds = [derive_seed(seed, k) for k in range(body.n)]
+        images: list[Image.Image] = []
+        for k, seed_k in enumerate(seeds):
+            if k and ctx.is_cancelled():
+                raise JobCancelled(ctx.job_id)
+            images.append(self.generate(seed_k, class_index))
+            ctx.set_progress((k + 1) / body.n)
+        # 3. Store each image as a PNG carrying its own parameters.
+        assert ctx.put_output is not None
+        data = []
+        for k, (image, seed_k) in enumerate(zip(images, seeds)):
+            params_k = {key: parameters[key] for key in ("model", "prompt", "size", "kind", "class_label")
+                        if key in parameters}
+            png = encode_png(image, {**params_k, "seed": seed_k, "index": k})
+            key = ctx.put_output(f"{k}.png", png, "image/png")
+            data.append({"output_key": key, "seed": seed_k, "index": k, "revised_prompt": None})
+        ctx.set_progress(1.0)
+        return {"created": int(time.time()), "data": data, "parameters": parameters}
+
+    def check_inputs(self, body: ImageBody) -> int | None:
+        """Validate size, prompt and adapter; return the class index (None when unconditional)."""
+        assert self.config is not None
+        config = self.config
+        if body.adapter is not None:
+            raise InvalidRequest(f"model {self.spec.name} does not serve adapters", "body.adapter")
+        # An omitted size means the native one: the ImageBody default is a diffusion size.
+        if "size" in body.model_fields_set and body.size != config.size:
+            raise InvalidRequest(
+                f"size is {body.size}; model {self.spec.name} is a GAN that only makes {config.size} "
+                f"images: use size {config.size}", "body.size")
+        if not config.conditional:
+            return None
+        index = config.label_index(body.prompt)
+        if index is None:
+            allowed = ", ".join(repr(x) for x in config.class_labels)
+            raise InvalidRequest(
+                f"model {self.spec.name} generates one of the classes {allowed}; the prompt must be "
+                f"one of them (case-insensitive), got {body.prompt.strip()[:100]!r}", "body.prompt")
+        return index
+
+    def request_parameters(self, body: ImageBody, seed: int, class_index: int | None) -> dict[str, Any]:
+        assert self.config is not None
+        parameters: dict[str, Any] = {
+            "model": self.spec.name, "kind": self.kind, "prompt": body.prompt, "n": body.n,
+            "size": self.config.size, "seed": seed,
+            # Single pass, no sampler, no text guidance: these request fields do nothing here.
+            "num_inference_steps": None, "guidance_scale": None, "scheduler": None, "negative_prompt": None,
+        }
+        if class_index is not None:
+            parameters["class_label"] = self.config.class_labels[class_index]
+        return parameters
+
+    def generate(self, seed: int, class_index: int | None) -> Image.Image:
+        """One image: z drawn on the CPU (the same on every device) from `seed`, then moved over."""
+        assert self.model is not None and self.config is not None
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        z = torch.randn(1, self.config.z_dim, generator=generator).to(self.device, self.dtype)
+        labels = None
+        if class_index is not None:
+            labels = torch.tensor([class_index], device=self.device)
+        with torch.inference_mode():
+            return to_pil(self.model(z, labels))[0]
