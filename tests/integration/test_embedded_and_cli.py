@@ -25,7 +25,7 @@ def test_genq_up_runs_a_batch_end_to_end(tmp_path: Path, tiny_registry: Path) ->
     env.update(GENQ_MODELS_FILE=str(tiny_registry), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # No GENQ_DATABASE_URL / BROKER / STORAGE: the embedded defaults under ./var of the cwd.
     log = (tmp_path / "up.log").open("wb")
-    up = subprocess.Popen([sys.executable, "-m", "genq", "up", "--port", str(port), "--models", "tiny-gpt2"],
+    up = subprocess.Popen([sys.executable, "-m", "genq", "up", "--port", str(port), "--models", "tiny-gpt2,tiny-sd"],
                           cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def genq(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,7 +37,9 @@ def test_genq_up_runs_a_batch_end_to_end(tmp_path: Path, tiny_registry: Path) ->
                  and b"ready." in (tmp_path / "up.log").read_bytes(), 90, 0.3, "genq up ready")
         lines = [{"custom_id": f"e{i}", "url": "/v1/completions",
                   "body": {"model": "tiny-gpt2", "prompt": f"item {i}", "max_tokens": 5, "temperature": 0}}
-                 for i in range(6)]
+                 for i in range(5)]
+        lines.append({"custom_id": "e5", "url": "/v1/images/generations",
+                      "body": {"model": "tiny-sd", "prompt": "a boat", "size": "32x32", "num_inference_steps": 2}})
         batch_file = tmp_path / "batch.jsonl"
         batch_file.write_text("".join(json.dumps(x) + "\n" for x in lines))
 
@@ -53,11 +55,19 @@ def test_genq_up_runs_a_batch_end_to_end(tmp_path: Path, tiny_registry: Path) ->
         assert out.returncode == 0, out.stderr
         results = [json.loads(x) for x in (tmp_path / "res" / f"{batch_id}.jsonl").read_text().splitlines()]
         assert [r["custom_id"] for r in results] == [f"e{i}" for i in range(6)]
-        assert all(r["response"]["body"]["choices"][0]["text"] for r in results)
+        assert all(r["response"]["body"]["choices"][0]["text"] for r in results[:5])
+        # On file storage the API serves image bytes itself, at a URL of its own.
+        url = results[5]["response"]["body"]["data"][0]["url"]
+        assert url.startswith(f"{api}/v1/jobs/")
+        png = httpx.get(url)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG")
+        assert httpx.get(url.replace("0.png", "7.png")).status_code == 404
 
         # Everything lives under ./var: the SQLite results DB, the SQLite broker and the objects.
         assert (tmp_path / "var/genq.db").is_file() and (tmp_path / "var/broker.db").is_file()
         assert len(list((tmp_path / "var/objects/jobs").glob("*/1/result.json"))) == 6
+        assert len(list((tmp_path / "var/objects/jobs").glob("*/1/0.png"))) == 1
 
         bad = genq("status", "nonsense")
         assert bad.returncode != 0 and "neither a batch id" in bad.stderr
