@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from services.body import batch_error, parse_json_body, read_body
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep

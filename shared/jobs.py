@@ -61,7 +61,7 @@ def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     rows = session.execute(
         select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
     ).all()
-    return {status: n for status, n in rows}
+    return dict(rows)
 
 
 def request_counts(batch: Batch, counts: dict[str, int]) -> dict[str, int]:

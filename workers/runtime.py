@@ -159,7 +159,7 @@ class WorkerRuntime:
             outcome, values = "cancelled", None
         except InvalidRequest as exc:
             outcome, values = "failed", {"error": {"code": "invalid_request", "message": str(exc), "param": exc.param}}
-        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the worker
+        except Exception as exc:
             log.exception("job %s failed", job.id)
             outcome, values = "failed", {"error": {"code": "runtime_error",
                                                    "message": f"{type(exc).__name__}: {exc}"[:2000]}}
@@ -198,7 +198,7 @@ class WorkerRuntime:
         while not self._stop.wait(period):
             try:
                 self.maintain_once()
-            except Exception:  # noqa: BLE001 - keep the heartbeat alive through DB blips
+            except Exception:
                 log.exception("lease upkeep failed; retrying")
 
     def start_maintenance(self) -> None:

@@ -270,7 +270,7 @@ def write_clip_tokenizer_files(tokenizer_dir: Path, num_merges: int = 486) -> Pa
     while len(merges) < num_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, count in words.items():
-            for pair in zip(pieces[word], pieces[word][1:]):
+            for pair in zip(pieces[word], pieces[word][1:], strict=False):
                 pairs[pair] += count
         if not pairs:
             break

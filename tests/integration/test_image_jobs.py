@@ -82,7 +82,7 @@ def test_progress_rises_while_running(stack: Stack) -> None:
             return j["status"] == "succeeded"
 
         wait_for(poll, 120, 0.05, "image job finished")
-    inside = sorted(set(p for p in seen if 0 < p < 1))
+    inside = sorted({p for p in seen if 0 < p < 1})
     assert len(inside) >= 3, seen
     assert seen == sorted(seen) and seen[-1] == 1.0
 
@@ -134,7 +134,8 @@ def test_mixed_batch_routes_each_line_to_its_model(stack: Stack) -> None:
         {"custom_id": "t1", "url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "Hi", "max_tokens": 4}},
         {"custom_id": "i1", "url": "/v1/images/generations",
          "body": {"model": "tiny-sd", "prompt": "sun", "size": "32x32", "num_inference_steps": 2}},
-        {"custom_id": "g1", "url": "/v1/images/generations", "body": {"model": "tiny-gan", "prompt": "car", "size": "32x32"}},
+        {"custom_id": "g1", "url": "/v1/images/generations",
+         "body": {"model": "tiny-gan", "prompt": "car", "size": "32x32"}},
         {"custom_id": "t2", "url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "Yo", "max_tokens": 4}},
     ]
     with stack.client() as c:

@@ -128,7 +128,9 @@ def test_cancel_mid_run_stores_nothing(image_runner: ImageRunner) -> None:
     ({"num_inference_steps": 151}, "body.num_inference_steps"),
     ({"adapter": "style"}, "body.adapter"),
 ])
-def test_requests_beyond_the_model_limits_are_refused(image_runner: ImageRunner, fields: dict[str, Any], param: str) -> None:
+def test_requests_beyond_the_model_limits_are_refused(
+    image_runner: ImageRunner, fields: dict[str, Any], param: str
+) -> None:
     ctx = RunContext()
     with pytest.raises(InvalidRequest) as info:
         image_runner.run(body(**fields), ctx)

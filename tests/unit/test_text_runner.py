@@ -130,9 +130,9 @@ def test_logprobs_are_the_models_own(text_runner: TextRunner) -> None:
     assert all(1 <= len(top) <= k for top in lp["top_logprobs"]) and max(map(len, lp["top_logprobs"])) == k
     assert all(x <= 0 for x in lp["token_logprobs"])
     # Greedy picks the most likely token, so its logprob is the best alternative's.
-    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=False):
         assert chosen == pytest.approx(max(top.values()), abs=1e-5)
-    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+    for token, offset in zip(lp["tokens"], lp["text_offset"], strict=False):
         assert "\ufffd" in token or choice["text"][offset:].startswith(token)
     # A plain greedy loop over the model gives the same tokens and numbers.
     ids = text_runner.tokenizer(PROMPT)["input_ids"]

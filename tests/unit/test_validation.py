@@ -31,7 +31,8 @@ def _text(**body: Any) -> dict[str, Any]:
 
 
 def _image(**body: Any) -> dict[str, Any]:
-    return {"custom_id": "i", "url": "/v1/images/generations", "body": {"model": "img", "prompt": "cat", "size": "64x64", **body}}
+    return {"custom_id": "i", "url": "/v1/images/generations",
+            "body": {"model": "img", "prompt": "cat", "size": "64x64", **body}}
 
 
 def test_valid_lines_are_normalised() -> None:

@@ -81,7 +81,7 @@ class GANRunner:
         # 3. Store each image as a PNG carrying its own parameters.
         assert ctx.put_output is not None
         data = []
-        for k, (image, seed_k) in enumerate(zip(images, seeds)):
+        for k, (image, seed_k) in enumerate(zip(images, seeds, strict=False)):
             params_k = {key: parameters[key] for key in ("model", "prompt", "size", "kind", "class_label")
                         if key in parameters}
             png = encode_png(image, {**params_k, "seed": seed_k, "index": k})

@@ -128,7 +128,7 @@ class ImageRunner:
             "scheduler": scheduler_name, "size": body.size,
         }
         data: list[dict[str, Any]] = []
-        for k, (image, seed_k, flagged) in enumerate(zip(images, seeds, nsfw)):
+        for k, (image, seed_k, flagged) in enumerate(zip(images, seeds, nsfw, strict=False)):
             png = encode_png(image, {**common, "seed": seed_k, "index": k})
             key = ctx.put_output(f"{k}.png", png, "image/png")  # type: ignore[misc]
             item: dict[str, Any] = {"output_key": key, "seed": seed_k, "index": k, "revised_prompt": None}

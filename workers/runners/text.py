@@ -42,7 +42,8 @@ class _OpenAIPenalties(LogitsProcessor):
         generated = input_ids[:, self.prompt_width:]
         if generated.shape[1] == 0:
             return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(scores[:, :1]).expand_as(generated))
+        ones = torch.ones_like(scores[:, :1]).expand_as(generated)
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, ones)
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
@@ -252,7 +253,7 @@ class TextRunner:
         lp = torch.log_softmax(logits.float(), dim=-1)
         values, indices = lp.topk(k, dim=-1)
         chosen = lp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None]).squeeze(1).tolist()
-        tops = [self._top(i, v) for i, v in zip(indices.tolist(), values.tolist())]
+        tops = [self._top(i, v) for i, v in zip(indices.tolist(), values.tolist(), strict=False)]
         return self._format_logprobs(ids, [None, *chosen], [None, *tops])
 
     def _format_logprobs(self, ids: list[int], chosen: list[Any], tops: list[Any]) -> dict[str, Any]:
@@ -265,7 +266,7 @@ class TextRunner:
 
     def _top(self, indices: list[int], values: list[float]) -> dict[str, float]:
         top: dict[str, float] = {}
-        for index, value in zip(indices, values):
+        for index, value in zip(indices, values, strict=False):
             top.setdefault(self._decode([index]), value)  # distinct ids may decode alike
         return top
 
