@@ -10,17 +10,12 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import Batch, File, Job, new_id, session_scope
-from shared.jobs import ACTIVE
+from shared.jobs import has_active_jobs
 from shared.results import ResultRenderer
 from shared.storage import Storage
 from shared.views import output_line
 
 STALE_FINALIZE_S = 120.0
-
-
-def _has_active_jobs(session: Session, batch_id: str) -> bool:
-    q = select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE)).limit(1)
-    return session.execute(q).first() is not None
 
 
 def _claim(session: Session, batch_id: str, now: float) -> str | None:
@@ -56,7 +51,7 @@ def _write_file(session: Session, storage: Storage, batch: Batch, purpose: str, 
 def maybe_finalize_batch(factory: sessionmaker[Session], storage: Storage, batch_id: str) -> str | None:
     """Finalize the batch if all its jobs are terminal. Returns the final status if this call did it."""
     with session_scope(factory) as session:
-        if _has_active_jobs(session, batch_id):
+        if has_active_jobs(session, batch_id):
             return None
         final = _claim(session, batch_id, time.time())
     if final is None:

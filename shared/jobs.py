@@ -104,6 +104,11 @@ def cancel_batch(session: Session, batch_id: str) -> bool:
     return res.rowcount > 0  # type: ignore[attr-defined]
 
 
+def has_active_jobs(session: Session, batch_id: str) -> bool:
+    q = select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE)).limit(1)
+    return session.execute(q).first() is not None
+
+
 def is_cancelled(session: Session, job_id: str) -> bool:
     return session.execute(select(Job.status).where(Job.id == job_id)).scalar() == "cancelled"
 
@@ -113,16 +118,16 @@ def is_cancelled(session: Session, job_id: str) -> bool:
 def claim_job(session: Session, job_id: str, *, worker: str, lease_s: float) -> Job | None:
     """Move a queued job (or one whose lease ran out) to running for this worker."""
     now = time.time()
-    res = session.execute(
+    stmt = (
         update(Job)
         .where(Job.id == job_id,
                (Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < now)))
         .values(status="running", worker=worker, lease_expires_at=now + lease_s, started_at=now,
                 attempts=Job.attempts + 1, progress=0.0)
+        .returning(Job)
+        .execution_options(populate_existing=True)
     )
-    if res.rowcount == 0:  # type: ignore[attr-defined]
-        return None
-    return session.get(Job, job_id, populate_existing=True)
+    return session.execute(stmt).scalar_one_or_none()
 
 
 def renew_leases(session: Session, job_ids: list[str], *, worker: str, lease_s: float) -> int:
