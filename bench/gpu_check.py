@@ -1,0 +1,409 @@
+"""GPU check: full-size random-weight gpt2 and SD 1.5 served by genq on one GPU, measured through the API.
+
+The measurement driver behind bench/gpu_check.sh (which adds a hard time limit and cleanup). In order:
+  1. models   bench/gpu_models.py writes gpt2-random and sd15-random (fp16) and their models.toml
+              into the work directory (skipped with --models-dir).
+  2. stack    the embedded defaults, no server needed: SQLite results DB, SQLite broker, file
+              storage; `python -m genq api` and two workers, `--models gpt2-random --gpu G` and
+              `--models sd15-random --gpu G`, both on the same GPU. One warm-up job per model
+              (the batch's shapes) runs first, so loading and first-call costs are not measured.
+  3. text     one NDJSON batch of --text-requests completions (max_tokens, temperature 0.8, seed i);
+              seconds = POST -> batch `completed`; tokens_per_s counts the completion tokens that
+              the results report (usage), requests_per_s the requests.
+  4. image    one batch of --image-requests images (--size, --steps, guidance 7.5, fp16, seed i);
+              images_per_s, and it_per_s = steps x images / seconds.
+  5. memory   while 2-4 run, `nvidia-smi` is sampled every 0.5 s: the largest memory.used of the GPU
+              (MiB, every process on it) and, where nvidia-smi can see them, each worker's own
+              figure (--query-compute-apps; includes its CUDA context and the caching allocator's
+              reserve, which is what the GPU can no longer give to others).
+It prints one JSON object; every wait has a deadline inside --budget-s, so it never hangs.
+
+--cpu runs the same steps with the workers on the CPU (registry dtype auto: fp32) and no GPU
+sampling; --small uses tiny models of the same formats and few, small requests. `--cpu --small`
+is the path the tests run, in about a minute on 2 cores.
+
+Run: python bench/gpu_check.py [--cpu] [--small] [--gpu N] [--workdir DIR] [--models-dir DIR] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+TEXT_MODEL, IMAGE_MODEL = "gpt2-random", "sd15-random"
+TEXT_URL, IMAGE_URL = "/v1/completions", "/v1/images/generations"
+NDJSON = {"Content-Type": "application/x-ndjson"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+PROMPTS = ["Explain transformer attention in simple terms", "Write a short poem about the sea",
+           "List three facts about the moon", "The history of the printing press began",
+           "Once upon a time in a small village", "How does a job queue work?"]
+IMAGE_PROMPTS = ["a futuristic AI developer workspace, cinematic lighting", "a lighthouse at dusk",
+                 "a bowl of cherries on a wooden table", "a red cube in the snow"]
+
+
+class Deadline:
+    """The run's time budget: every wait takes the smaller of its own limit and what is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self, cap: float) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the run's time budget is spent")
+        return min(cap, left)
+
+
+def wait_for(pred: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll `pred` until it returns something truthy, or fail naming `what`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if value := pred():
+                return value
+        except (httpx.TransportError, OSError):
+            pass  # not listening yet
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Procs:
+    """Subprocesses in their own process groups, logging to files; their ids go to `pids` so that
+    gpu_check.sh can still stop them if this process is killed."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.logdir = workdir / "logs"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.pidfile = workdir / "pids"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (self.logdir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        with self.pidfile.open("a") as f:
+            f.write(f"{proc.pid}\n")
+        return proc
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{self.tail(name)}")
+
+    def tail(self, name: str, chars: int = 3000) -> str:
+        return (self.logdir / f"{name}.log").read_text(errors="replace")[-chars:]
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {name} ---\n{self.tail(name)}" for name in self.procs)
+
+
+# --- GPU facts and memory sampling -----------------------------------------------------------------
+
+def nvidia_smi(*args: str, timeout: float = 10) -> list[list[str]]:
+    """Rows of an `nvidia-smi --format=csv,noheader,nounits` query ([] when it fails)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, *args, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=timeout, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [[cell.strip() for cell in line.split(",")] for line in out.splitlines() if line.strip()]
+
+
+def gpus() -> list[dict[str, Any]]:
+    rows = nvidia_smi("--query-gpu=index,name,memory.total,driver_version")
+    return [{"index": int(r[0]), "name": r[1], "memory_total_mib": int(float(r[2])), "driver": r[3]}
+            for r in rows if len(r) >= 4 and r[0].isdigit()]
+
+
+class MemorySampler:
+    """Every `interval` s in a thread: the GPU's memory.used and each compute process's used_memory."""
+
+    def __init__(self, gpu: int, interval: float = 0.5) -> None:
+        self.gpu, self.interval = gpu, interval
+        self.peak_mib = 0
+        self.per_pid: dict[int, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gpu-memory", daemon=True)
+
+    def sample(self) -> int:
+        """Take one sample now; return the memory used on the GPU (MiB)."""
+        used = [int(float(r[0])) for r in nvidia_smi("--query-gpu=memory.used", f"--id={self.gpu}", timeout=5)
+                if r and r[0].replace(".", "", 1).isdigit()]
+        for row in nvidia_smi("--query-compute-apps=pid,used_memory", f"--id={self.gpu}", timeout=5):
+            if len(row) >= 2 and row[0].isdigit() and row[1].replace(".", "", 1).isdigit():
+                pid, mib = int(row[0]), int(float(row[1]))
+                self.per_pid[pid] = max(self.per_pid.get(pid, 0), mib)
+        if used:
+            self.samples += 1
+            self.peak_mib = max(self.peak_mib, max(used))
+            return max(used)
+        return 0
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.sample()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def start(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def torch_facts(env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """torch and CUDA versions, read in a short-lived subprocess (this one never imports torch)."""
+    code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
+            "'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version() if c else None, "
+            "'cuda_available': c, 'device_count': torch.cuda.device_count() if c else 0}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# --- the stack -------------------------------------------------------------------------------------
+
+def stack_env(workdir: Path, registry: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(OFFLINE)
+    env.update(GENQ_DATABASE_URL=f"sqlite:///{workdir / 'genq.db'}",
+               GENQ_BROKER_URL=f"sqla+sqlite:///{workdir / 'broker.db'}",
+               GENQ_STORAGE_URL=f"file://{workdir / 'objects'}", GENQ_MODELS_FILE=str(registry))
+    return env
+
+
+def text_body(i: int, max_tokens: int) -> dict[str, Any]:
+    return {"model": TEXT_MODEL, "prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})", "max_tokens": max_tokens,
+            "temperature": 0.8, "seed": i}
+
+
+def image_body(i: int, size: str, steps: int) -> dict[str, Any]:
+    return {"model": IMAGE_MODEL, "prompt": IMAGE_PROMPTS[i % len(IMAGE_PROMPTS)], "n": 1, "size": size,
+            "num_inference_steps": steps, "guidance_scale": 7.5, "seed": i}
+
+
+def run_job(client: httpx.Client, procs: Procs, url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Submit one job and wait for it to succeed (the warm-up of a worker)."""
+    resp = client.post("/v1/jobs", json={"url": url, "body": body})
+    resp.raise_for_status()
+    job_id = resp.json()["id"]
+
+    def done() -> dict[str, Any] | None:
+        procs.check_alive()
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("failed", "cancelled"):
+            raise RuntimeError(f"warm-up job for {body['model']} {job['status']}: {job['error']}")
+        return job if job["status"] == "succeeded" else None
+
+    return wait_for(done, timeout, f"warm-up job for {body['model']}", 0.1)
+
+
+def run_batch(client: httpx.Client, procs: Procs, url: str, bodies: list[dict[str, Any]],
+              timeout: float) -> tuple[float, list[dict[str, Any]]]:
+    """Submit one NDJSON batch; return seconds from POST to `completed` and the result lines."""
+    lines = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url, "body": b}).encode() + b"\n"
+                     for i, b in enumerate(bodies))
+    started = time.perf_counter()
+    resp = client.post("/v1/batches", content=lines, headers=NDJSON)
+    if resp.status_code != 202:
+        raise RuntimeError(f"batch refused: {resp.status_code} {resp.text[:2000]}")
+    batch_id = resp.json()["id"]
+
+    def completed() -> dict[str, Any] | None:
+        procs.check_alive()
+        batch = client.get(f"/v1/batches/{batch_id}").json()
+        if batch["status"] in ("failed", "cancelled", "expired"):
+            raise RuntimeError(f"batch ended {batch['status']}: {batch['request_counts']}")
+        return batch if batch["status"] == "completed" else None
+
+    batch = wait_for(completed, timeout, f"batch of {len(bodies)} {bodies[0]['model']} requests", 0.05)
+    seconds = time.perf_counter() - started
+    results = [json.loads(line) for line in client.get(f"/v1/batches/{batch_id}/results").text.splitlines()]
+    failed = [r for r in results if r.get("error")]
+    if batch["request_counts"]["completed"] != len(bodies) or failed:
+        raise RuntimeError(f"batch {batch_id}: {batch['request_counts']}; first error: "
+                           f"{failed[0]['error'] if failed else None}")
+    return seconds, results
+
+
+def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    env = {**os.environ, **OFFLINE}
+    if args.cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a machine with GPUs
+    result: dict[str, Any] = {"mode": "cpu" if args.cpu else "gpu", "small": args.small}
+    gpu_list = [] if args.cpu else gpus()
+    if not args.cpu and not any(g["index"] == args.gpu for g in gpu_list):
+        raise RuntimeError(f"GPU {args.gpu} not found by nvidia-smi (saw {gpu_list}); use --cpu to run without one")
+    facts = torch_facts(env, deadline.left(120))
+    if not args.cpu and not facts["cuda_available"]:
+        raise RuntimeError(f"this python's torch cannot use CUDA: {facts}")
+    gpu = next((g for g in gpu_list if g["index"] == args.gpu), None)
+    result["device"] = {"gpu": gpu, "gpus": len(gpu_list), **facts, "python": sys.version.split()[0]}
+
+    # 1. Models.
+    if args.models_dir:
+        registry = Path(args.models_dir) / "models.toml"
+    else:
+        build = [sys.executable, str(ROOT / "bench" / "gpu_models.py"), "--out", str(workdir / "models"),
+                 "--dtype", "auto" if args.cpu else "float16", "--device", "cpu" if args.cpu else "cuda"]
+        started = time.perf_counter()
+        build_env = env if args.cpu else {**env, "CUDA_VISIBLE_DEVICES": str(args.gpu)}
+        log_path = workdir / "build-models.log"
+        try:
+            with log_path.open("wb") as log:
+                subprocess.run(build + (["--small"] if args.small else []), env=build_env, cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT, timeout=deadline.left(240), check=True)
+        except subprocess.SubprocessError as exc:
+            raise RuntimeError(f"building the models failed ({exc}):\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}") from None
+        result["build_models_s"] = round(time.perf_counter() - started, 2)
+        registry = workdir / "models" / "models.toml"
+
+    # 2. The stack, then one warm-up job per model.
+    sampler = None if args.cpu else MemorySampler(args.gpu).start()
+    procs = Procs(workdir)
+    try:
+        started = time.perf_counter()
+        senv = stack_env(workdir, registry)
+        if args.cpu:
+            senv["CUDA_VISIBLE_DEVICES"] = ""
+        port = free_port()
+        procs.start("api", ["-m", "genq", "api", "--port", str(port), "--log-level", "warning"], senv)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+        def api_ready() -> bool:
+            procs.check_alive()
+            return client.get("/readyz").status_code == 200
+
+        wait_for(api_ready, deadline.left(60), "genq API /readyz")  # migrations done before workers start
+        gpu_flag = [] if args.cpu else ["--gpu", str(args.gpu)]
+        for model in (TEXT_MODEL, IMAGE_MODEL):
+            procs.start(f"worker-{model}", ["-m", "genq", "worker", "--models", model, *gpu_flag,
+                                            "--log-level", "warning"], senv)
+        run_job(client, procs, TEXT_URL, text_body(10_000, args.max_tokens), deadline.left(180))
+        run_job(client, procs, IMAGE_URL, image_body(10_000, args.size, args.steps), deadline.left(180))
+        result["startup_s"] = round(time.perf_counter() - started, 2)
+        if sampler:
+            result["gpu_memory_after_warmup_mib"] = sampler.sample()
+
+        # 3. Text.
+        seconds, lines = run_batch(client, procs, TEXT_URL,
+                                   [text_body(i, args.max_tokens) for i in range(args.text_requests)],
+                                   deadline.left(240))
+        tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines)
+        result["text"] = {"model": TEXT_MODEL, "requests": len(lines), "max_tokens": args.max_tokens,
+                          "completion_tokens": tokens, "seconds": round(seconds, 3),
+                          "tokens_per_s": round(tokens / seconds, 1),
+                          "requests_per_s": round(len(lines) / seconds, 3)}
+
+        # 4. Images.
+        seconds, lines = run_batch(client, procs, IMAGE_URL,
+                                   [image_body(i, args.size, args.steps) for i in range(args.image_requests)],
+                                   deadline.left(240))
+        images = sum(len(line["response"]["body"]["data"]) for line in lines)
+        result["image"] = {"model": IMAGE_MODEL, "images": images, "size": args.size, "steps": args.steps,
+                           "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
+                           "it_per_s": round(args.steps * images / seconds, 2)}
+        client.close()
+    except BaseException:
+        print(procs.tails(), file=sys.stderr)
+        raise
+    finally:
+        if sampler:
+            sampler.stop()
+        worker_pids = {p.pid: name.removeprefix("worker-") for name, p in procs.procs.items()}
+        procs.stop_all()
+
+    # 5. Memory.
+    if sampler:
+        result["memory"] = {
+            "peak_gpu_memory_used_mib": sampler.peak_mib, "samples": sampler.samples, "interval_s": sampler.interval,
+            # Inside containers nvidia-smi may show other pids (or none) than ours.
+            "per_process_peak_mib": {worker_pids.get(pid, str(pid)): mib for pid, mib in sampler.per_pid.items()},
+        }
+    else:
+        result["memory"] = None
+    result["total_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="run the workers on the CPU (no GPU needed)")
+    parser.add_argument("--small", action="store_true", help="tiny models and few, small requests")
+    parser.add_argument("--gpu", type=int, default=0, help="the GPU both workers use")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--models-dir", type=Path, default=None, help="use models already written by gpu_models.py")
+    parser.add_argument("--text-requests", type=int, default=None, help="default 64 (--small: 8)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default 64 (--small: 16)")
+    parser.add_argument("--image-requests", type=int, default=None, help="default 8 (--small: 2)")
+    parser.add_argument("--size", default=None, help="default 512x512 (--small: 64x64)")
+    parser.add_argument("--steps", type=int, default=None, help="default 30 (--small: 4)")
+    parser.add_argument("--budget-s", type=float, default=280.0, help="fail rather than run longer than this")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    small = args.small
+    for name, full, tiny in (("text_requests", 64, 8), ("max_tokens", 64, 16), ("image_requests", 8, 2),
+                             ("size", "512x512", "64x64"), ("steps", 30, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if small else full)
+    # Turn SIGTERM (gpu_check.sh's time limit) into SystemExit so the cleanup still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    deadline = Deadline(args.budget_s)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = measure(args, args.workdir, deadline)
+    else:
+        with tempfile.TemporaryDirectory(prefix="genq-gpu-check-") as tmp:
+            result = measure(args, Path(tmp), deadline)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

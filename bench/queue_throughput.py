@@ -1,0 +1,300 @@
+"""Queue throughput: genq end to end against raw Celery, measured in one run on the same Redis.
+
+Measured one after another on this machine:
+  raw_celery    A bare Celery app (acks late, prefetch 1, JSON) and one `--pool solo` worker draining
+                N no-op tasks (each INCRs a counter the parent polls): N / (first publish -> last done).
+  genq_e2e      The genq API and ONE genq worker for the instant `echo` runner (Postgres, file storage).
+                N requests go in as one NDJSON batch: accept_s is the POST's round trip; jobs_per_s is
+                N / (202 -> batch `completed`): claiming, running, storing, recording, finalizing.
+  batch_accept  The POST of a --batch-lines batch to a model no worker serves, until its 202
+                (validation, bulk insert, one publish per job); the batch is then cancelled.
+
+How to read it: ratio_genq_to_raw (genq jobs/s / raw tasks/s) is the share of the bare broker's
+throughput that genq keeps after its per-job work. Rates depend on the machine and its load: compare
+numbers only within one output.
+
+Needs Redis (GENQ_BENCH_REDIS; flushes dbs 12 and 11, or GENQ_BENCH_REDIS_DBS=RAW,GENQ, and refuses
+them while other clients use them) and Postgres (GENQ_BENCH_PG_ADMIN; a temporary database is dropped
+at the end). Runs on one machine take turns on a file lock; exit status 75: waited too long for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import httpx
+import psycopg
+import redis
+from celery import Celery
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_HOST = os.environ.get("GENQ_BENCH_REDIS", "redis://127.0.0.1:6379")
+PG_ADMIN = os.environ.get("GENQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+RAW_DB, GENQ_DB = (int(d) for d in os.environ.get("GENQ_BENCH_REDIS_DBS", "12,11").split(","))
+RAW_BROKER, GENQ_BROKER = f"{REDIS_HOST}/{RAW_DB}", f"{REDIS_HOST}/{GENQ_DB}"
+LOCK_FILE = Path(tempfile.gettempdir()) / "genq-queue-throughput.lock"
+EX_TEMPFAIL = 75
+RAW_QUEUE, RAW_TASK, DONE_KEY = "bench.raw", "bench.noop", "bench:done"
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+# `idle-echo` is served by no worker: batches sent to it are only accepted, never run.
+REGISTRY_TOML = "".join(f'[models.{m}]\nkind = "echo"\nsource = "none"\n' for m in ("echo", "idle-echo"))
+
+
+def wait_for(pred: Callable[[], T | None], timeout: float, what: str, interval: float = 0.005) -> T:
+    """Poll `pred` until it returns something truthy, or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if value := pred():
+                return value
+        except (httpx.TransportError, OSError):
+            pass  # not listening yet
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def take_turn(wait_s: float) -> IO[str]:
+    """Hold the machine-wide lock for this run (released when the process exits)."""
+    fh = LOCK_FILE.open("w")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                print(f"another queue benchmark run held {LOCK_FILE} for over {wait_s:.0f}s", file=sys.stderr)
+                sys.exit(EX_TEMPFAIL)
+            time.sleep(0.5)
+
+
+def check_dbs_unused() -> None:
+    """Refuse to flush Redis dbs that another client is using (e.g. a worker leaked by a killed run)."""
+    others = [c for c in redis.Redis.from_url(REDIS_HOST).client_list() if int(c["db"]) in (RAW_DB, GENQ_DB)]
+    if others:
+        sys.exit(f"Redis db {RAW_DB} or {GENQ_DB} is in use by {len(others)} other client(s) "
+                 f"({', '.join(sorted({c['addr'] for c in others}))}); stop them or set GENQ_BENCH_REDIS_DBS")
+
+
+def _die_with_parent() -> None:
+    """Runs in each child before exec: SIGTERM it if the benchmark dies, even by SIGKILL (Linux)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+class Procs:
+    """Subprocesses in their own process groups, each logging to a file; all stopped on exit."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with (self.logdir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {f.name} ---\n{f.read_text(errors='replace')[-3000:]}"
+                         for f in sorted(self.logdir.glob("*.log")))
+
+
+# --- 1. raw Celery ------------------------------------------------------------------------------
+
+def raw_app() -> Celery:
+    app = Celery("bench_raw", broker=RAW_BROKER, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
+                    task_acks_late=True, worker_prefetch_multiplier=1, worker_hijack_root_logger=False,
+                    broker_connection_retry_on_startup=True)
+    counter = redis.Redis.from_url(RAW_BROKER)
+
+    @app.task(name=RAW_TASK)
+    def noop() -> None:
+        counter.incr(DONE_KEY)  # completion signal, polled by the parent
+
+    return app
+
+
+def run_raw_worker() -> None:
+    """Entry point of the raw worker subprocess (this file with --raw-worker)."""
+    raw_app().worker_main(["worker", "-Q", RAW_QUEUE, "--pool", "solo", "--concurrency", "1",
+                           "--loglevel", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+
+
+def bench_raw(procs: Procs, n: int) -> dict[str, Any]:
+    r = redis.Redis.from_url(RAW_BROKER)
+    r.flushdb()
+    app = raw_app()
+    procs.start("raw-worker", [__file__, "--raw-worker"])
+    app.send_task(RAW_TASK, queue=RAW_QUEUE)  # probe: the worker is consuming once it is counted
+    wait_for(lambda: r.get(DONE_KEY) == b"1", 60, "raw Celery worker")
+    r.delete(DONE_KEY)
+    started = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for _ in range(n):
+            app.send_task(RAW_TASK, queue=RAW_QUEUE, producer=producer)
+    published = time.perf_counter()
+    wait_for(lambda: int(r.get(DONE_KEY) or 0) >= n, 300, f"{n} raw tasks")
+    seconds = time.perf_counter() - started
+    return {"tasks": n, "publish_s": round(published - started, 3), "seconds": round(seconds, 3),
+            "tasks_per_s": round(n / seconds, 1)}
+
+
+# --- 2 and 3. genq ------------------------------------------------------------------------------
+
+def ndjson(n: int, model: str) -> bytes:
+    return b"".join(json.dumps({"custom_id": f"r{i}", "url": "/v1/completions",
+                                "body": {"model": model, "prompt": f"hello {i}"}}).encode() + b"\n"
+                    for i in range(n))
+
+
+def start_genq(procs: Procs, tmp: Path, db_url: str) -> httpx.Client:
+    """The API and one echo worker; returns a client once a probe job has gone through."""
+    (tmp / "models.toml").write_text(REGISTRY_TOML)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(GENQ_DATABASE_URL=db_url, GENQ_BROKER_URL=GENQ_BROKER, PYTHONUNBUFFERED="1",
+               GENQ_STORAGE_URL=f"file://{tmp / 'objects'}", GENQ_MODELS_FILE=str(tmp / "models.toml"))
+    redis.Redis.from_url(GENQ_BROKER).flushdb()
+    port = free_port()
+    procs.start("api", ["-m", "genq", "api", "--port", str(port), "--log-level", "warning"], env)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    wait_for(lambda: client.get("/readyz").status_code == 200, 60, "genq API /readyz", 0.05)
+    procs.start("worker", ["-m", "genq", "worker", "--models", "echo", "--log-level", "warning"], env)
+    probe = client.post("/v1/jobs", json={"url": "/v1/completions", "body": {"model": "echo", "prompt": "hi"}})
+    probe.raise_for_status()
+    wait_for(lambda: client.get(f"/v1/jobs/{probe.json()['id']}").json()["status"] == "succeeded",
+             60, "genq worker (probe job)", 0.02)
+    return client
+
+
+def bench_genq(client: httpx.Client, n: int) -> dict[str, Any]:
+    body = ndjson(n, "echo")
+    t0 = time.perf_counter()
+    resp = client.post("/v1/batches", content=body, headers=NDJSON)
+    accepted = time.perf_counter()
+    assert resp.status_code == 202, resp.text
+    batch_id = resp.json()["id"]
+
+    def completed() -> dict[str, Any] | None:
+        batch = client.get(f"/v1/batches/{batch_id}").json()
+        if batch["status"] in ("failed", "cancelled", "expired"):
+            raise RuntimeError(f"batch ended {batch['status']}: {batch['request_counts']}")
+        return batch if batch["status"] == "completed" else None
+
+    # Each poll costs the API and Postgres ~3 ms of CPU: poll gently so as not to slow the worker.
+    batch = wait_for(completed, 600, f"batch of {n} echo jobs", 0.1)
+    seconds = time.perf_counter() - accepted
+    assert batch["request_counts"]["completed"] == n, batch["request_counts"]
+    return {"jobs": n, "accept_s": round(accepted - t0, 3), "seconds": round(seconds, 3),
+            "jobs_per_s": round(n / seconds, 1)}
+
+
+def bench_accept(client: httpx.Client, lines: int) -> dict[str, Any]:
+    body = ndjson(lines, "idle-echo")
+    t0 = time.perf_counter()
+    resp = client.post("/v1/batches", content=body, headers=NDJSON)
+    seconds = time.perf_counter() - t0
+    assert resp.status_code == 202, resp.text
+    client.post(f"/v1/batches/{resp.json()['id']}/cancel").raise_for_status()
+    return {"lines": lines, "bytes": len(body), "seconds": round(seconds, 3),
+            "lines_per_s": round(lines / seconds, 1)}
+
+
+def machine() -> dict[str, Any]:
+    with psycopg.connect(PG_ADMIN) as pg:
+        pg_version = pg.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "redis_server": redis.Redis.from_url(REDIS_HOST).info("server")["redis_version"],
+            "postgres_server": pg_version,
+            **{pkg: version(pkg) for pkg in ("celery", "kombu", "redis", "sqlalchemy", "fastapi", "uvicorn")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=2000, help="tasks for raw Celery and jobs for genq")
+    parser.add_argument("--batch-lines", type=int, default=10_000, help="lines in the acceptance batch")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--lock-wait", type=float, default=600, help="seconds to wait for another run")
+    parser.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_worker:
+        return run_raw_worker()
+    # Turn SIGTERM into SystemExit so the cleanup below still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    lock = take_turn(args.lock_wait)
+    check_dbs_unused()
+
+    db_name = f"genq_qbench_{uuid.uuid4().hex[:10]}"
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    with tempfile.TemporaryDirectory(prefix="genq-qbench-") as tmpdir, \
+            psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        tmp = Path(tmpdir)
+        procs = Procs(tmp)
+        # Holding the lock, any unused database of ours was left by a killed run.
+        for (stale,) in admin.execute(r"SELECT datname FROM pg_database d WHERE datname LIKE 'genq\_qbench\_%' "
+                                      "AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)"):
+            admin.execute(f'DROP DATABASE IF EXISTS "{stale}"')
+        admin.execute(f'CREATE DATABASE "{db_name}"')
+        try:
+            result: dict[str, Any] = {"machine": machine(), "raw_celery": bench_raw(procs, args.jobs)}
+            procs.stop_all()  # the raw worker must not compete for CPU with genq
+            client = start_genq(procs, tmp, f"{base}/{db_name}")
+            result["genq_e2e"] = bench_genq(client, args.jobs)
+            result["ratio_genq_to_raw"] = round(
+                result["genq_e2e"]["jobs_per_s"] / result["raw_celery"]["tasks_per_s"], 4)
+            result["batch_accept"] = bench_accept(client, args.batch_lines)
+            client.close()
+        except BaseException:
+            print(procs.tails(), file=sys.stderr)
+            raise
+        finally:
+            procs.stop_all()
+            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+            for url in (RAW_BROKER, GENQ_BROKER):
+                redis.Redis.from_url(url).flushdb()
+    lock.close()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
