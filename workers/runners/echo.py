@@ -7,14 +7,13 @@ progress and honour cancellation, which is how tests observe a job mid-run."""
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
 from shared.registry import ModelSpec
 from shared.schemas import CompletionBody
-from workers.runners.base import JobCancelled, RunContext
+from workers.runners.base import JobCancelled, RunContext, text_completion
 
 
 class EchoRunner:
@@ -39,11 +38,4 @@ class EchoRunner:
             for i, prompt in enumerate(p for p in body.prompts for _ in range(body.n))
         ]
         words = sum(len(p.split()) for p in body.prompts)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.spec.name,
-            "choices": choices,
-            "usage": {"prompt_tokens": words, "completion_tokens": 0, "total_tokens": words},
-        }
+        return text_completion(self.spec.name, choices, prompt_tokens=words, completion_tokens=0)

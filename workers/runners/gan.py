@@ -26,9 +26,9 @@ from shared.registry import ModelSpec
 from shared.schemas import ImageBody
 from workers.gan import DCGANGenerator, GANConfig, load_generator, to_pil
 from workers.runners.base import InvalidRequest, JobCancelled, RunContext, derive_seed
+from workers.runners.device import resolve_device, resolve_dtype
 from workers.runners.png import encode_png
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RANDOM_SEED_BOUND = 2**32  # random seeds stay exact in JSON numbers (and in JavaScript)
 
 
@@ -37,24 +37,10 @@ class GANRunner:
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
-        self.device = self._resolve_device(device or spec.device)
-        self.dtype = self._resolve_dtype(spec.dtype, self.device)
+        self.device = resolve_device(device or spec.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
         self.model: DCGANGenerator | None = None
         self.config: GANConfig | None = None
-
-    @staticmethod
-    def _resolve_device(device: str) -> str:
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return device
-
-    @staticmethod
-    def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
-        if dtype == "auto":
-            return torch.float16 if device.startswith("cuda") else torch.float32
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} must be auto or one of {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
 
     def load(self) -> None:
         self.model, self.config = load_generator(self.spec.source, self.device, self.dtype)

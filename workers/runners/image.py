@@ -31,9 +31,8 @@ from pydantic import BaseModel
 from shared.registry import ModelSpec
 from shared.schemas import ImageBody
 from workers.runners.base import InvalidRequest, JobCancelled, RunContext, derive_seed
+from workers.runners.device import resolve_device, resolve_dtype
 from workers.runners.png import encode_png
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # Request scheduler names -> diffusers classes, each built from the model's own scheduler config.
 # LMSDiscreteScheduler is left out: it needs scipy, which genq does not install.
@@ -71,8 +70,8 @@ class ImageRunner:
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
-        self.device = _resolve_device(device or spec.device)
-        self.dtype = _resolve_dtype(spec.dtype, self.device)
+        self.device = resolve_device(device or spec.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
         self.max_size = int(spec.options.get("max_size", 1024))
         self.max_steps = int(spec.options.get("max_steps", 150))
         self.pipe: Any = None
@@ -165,17 +164,3 @@ class ImageRunner:
         if name not in self._schedulers:
             self._schedulers[name] = SCHEDULER_CLASSES[name].from_config(self._default_scheduler.config)
         return self._schedulers[name]
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} must be auto or one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]

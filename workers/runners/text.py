@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,9 +25,9 @@ from transformers import (
 
 from shared.registry import ModelSpec
 from shared.schemas import CompletionBody
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext
+from workers.runners.base import InvalidRequest, JobCancelled, RunContext, text_completion
+from workers.runners.device import resolve_device, resolve_dtype
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 POLL_SECONDS = 0.2  # how often generation asks whether the job was cancelled
 
 
@@ -79,27 +78,13 @@ class TextRunner:
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
-        self.device = self._resolve_device(device or spec.device)
-        self.dtype = self._resolve_dtype(spec.dtype, self.device)
+        self.device = resolve_device(device or spec.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
         self.model: Any = None
         self.tokenizer: Any = None
         self._end_ids: set[int] = set()  # tokens that end a row: EOS ids and the pad token
         # The sampling RNG is process-global: seeding and generating must not interleave.
         self._lock = threading.Lock()
-
-    @staticmethod
-    def _resolve_device(device: str) -> str:
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return device
-
-    @staticmethod
-    def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
-        if dtype == "auto":
-            return torch.float16 if device.startswith("cuda") else torch.float32
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} must be auto or one of {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
 
     def load(self) -> None:
         tokenizer = AutoTokenizer.from_pretrained(self.spec.source)
@@ -155,17 +140,8 @@ class TextRunner:
              "logprobs": logprobs[i], "finish_reason": row.finish_reason}
             for i, row in enumerate(cut)
         ]
-        prompt_tokens = sum(len(ids) for ids in prompt_ids)
-        completion_tokens = sum(row.counted for row in cut)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.spec.name,
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
+        return text_completion(self.spec.name, choices, prompt_tokens=sum(len(ids) for ids in prompt_ids),
+                               completion_tokens=sum(row.counted for row in cut))
 
     def check_inputs(self, body: CompletionBody, prompt_ids: list[list[int]]) -> None:
         if body.adapter is not None:
