@@ -19,7 +19,7 @@ def test_queue_throughput_bench_reports_positive_rates(tmp_path: Path) -> None:
     cmd = [sys.executable, str(BENCH), "--jobs", "50", "--batch-lines", "200", "--lock-wait", "20", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stdout, stderr = proc.communicate(timeout=55)
+        stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         proc.terminate()  # SIGTERM, not SIGKILL: the benchmark then stops its processes and drops its database
         stdout, stderr = proc.communicate(timeout=30)
