@@ -32,20 +32,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
-T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, however this file is run
+from common import ROOT, Procs, free_port, print_result, wait_for
+
 TEXT_MODEL, IMAGE_MODEL = "gpt2-random", "sd15-random"
 TEXT_URL, IMAGE_URL = "/v1/completions", "/v1/images/generations"
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -69,67 +68,6 @@ class Deadline:
         if left <= 0:
             raise TimeoutError("the run's time budget is spent")
         return min(cap, left)
-
-
-def wait_for(pred: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll `pred` until it returns something truthy, or fail naming `what`."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if value := pred():
-                return value
-        except (httpx.TransportError, OSError):
-            pass  # not listening yet
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Procs:
-    """Subprocesses in their own process groups, logging to files; their ids go to `pids` so that
-    gpu_check.sh can still stop them if this process is killed."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.logdir = workdir / "logs"
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self.pidfile = workdir / "pids"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.logdir / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        with self.pidfile.open("a") as f:
-            f.write(f"{proc.pid}\n")
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{self.tail(name)}")
-
-    def tail(self, name: str, chars: int = 3000) -> str:
-        return (self.logdir / f"{name}.log").read_text(errors="replace")[-chars:]
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-    def tails(self) -> str:
-        return "\n".join(f"--- {name} ---\n{self.tail(name)}" for name in self.procs)
 
 
 # --- GPU facts and memory sampling -----------------------------------------------------------------
@@ -304,58 +242,56 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
 
     # 2. The stack, then one warm-up job per model.
     sampler = None if args.cpu else MemorySampler(args.gpu).start()
-    procs = Procs(workdir)
-    try:
-        started = time.perf_counter()
-        senv = stack_env(workdir, registry)
-        if args.cpu:
-            senv["CUDA_VISIBLE_DEVICES"] = ""
-        port = free_port()
-        procs.start("api", ["-m", "genq", "api", "--port", str(port), "--log-level", "warning"], senv)
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    # Their ids go to `pids` so that gpu_check.sh can still stop them if this process is killed.
+    procs = Procs(workdir / "logs", pidfile=workdir / "pids", stop_timeout=20)
+    with procs:  # on an error, the logs' tails to stderr; then the processes are stopped
+        try:
+            started = time.perf_counter()
+            senv = stack_env(workdir, registry)
+            if args.cpu:
+                senv["CUDA_VISIBLE_DEVICES"] = ""
+            port = free_port()
+            procs.start("api", ["-m", "genq", "api", "--port", str(port), "--log-level", "warning"], senv)
+            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
 
-        def api_ready() -> bool:
-            procs.check_alive()
-            return client.get("/readyz").status_code == 200
+            def api_ready() -> bool:
+                procs.check_alive()
+                return client.get("/readyz").status_code == 200
 
-        wait_for(api_ready, deadline.left(60), "genq API /readyz")  # migrations done before workers start
-        gpu_flag = [] if args.cpu else ["--gpu", str(args.gpu)]
-        for model in (TEXT_MODEL, IMAGE_MODEL):
-            procs.start(f"worker-{model}", ["-m", "genq", "worker", "--models", model, *gpu_flag,
-                                            "--log-level", "warning"], senv)
-        run_job(client, procs, TEXT_URL, text_body(10_000, args.max_tokens), deadline.left(180))
-        run_job(client, procs, IMAGE_URL, image_body(10_000, args.size, args.steps), deadline.left(180))
-        result["startup_s"] = round(time.perf_counter() - started, 2)
-        if sampler:
-            result["gpu_memory_after_warmup_mib"] = sampler.sample()
+            wait_for(api_ready, deadline.left(60), "genq API /readyz", 0.1)  # migrations done before workers start
+            gpu_flag = [] if args.cpu else ["--gpu", str(args.gpu)]
+            for model in (TEXT_MODEL, IMAGE_MODEL):
+                procs.start(f"worker-{model}", ["-m", "genq", "worker", "--models", model, *gpu_flag,
+                                                "--log-level", "warning"], senv)
+            run_job(client, procs, TEXT_URL, text_body(10_000, args.max_tokens), deadline.left(180))
+            run_job(client, procs, IMAGE_URL, image_body(10_000, args.size, args.steps), deadline.left(180))
+            result["startup_s"] = round(time.perf_counter() - started, 2)
+            if sampler:
+                result["gpu_memory_after_warmup_mib"] = sampler.sample()
 
-        # 3. Text.
-        seconds, lines = run_batch(client, procs, TEXT_URL,
-                                   [text_body(i, args.max_tokens) for i in range(args.text_requests)],
-                                   deadline.left(240))
-        tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines)
-        result["text"] = {"model": TEXT_MODEL, "requests": len(lines), "max_tokens": args.max_tokens,
-                          "completion_tokens": tokens, "seconds": round(seconds, 3),
-                          "tokens_per_s": round(tokens / seconds, 1),
-                          "requests_per_s": round(len(lines) / seconds, 3)}
+            # 3. Text.
+            seconds, lines = run_batch(client, procs, TEXT_URL,
+                                       [text_body(i, args.max_tokens) for i in range(args.text_requests)],
+                                       deadline.left(240))
+            tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines)
+            result["text"] = {"model": TEXT_MODEL, "requests": len(lines), "max_tokens": args.max_tokens,
+                              "completion_tokens": tokens, "seconds": round(seconds, 3),
+                              "tokens_per_s": round(tokens / seconds, 1),
+                              "requests_per_s": round(len(lines) / seconds, 3)}
 
-        # 4. Images.
-        seconds, lines = run_batch(client, procs, IMAGE_URL,
-                                   [image_body(i, args.size, args.steps) for i in range(args.image_requests)],
-                                   deadline.left(240))
-        images = sum(len(line["response"]["body"]["data"]) for line in lines)
-        result["image"] = {"model": IMAGE_MODEL, "images": images, "size": args.size, "steps": args.steps,
-                           "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
-                           "it_per_s": round(args.steps * images / seconds, 2)}
-        client.close()
-    except BaseException:
-        print(procs.tails(), file=sys.stderr)
-        raise
-    finally:
-        if sampler:
-            sampler.stop()
-        worker_pids = {p.pid: name.removeprefix("worker-") for name, p in procs.procs.items()}
-        procs.stop_all()
+            # 4. Images.
+            seconds, lines = run_batch(client, procs, IMAGE_URL,
+                                       [image_body(i, args.size, args.steps) for i in range(args.image_requests)],
+                                       deadline.left(240))
+            images = sum(len(line["response"]["body"]["data"]) for line in lines)
+            result["image"] = {"model": IMAGE_MODEL, "images": images, "size": args.size, "steps": args.steps,
+                               "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
+                               "it_per_s": round(args.steps * images / seconds, 2)}
+            client.close()
+        finally:
+            if sampler:
+                sampler.stop()
+            worker_pids = {p.pid: name.removeprefix("worker-") for name, p in procs.procs.items()}
 
     # 5. Memory.
     if sampler:
@@ -399,10 +335,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="genq-gpu-check-") as tmp:
             result = measure(args, Path(tmp), deadline)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -32,23 +32,20 @@ import json
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import psycopg
 import redis
 
-T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, however this file is run
+from common import ROOT, Procs, free_port, package_versions, print_result, server_versions, wait_for
+
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import genq's own modules
 
 REDIS_HOST = os.environ.get("GENQ_BENCH_REDIS", "redis://127.0.0.1:6379")
@@ -66,57 +63,6 @@ SUBJECTS = ["a lighthouse at dusk", "a red cube on a table", "a cat in the snow"
 
 def prompt(i: int) -> str:
     return f"{SUBJECTS[i % len(SUBJECTS)]}, picture {i}"
-
-
-def wait_for(pred: Callable[[], T | None], timeout: float, what: str,
-             interval: float | Callable[[], float] = 0.05) -> T:
-    """Poll `pred` until it returns something truthy, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := pred():
-                return value
-        except (httpx.TransportError, OSError):
-            pass  # not listening yet
-        time.sleep(interval() if callable(interval) else interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Procs:
-    """Subprocesses in their own process groups, each logging to a file; all stopped on exit."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with (self.logdir / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
-        self.procs.clear()
-
-    def tails(self) -> str:
-        return "\n".join(f"--- {f.name} ---\n{f.read_text(errors='replace')[-3000:]}"
-                         for f in sorted(self.logdir.glob("*.log")))
 
 
 # --- direct: the pipeline in this process -------------------------------------------------------
@@ -240,15 +186,12 @@ def compare(direct: list[Any], genq: dict[str, Any]) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import torch
 
-    with psycopg.connect(PG_ADMIN) as pg:
-        pg_version = pg.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    servers = server_versions(REDIS_HOST, PG_ADMIN)
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             # Other work on the machine slows both sides unevenly: a high load makes the ratio noisy.
             "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform(),
             "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
-            "redis_server": redis.Redis.from_url(REDIS_HOST).info("server")["redis_version"],
-            "postgres_server": pg_version,
-            **{pkg: version(pkg) for pkg in ("torch", "diffusers", "transformers", "celery", "sqlalchemy")}}
+            **servers, **package_versions("torch", "diffusers", "transformers", "celery", "sqlalchemy")}
 
 
 def measure(args: argparse.Namespace, tmp: Path, admin: psycopg.Connection[Any], db_name: str) -> dict[str, Any]:
@@ -264,17 +207,12 @@ def measure(args: argparse.Namespace, tmp: Path, admin: psycopg.Connection[Any],
     direct = Direct(tmp / "models" / MODEL, width, height, args.steps)
     before, direct_images = direct.run(args.images)
     # 2. genq end to end, with this process idle apart from polling.
-    try:
+    with procs:  # on an error, the logs' tails to stderr; then the processes are stopped
         admin.execute(f'CREATE DATABASE "{db_name}"')
         client = start_genq(procs, tmp, registry, f"{base}/{db_name}", args.size, args.steps)
         genq, batch_id = bench_genq(client, args.images, args.size, args.steps)
         images = genq_images(client, batch_id)
         client.close()
-    except BaseException:
-        print(procs.tails(), file=sys.stderr)
-        raise
-    finally:
-        procs.stop_all()
     # 3. Direct again, after the stack is gone.
     after, again = direct.run(args.images)
     mean_s = (before["seconds"] + after["seconds"]) / 2
@@ -309,10 +247,7 @@ def main() -> None:
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
             redis.Redis.from_url(GENQ_BROKER).flushdb()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print_result(result, args.out)
 
 
 if __name__ == "__main__":

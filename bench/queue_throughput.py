@@ -21,30 +21,26 @@ at the end). Runs on one machine take turns on a file lock; exit status 75: wait
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
 import json
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import httpx
 import psycopg
 import redis
 from celery import Celery
 
-T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, however this file is run
+from common import Procs, free_port, package_versions, print_result, server_versions, wait_for
+
 REDIS_HOST = os.environ.get("GENQ_BENCH_REDIS", "redis://127.0.0.1:6379")
 PG_ADMIN = os.environ.get("GENQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 RAW_DB, GENQ_DB = (int(d) for d in os.environ.get("GENQ_BENCH_REDIS_DBS", "12,11").split(","))
@@ -56,25 +52,6 @@ NDJSON = {"Content-Type": "application/x-ndjson"}
 
 # `idle-echo` is served by no worker: batches sent to it are only accepted, never run.
 REGISTRY_TOML = "".join(f'[models.{m}]\nkind = "echo"\nsource = "none"\n' for m in ("echo", "idle-echo"))
-
-
-def wait_for(pred: Callable[[], T | None], timeout: float, what: str, interval: float = 0.005) -> T:
-    """Poll `pred` until it returns something truthy, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := pred():
-                return value
-        except (httpx.TransportError, OSError):
-            pass  # not listening yet
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def take_turn(wait_s: float) -> IO[str]:
@@ -98,42 +75,6 @@ def check_dbs_unused() -> None:
     if others:
         sys.exit(f"Redis db {RAW_DB} or {GENQ_DB} is in use by {len(others)} other client(s) "
                  f"({', '.join(sorted({c['addr'] for c in others}))}); stop them or set GENQ_BENCH_REDIS_DBS")
-
-
-def _die_with_parent() -> None:
-    """Runs in each child before exec: SIGTERM it if the benchmark dies, even by SIGKILL (Linux)."""
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-class Procs:
-    """Subprocesses in their own process groups, each logging to a file; all stopped on exit."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with (self.logdir / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
-
-    def tails(self) -> str:
-        return "\n".join(f"--- {f.name} ---\n{f.read_text(errors='replace')[-3000:]}"
-                         for f in sorted(self.logdir.glob("*.log")))
 
 
 # --- 1. raw Celery ------------------------------------------------------------------------------
@@ -164,14 +105,14 @@ def bench_raw(procs: Procs, n: int) -> dict[str, Any]:
     app = raw_app()
     procs.start("raw-worker", [__file__, "--raw-worker"])
     app.send_task(RAW_TASK, queue=RAW_QUEUE)  # probe: the worker is consuming once it is counted
-    wait_for(lambda: r.get(DONE_KEY) == b"1", 60, "raw Celery worker")
+    wait_for(lambda: r.get(DONE_KEY) == b"1", 60, "raw Celery worker", 0.005)
     r.delete(DONE_KEY)
     started = time.perf_counter()
     with app.producer_or_acquire() as producer:
         for _ in range(n):
             app.send_task(RAW_TASK, queue=RAW_QUEUE, producer=producer)
     published = time.perf_counter()
-    wait_for(lambda: int(r.get(DONE_KEY) or 0) >= n, 300, f"{n} raw tasks")
+    wait_for(lambda: int(r.get(DONE_KEY) or 0) >= n, 300, f"{n} raw tasks", 0.005)
     seconds = time.perf_counter() - started
     return {"tasks": n, "publish_s": round(published - started, 3), "seconds": round(seconds, 3),
             "tasks_per_s": round(n / seconds, 1)}
@@ -238,12 +179,9 @@ def bench_accept(client: httpx.Client, lines: int) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    with psycopg.connect(PG_ADMIN) as pg:
-        pg_version = pg.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "redis_server": redis.Redis.from_url(REDIS_HOST).info("server")["redis_version"],
-            "postgres_server": pg_version,
-            **{pkg: version(pkg) for pkg in ("celery", "kombu", "redis", "sqlalchemy", "fastapi", "uvicorn")}}
+            **server_versions(REDIS_HOST, PG_ADMIN),
+            **package_versions("celery", "kombu", "redis", "sqlalchemy", "fastapi", "uvicorn")}
 
 
 def main() -> None:
@@ -273,27 +211,21 @@ def main() -> None:
             admin.execute(f'DROP DATABASE IF EXISTS "{stale}"')
         admin.execute(f'CREATE DATABASE "{db_name}"')
         try:
-            result: dict[str, Any] = {"machine": machine(), "raw_celery": bench_raw(procs, args.jobs)}
-            procs.stop_all()  # the raw worker must not compete for CPU with genq
-            client = start_genq(procs, tmp, f"{base}/{db_name}")
-            result["genq_e2e"] = bench_genq(client, args.jobs)
-            result["ratio_genq_to_raw"] = round(
-                result["genq_e2e"]["jobs_per_s"] / result["raw_celery"]["tasks_per_s"], 4)
-            result["batch_accept"] = bench_accept(client, args.batch_lines)
-            client.close()
-        except BaseException:
-            print(procs.tails(), file=sys.stderr)
-            raise
+            with procs:  # on an error, the logs' tails to stderr; then the processes are stopped
+                result: dict[str, Any] = {"machine": machine(), "raw_celery": bench_raw(procs, args.jobs)}
+                procs.stop_all()  # the raw worker must not compete for CPU with genq
+                client = start_genq(procs, tmp, f"{base}/{db_name}")
+                result["genq_e2e"] = bench_genq(client, args.jobs)
+                result["ratio_genq_to_raw"] = round(
+                    result["genq_e2e"]["jobs_per_s"] / result["raw_celery"]["tasks_per_s"], 4)
+                result["batch_accept"] = bench_accept(client, args.batch_lines)
+                client.close()
         finally:
-            procs.stop_all()
             admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
             for url in (RAW_BROKER, GENQ_BROKER):
                 redis.Redis.from_url(url).flushdb()
     lock.close()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print_result(result, args.out)
 
 
 if __name__ == "__main__":
