@@ -80,6 +80,17 @@ def worker(models: str, gpu: int | None, concurrency: int, lease: float, max_att
         raise click.ClickException(f"worker could not start: {exc}") from None
 
 
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): the kernel stops it if `genq up` itself is killed."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _child(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -93,8 +104,8 @@ def up(host: str, port: int, models: str | None) -> None:
     names = models.split(",") if models else load_registry(settings.models_file).names()
     upgrade(settings.database_url)  # once, before the processes start side by side
     exe = [sys.executable, "-m", "genq"]
-    procs = [subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)])]
-    procs += [subprocess.Popen([*exe, "worker", "--models", name]) for name in names]
+    procs = [_child([*exe, "api", "--host", host, "--port", str(port)])]
+    procs += [_child([*exe, "worker", "--models", name]) for name in names]
     click.echo(f"genq up: API on http://{host}:{port}, workers for {', '.join(names)} (Ctrl-C stops)")
 
     def stop(*_: Any) -> None:

@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 import httpx
 
+from genq.sse import iter_events
+
 TERMINAL_BATCH = ("completed", "failed", "expired", "cancelled")
+# The server sends a keepalive comment after ~15 s of silence; a read quiet for this long is a dead link.
+STREAM_READ_TIMEOUT_S = 45.0
+
+
+class EventStreamError(click.ClickException):
+    """A batch's event stream could not be followed to its end."""
+
+
+class EventsUnavailable(EventStreamError):
+    """The events endpoint answered 404 or 405: no such batch, or a server older than the endpoint."""
+
+
+def _data(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"data": text}
+    return value if isinstance(value, dict) else {"data": value}
 
 
 class Client:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.timeout = timeout
 
     def _check(self, resp: httpx.Response) -> httpx.Response:
         if resp.status_code >= 400:
@@ -47,9 +70,68 @@ class Client:
     def results(self, batch_id: str) -> bytes:
         return self._check(self.http.get(f"/v1/batches/{batch_id}/results")).content
 
+    def _stream_error(self, resp: httpx.Response) -> None:
+        resp.read()
+        try:
+            self._check(resp)
+        except click.ClickException as exc:
+            kind = EventsUnavailable if resp.status_code in (404, 405) else EventStreamError
+            raise kind(exc.message) from None
+
+    def events(self, batch_id: str, *, keepalives: bool = False,
+               retries: int = 1) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Follow a batch over Server-Sent Events: (event, data) pairs (`batch`, `counts`, `job`,
+        and last `done`), plus ("keepalive", {}) on the server's idle comments if asked.
+
+        A dropped connection is resumed with Last-Event-ID, up to `retries` times in a row without
+        an event in between; the server then starts again with a `batch` snapshot, and `job` events
+        already yielded are not repeated."""
+        path = f"/v1/batches/{batch_id}/events"
+        timeout = httpx.Timeout(self.timeout, read=max(self.timeout, STREAM_READ_TIMEOUT_S))
+        last_id: str | None = None
+        seen: set[tuple[str, str]] = set()
+        failures, pause_s = 0, 0.5
+        while True:
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+            if last_id is not None:
+                headers["Last-Event-ID"] = last_id
+            try:
+                with self.http.stream("GET", path, headers=headers, timeout=timeout) as resp:
+                    if resp.status_code >= 400:
+                        self._stream_error(resp)
+                    if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                        raise EventsUnavailable(f"GET {path}: not an event stream "
+                                                f"({resp.headers.get('content-type')})")
+                    for ev in iter_events(resp.iter_bytes(), comments=keepalives):
+                        last_id = ev.id if ev.id is not None else last_id
+                        pause_s = ev.retry_ms / 1000 if ev.retry_ms is not None else pause_s
+                        if ev.event == "":
+                            yield "keepalive", {}
+                            continue
+                        failures = 0
+                        data = _data(ev.data)
+                        if ev.event == "job":
+                            key = (str(data.get("id")), str(data.get("status")))
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                        yield ev.event, data
+                        if ev.event == "done":
+                            return
+            except httpx.TransportError as exc:
+                dropped = f"{type(exc).__name__}: {exc}"
+            else:
+                dropped = "the stream ended before `done`"
+            failures += 1
+            if failures > retries:
+                raise EventStreamError(f"GET {path}: {dropped}")
+            time.sleep(pause_s)
+
     def wait_batch(self, batch_id: str, *, progress: bool = False, poll_s: float = 0.5,
                    timeout_s: float | None = None) -> dict[str, Any]:
-        """Poll until the batch is terminal, with a progress bar on stderr if asked."""
+        """Wait until the batch is terminal. With `progress`, a bar on stderr follows the server's
+        event stream (polling instead on a server without one, or if the stream keeps dropping);
+        there the timeout is checked on each event, at least every ~15 s."""
         from tqdm import tqdm
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -57,10 +139,13 @@ class Client:
         bar = tqdm(total=batch["request_counts"]["total"], unit="req", disable=not progress,
                    desc=batch_id[:18], dynamic_ncols=True)
         try:
+            if progress and batch["status"] not in TERMINAL_BATCH:
+                try:
+                    return self._follow_events(batch, bar, deadline)
+                except EventStreamError:
+                    batch = self.get(batch_id)
             while True:
-                c = batch["request_counts"]
-                bar.n = c["completed"] + c["failed"] + c.get("cancelled", 0)
-                bar.set_postfix_str(f"{batch['status']} ok={c['completed']} failed={c['failed']}", refresh=True)
+                _show(bar, batch["status"], batch["request_counts"])
                 if batch["status"] in TERMINAL_BATCH:
                     return batch
                 if deadline is not None and time.monotonic() > deadline:
@@ -69,3 +154,24 @@ class Client:
                 batch = self.get(batch_id)
         finally:
             bar.close()
+
+    def _follow_events(self, batch: dict[str, Any], bar: Any, deadline: float | None) -> dict[str, Any]:
+        stream = self.events(batch["id"], keepalives=True)
+        try:
+            for event, data in stream:
+                if event == "batch":
+                    batch = data
+                if event in ("batch", "counts"):
+                    _show(bar, data["status"], data["request_counts"])
+                elif event == "done":
+                    return batch
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"batch {batch['id']} still {batch['status']} when the wait ran out")
+        finally:
+            stream.close()
+        raise EventStreamError(f"the event stream of {batch['id']} ended without `done`")
+
+
+def _show(bar: Any, status: str, counts: dict[str, int]) -> None:
+    bar.n = counts["completed"] + counts["failed"] + counts.get("cancelled", 0)
+    bar.set_postfix_str(f"{status} ok={counts['completed']} failed={counts['failed']}", refresh=True)

@@ -8,18 +8,28 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services import routes_batches, routes_jobs, routes_system
+from services import (
+    routes_batches,
+    routes_events,
+    routes_files,
+    routes_jobs,
+    routes_sync,
+    routes_system,
+    routes_webhooks,
+)
 from services.errors import install_handlers
+from services.maintenance import Maintenance
 from services.metrics import Metrics
 from services.state import AppState, Limits, build_state
 from shared.config import Settings, get_settings
 from shared.migrate import upgrade
+from shared.webhooks import Dispatcher
 
 log = logging.getLogger("genq.api")
 
 
 def create_app(settings: Settings | None = None, *, state: AppState | None = None,
-               limits: Limits | None = None, migrate: bool = True) -> FastAPI:
+               limits: Limits | None = None, migrate: bool = True, maintenance: bool = True) -> FastAPI:
     settings = settings or (state.settings if state else get_settings())
     state = state or build_state(settings, limits)
 
@@ -29,7 +39,18 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
             upgrade(settings.database_url)
         log.info("genq api ready: %d models, database %s", len(state.registry.models),
                  settings.database_url.split("@")[-1])
-        yield
+        # Webhooks go out from the API processes, so a slow receiver never holds up a GPU worker.
+        dispatcher = Dispatcher(state.sessions) if maintenance else None
+        upkeep = Maintenance(state) if maintenance else None
+        for service in (dispatcher, upkeep):
+            if service:
+                service.start()
+        try:
+            yield
+        finally:
+            for service in (upkeep, dispatcher):
+                if service:
+                    service.stop()
 
     app = FastAPI(title="genq", version="0.1.0", lifespan=lifespan,
                   description="A distributed job queue for generative models.")
@@ -38,5 +59,9 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     install_handlers(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_batches.router)
+    app.include_router(routes_events.router)
+    app.include_router(routes_files.router)
+    app.include_router(routes_sync.router)
+    app.include_router(routes_webhooks.router)
     app.include_router(routes_system.router)
     return app

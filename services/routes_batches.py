@@ -6,17 +6,21 @@ import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+from shared.webhooks import validate_subscription
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
+from services import idempotency
 from services.body import batch_error, ndjson_lines, parse_json_body, read_body
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
+from services.intake import validate_file_batch
 from shared import jobs as jobs_data
-from shared.db import Batch, Job
+from shared.db import Batch, File, Job
 from shared.finalize import maybe_finalize_batch
 from shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES, BatchCreate
 from shared.validation import validate_batch
@@ -38,9 +42,9 @@ def batch_view(session: SessionDep, batch: Batch) -> dict[str, Any]:
     return batch_object(batch, jobs_data.request_counts(batch, jobs_data.batch_counts(session, batch.id)))
 
 
-def _parse_submission(raw: bytes, content_type: str) -> tuple[list[tuple[int, Any]], BatchCreate]:
+def _parse_submission(raw: bytes, content_type: str) -> BatchCreate:
     if content_type.startswith(("application/x-ndjson", "application/jsonl", "application/json-lines")):
-        return ndjson_lines(raw), BatchCreate()
+        return BatchCreate(requests=ndjson_lines(raw))
     obj = parse_json_body(raw)
     if not isinstance(obj, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_request")
@@ -49,39 +53,79 @@ def _parse_submission(raw: bytes, content_type: str) -> tuple[list[tuple[int, An
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}", code="invalid_request", param=param) from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {msg}", code="invalid_request", param=param) from None
     if spec.input_file_id is not None:
-        raise APIError(400, "input_file_id needs the Files API, which this server does not offer yet; "
-                       "send the lines inline as `requests` or as an application/x-ndjson body",
-                       code="unsupported", param="input_file_id")
-    if spec.requests is None:
-        raise APIError(400, "give `requests` (a list of request lines) or an application/x-ndjson body",
-                       code="invalid_request", param="requests")
-    return list(enumerate(spec.requests, start=1)), spec
+        if spec.requests is not None:
+            raise APIError(400, "give either `requests` or `input_file_id`, not both", param="input_file_id",
+                           code="invalid_request")
+        if spec.endpoint is None:
+            raise APIError(400, "endpoint is required with input_file_id", code="invalid_request", param="endpoint")
+    elif spec.requests is None:
+        raise APIError(400, "give `requests` (a list of request lines), an application/x-ndjson body, "
+                       "or `input_file_id`", code="invalid_request", param="requests")
+    else:
+        spec.requests = list(enumerate(spec.requests, start=1))
+    return spec
+
+
+def _batch_fields(spec: BatchCreate) -> dict[str, Any]:
+    try:
+        url, events = validate_subscription(spec.webhook_url, spec.webhook_events)
+    except ValueError as exc:
+        raise APIError(400, f"webhook: {exc}", code="invalid_request", param="webhook_url") from None
+    return {"completion_window": spec.completion_window, "meta": spec.metadata, "priority": spec.priority,
+            "webhook_url": url, "webhook_events": events}
 
 
 @router.post("", status_code=202)
-async def create_batch(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    """Validate every line, record the batch and its jobs in bulk, then publish each job."""
+async def create_batch(request: Request, background: BackgroundTasks, state: StateDep, session: SessionDep,
+                       tenant: TenantDep) -> dict[str, Any]:
+    """Inline or NDJSON lines are validated now (400 naming each bad line) and queued; a batch of
+    an uploaded file answers `validating` at once and is checked in the background."""
     raw = await read_body(request, state.limits.max_body_bytes)
-    numbered, spec = _parse_submission(raw, request.headers.get("content-type", ""))
+    spec = _parse_submission(raw, request.headers.get("content-type", ""))
+    key = idempotency.request_key(request)
+    fp = idempotency.fingerprint(request, raw)
 
     def _create() -> dict[str, Any]:
-        lines, errors = validate_batch(numbered, state.registry, max_lines=state.limits.max_batch_lines,
+        if (prior := idempotency.replayed(session, tenant, key, fp, "batch")) is not None:
+            return batch_view(session, load_batch(session, prior, tenant))
+        fields = _batch_fields(spec)
+        if spec.input_file_id is not None:
+            file = session.get(File, spec.input_file_id)
+            if file is None or file.tenant != tenant:
+                raise not_found("file", spec.input_file_id)
+            if file.purpose != "batch":
+                raise APIError(400, f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
+                               code="invalid_request", param="input_file_id")
+            batch = jobs_data.new_batch(session, endpoint=spec.endpoint or "", tenant=tenant, status="validating",
+                                        input_file_id=file.id, **fields)
+            idempotency.remember(session, tenant, key, fp, "batch", batch.id)
+            session.commit()
+            background.add_task(validate_file_batch, state, batch.id)
+            return batch_object(batch, jobs_data.request_counts(batch, {}))
+        lines, errors = validate_batch(spec.requests or [], state.registry, max_lines=state.limits.max_batch_lines,
                                        endpoint=spec.endpoint)
         if errors:
             raise batch_error(errors)
         endpoint = spec.endpoint or lines[0].request.url
         if any(v.request.url != endpoint for v in lines):
             endpoint = "mixed"
-        batch, to_publish = jobs_data.create_batch(
-            session, lines=lines, endpoint=endpoint, tenant=tenant,
-            completion_window=spec.completion_window, metadata=spec.metadata)
+        batch, to_publish = jobs_data.create_batch(session, lines=lines, endpoint=endpoint, tenant=tenant, **fields)
+        idempotency.remember(session, tenant, key, fp, "batch", batch.id)
         session.commit()
         state.publisher.publish(to_publish)
         return batch_object(batch, jobs_data.request_counts(batch, {"queued": len(lines)}))
 
-    return await run_in_threadpool(_create)
+    try:
+        return await run_in_threadpool(_create)
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won
+        session.rollback()
+        prior = idempotency.replayed(session, tenant, key, fp, "batch")
+        if prior is None:
+            raise
+        return batch_view(session, load_batch(session, prior, tenant))
 
 
 @router.get("")
@@ -150,3 +194,49 @@ def cancel_batch(batch_id: str, state: StateDep, session: SessionDep, tenant: Te
     maybe_finalize_batch(state.sessions, state.storage, batch.id)
     session.refresh(batch)
     return batch_view(session, batch)
+
+
+class RetryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_cancelled: bool = False
+    metadata: dict[str, str] | None = None
+
+
+@router.post("/{batch_id}/retry", status_code=202)
+async def retry_batch(batch_id: str, request: Request, state: StateDep, session: SessionDep,
+                      tenant: TenantDep) -> dict[str, Any]:
+    """A new batch of the requests that failed (and, if asked, were cancelled), linked to this one
+    by `metadata.retry_of`."""
+    raw = await read_body(request, 64 * 1024)
+    try:
+        opts = RetryRequest.model_validate_json(raw) if raw.strip() else RetryRequest()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise APIError(400, f"{param}: {err['msg']}", code="invalid_request", param=param) from None
+
+    def _retry() -> dict[str, Any]:
+        original = load_batch(session, batch_id, tenant)
+        statuses = ("failed", "cancelled") if opts.include_cancelled else ("failed",)
+        jobs = session.execute(select(Job).where(Job.batch_id == batch_id, Job.status.in_(statuses))
+                               .order_by(Job.seq)).scalars().all()
+        if not jobs:
+            raise APIError(400, f"batch {batch_id} has no {' or '.join(statuses)} requests to retry",
+                           code="nothing_to_retry")
+        numbered = [(i, {"custom_id": j.custom_id, "url": j.url, "body": j.body, "priority": j.priority})
+                    for i, j in enumerate(jobs, start=1)]
+        lines, errors = validate_batch(numbered, state.registry, max_lines=state.limits.max_batch_lines)
+        if errors:
+            raise batch_error(errors)
+        endpoint = original.endpoint
+        metadata = {**(original.meta or {}), **(opts.metadata or {}), "retry_of": original.id}
+        batch, to_publish = jobs_data.create_batch(
+            session, lines=lines, endpoint=endpoint, tenant=tenant, completion_window=original.completion_window,
+            meta=metadata, priority=original.priority, webhook_url=original.webhook_url,
+            webhook_events=original.webhook_events, retry_of=original.id, input_file_id=original.input_file_id)
+        session.commit()
+        state.publisher.publish(to_publish)
+        return batch_object(batch, jobs_data.request_counts(batch, {"queued": len(lines)}))
+
+    return await run_in_threadpool(_retry)

@@ -7,7 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from sqlalchemy.exc import IntegrityError
 
+from services import idempotency
 from services.body import batch_error, parse_json_body, read_body
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
@@ -16,6 +18,7 @@ from shared.db import Job
 from shared.finalize import maybe_finalize_batch
 from shared.validation import validate_line
 from shared.views import job_object
+from shared.webhooks import notify_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -28,20 +31,34 @@ def load_job(session: SessionDep, job_id: str, tenant: str | None) -> Job:
 
 
 @router.post("", status_code=202)
-async def submit_job(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+async def submit_job(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
+                     renderer: RendererDep) -> dict[str, Any]:
     """Submit one request line; answers 202 with the queued job."""
-    obj = parse_json_body(await read_body(request, state.limits.max_body_bytes))
-    line, errors = validate_line(obj, None, state.registry)
+    raw = await read_body(request, state.limits.max_body_bytes)
+    line, errors = validate_line(parse_json_body(raw), None, state.registry)
     if line is None:
         raise batch_error(errors)
+    key = idempotency.request_key(request)
+    fp = idempotency.fingerprint(request, raw)
 
     def _create() -> dict[str, Any]:
+        if (prior := idempotency.replayed(session, tenant, key, fp, "job")) is not None:
+            job = load_job(session, prior, tenant)
+            return job_object(job, renderer.render(job))
         job, item = jobs_data.create_job(session, line=line, tenant=tenant)
+        idempotency.remember(session, tenant, key, fp, "job", job.id)
         session.commit()
         state.publisher.publish([item])
         return job_object(job)
 
-    return await run_in_threadpool(_create)
+    try:
+        return await run_in_threadpool(_create)
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won
+        session.rollback()
+        prior = idempotency.replayed(session, tenant, key, fp, "job")
+        if prior is None:
+            raise
+        return job_object(load_job(session, prior, tenant))
 
 
 @router.get("/{job_id}")
@@ -67,7 +84,8 @@ def cancel_job(job_id: str, state: StateDep, session: SessionDep, tenant: Tenant
                renderer: RendererDep) -> dict[str, Any]:
     """Cancel a queued or running job. Cancelling a finished job changes nothing (idempotent)."""
     job = load_job(session, job_id, tenant)
-    jobs_data.cancel_job(session, job.id)
+    if jobs_data.cancel_job(session, job.id):
+        notify_job(session, job.id)
     session.commit()
     if job.batch_id:
         maybe_finalize_batch(state.sessions, state.storage, job.batch_id)

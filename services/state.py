@@ -17,7 +17,10 @@ from shared.storage import Storage, storage_from_settings
 class Limits:
     max_batch_lines: int = 50_000  # OpenAI's limit per batch
     max_body_bytes: int = 200 * 1024 * 1024  # OpenAI's input file limit
+    max_file_bytes: int = 200 * 1024 * 1024
     max_page: int = 1000
+    sync_start_timeout_s: float = 30.0  # synchronous endpoints: how long a job may wait for a worker
+    sync_timeout_s: float = 600.0  # ... and how long in all before answering 504 with the job id
 
 
 @dataclass

@@ -6,9 +6,10 @@ Messages carry only a job id; the body lives in the results database. One queue 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from celery import Celery
@@ -70,6 +71,12 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def _batched(producer: Any) -> AbstractContextManager[Any]:
+    """kombu 5.7+ pipelines a run of publishes on Redis (one round trip per 1,000 messages)."""
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=1000) if batch is not None else nullcontext()
+
+
 class CeleryPublisher:
     """Publishes job ids to per-model queues over one pooled broker connection."""
 
@@ -78,11 +85,11 @@ class CeleryPublisher:
 
     def publish(self, items: Iterable[Publish]) -> int:
         count = 0
-        with self.app.producer_or_acquire() as producer:
+        with self.app.producer_or_acquire() as producer, _batched(producer):
             for item in items:
-                # Celery's priority 0..9 where 9 is the highest on Redis with our transport options
-                # is inverted by kombu ("0 is highest"); map genq's 9 = most urgent onto it.
-                priority = None if item.priority is None else 9 - item.priority
+                # kombu's Redis transport serves its priority lists from 0 up (0 = most urgent), so
+                # genq's 9 (most urgent) maps to 0 and no priority to genq's 0 (the least urgent).
+                priority = 9 - (item.priority or 0)
                 self.app.send_task(RUN_JOB_TASK, args=[item.job_id], queue=queue_name(item.model),
                                    priority=priority, producer=producer)
                 count += 1

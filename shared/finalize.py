@@ -14,6 +14,7 @@ from shared.jobs import has_active_jobs
 from shared.results import ResultRenderer
 from shared.storage import Storage
 from shared.views import output_line
+from shared.webhooks import notify_batch
 
 STALE_FINALIZE_S = 120.0
 
@@ -26,7 +27,8 @@ def _claim(session: Session, batch_id: str, now: float) -> str | None:
         (Batch.status == "in_progress") | ((Batch.status == "finalizing") & (Batch.finalizing_at < stale)),
     ).values(status="finalizing", finalizing_at=now))
     if res.rowcount:  # type: ignore[attr-defined]
-        return "completed"
+        expired = session.execute(select(Batch.expired_at).where(Batch.id == batch_id)).scalar()
+        return "expired" if expired is not None else "completed"
     # A cancelled batch keeps the status `cancelling` while its partial output is written.
     res = session.execute(update(Batch).where(
         Batch.id == batch_id, Batch.status == "cancelling",
@@ -71,10 +73,36 @@ def maybe_finalize_batch(factory: sessionmaker[Session], storage: Storage, batch
         output_id = _write_file(session, storage, batch, "batch_output", "output", ok)
         error_id = _write_file(session, storage, batch, "batch_output", "errors", bad)
         now = time.time()
-        when = {"completed": "completed_at", "cancelled": "cancelled_at"}[final]
+        # An expired batch keeps the expired_at of the moment its window closed.
+        stamp = {"completed": {"completed_at": now}, "cancelled": {"cancelled_at": now}, "expired": {}}[final]
         session.execute(update(Batch).where(Batch.id == batch_id, Batch.status.in_(("finalizing", "cancelling")))
-                        .values(status=final, output_file_id=output_id, error_file_id=error_id, **{when: now}))
+                        .values(status=final, output_file_id=output_id, error_file_id=error_id, **stamp))
+        notify_batch(session, batch_id)
     return final
+
+
+def expire_batches(factory: sessionmaker[Session], storage: Storage) -> list[str]:
+    """Close batches whose completion window has passed: jobs not yet started are cancelled,
+    running ones may finish, and the batch ends `expired` with every finished result delivered."""
+    now = time.time()
+    with session_scope(factory) as session:
+        ids = session.execute(select(Batch.id).where(
+            Batch.status == "in_progress", Batch.expires_at < now, Batch.expired_at.is_(None)).limit(100)
+        ).scalars().all()
+    expired = []
+    for batch_id in ids:
+        with session_scope(factory) as session:
+            res = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "in_progress",
+                                                      Batch.expired_at.is_(None)).values(expired_at=now))
+            if not res.rowcount:  # type: ignore[attr-defined]
+                continue
+            session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == "queued").values(
+                status="cancelled", finished_at=now,
+                error={"code": "batch_expired",
+                       "message": "the batch's completion window ended before this request started"}))
+        expired.append(batch_id)
+        maybe_finalize_batch(factory, storage, batch_id)
+    return expired
 
 
 def finalize_stale_batches(factory: sessionmaker[Session], storage: Storage) -> list[str]:

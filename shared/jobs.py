@@ -11,11 +11,10 @@ from sqlalchemy.orm import Session
 
 from shared.broker import Publish
 from shared.db import Batch, Job, new_id
-from shared.schemas import TERMINAL_JOB_STATUSES
+from shared.schemas import TERMINAL_JOB_STATUSES, window_seconds
 from shared.validation import ValidLine
 
 ACTIVE = ("queued", "running")
-WINDOWS = {"24h": 24 * 3600}
 
 
 def _job_row(v: ValidLine, *, tenant: str | None, batch_id: str | None, seq: int, now: float,
@@ -25,6 +24,7 @@ def _job_row(v: ValidLine, *, tenant: str | None, batch_id: str | None, seq: int
         "custom_id": v.request.custom_id, "url": v.request.url, "model": v.body.model,  # type: ignore[attr-defined]
         "body": v.body.model_dump(exclude_unset=True),
         "priority": v.request.priority if v.request.priority is not None else priority,
+        "webhook_url": v.request.webhook_url, "webhook_events": v.request.webhook_events,
         "status": "queued", "progress": 0.0, "attempts": 0, "created_at": now,
     }
 
@@ -37,24 +37,51 @@ def create_job(session: Session, *, line: ValidLine, tenant: str | None) -> tupl
     return job, Publish(job.id, job.model, job.priority)
 
 
-def create_batch(session: Session, *, lines: list[ValidLine], endpoint: str, tenant: str | None,
-                 completion_window: str = "24h", metadata: dict[str, str] | None = None,
-                 input_file_id: str | None = None, priority: int | None = None) -> tuple[Batch, list[Publish]]:
-    """Insert a batch and its jobs in bulk; returns what to publish once committed."""
+def new_batch(session: Session, *, endpoint: str, tenant: str | None, completion_window: str = "24h",
+              status: str = "in_progress", **fields: Any) -> Batch:
+    """A batch row without jobs (`validating` ones get theirs once their input file checks out)."""
     now = time.time()
-    batch = Batch(
-        id=new_id("batch"), tenant=tenant, endpoint=endpoint, input_file_id=input_file_id,
-        completion_window=completion_window, status="in_progress", total=len(lines), priority=priority,
-        meta=metadata, created_at=now, in_progress_at=now,
-        expires_at=now + WINDOWS.get(completion_window, 24 * 3600),
-    )
+    batch = Batch(id=new_id("batch"), tenant=tenant, endpoint=endpoint, completion_window=completion_window,
+                  status=status, total=0, created_at=now,
+                  expires_at=now + window_seconds(completion_window), **fields)
+    if status == "in_progress":
+        batch.in_progress_at = now
     session.add(batch)
     session.flush()
-    rows = [_job_row(v, tenant=tenant, batch_id=batch.id, seq=i, now=now, priority=priority)
+    return batch
+
+
+def _insert_jobs(session: Session, batch: Batch, lines: list[ValidLine], now: float) -> list[Publish]:
+    rows = [_job_row(v, tenant=batch.tenant, batch_id=batch.id, seq=i, now=now, priority=batch.priority)
             for i, v in enumerate(lines)]
     for start in range(0, len(rows), 5000):
         session.execute(insert(Job), rows[start:start + 5000])
-    return batch, [Publish(r["id"], r["model"], r["priority"]) for r in rows]
+    return [Publish(r["id"], r["model"], r["priority"]) for r in rows]
+
+
+def create_batch(session: Session, *, lines: list[ValidLine], endpoint: str, tenant: str | None,
+                 **fields: Any) -> tuple[Batch, list[Publish]]:
+    """Insert a batch and its jobs in bulk; returns what to publish once committed."""
+    batch = new_batch(session, endpoint=endpoint, tenant=tenant, **fields)
+    batch.total = len(lines)
+    return batch, _insert_jobs(session, batch, lines, batch.created_at)
+
+
+def start_validated_batch(session: Session, batch: Batch, lines: list[ValidLine]) -> list[Publish] | None:
+    """`validating` -> `in_progress` with its jobs, or None if another process got there first."""
+    now = time.time()
+    res = session.execute(update(Batch).where(Batch.id == batch.id, Batch.status == "validating")
+                          .values(status="in_progress", in_progress_at=now, total=len(lines)))
+    if res.rowcount == 0:  # type: ignore[attr-defined]
+        return None
+    return _insert_jobs(session, batch, lines, now)
+
+
+def fail_validation(session: Session, batch_id: str, errors: list[dict[str, Any]]) -> bool:
+    """OpenAI's behaviour: a batch with invalid input fails whole, listing each line's problem."""
+    res = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "validating").values(
+        status="failed", failed_at=time.time(), errors={"object": "list", "data": errors}))
+    return res.rowcount > 0  # type: ignore[attr-defined]
 
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:

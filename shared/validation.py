@@ -84,6 +84,13 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *,
         req = RequestLine.model_validate(obj)
     except ValidationError as exc:
         return None, _pydantic_errors(exc, line, "")
+    if req.webhook_url is not None or req.webhook_events is not None:
+        from shared.webhooks import validate_subscription  # imported here: webhooks imports this module's users
+
+        try:
+            validate_subscription(req.webhook_url, req.webhook_events)
+        except ValueError as exc:
+            return None, [LineError(line, "webhook_url", str(exc))]
     if endpoint is not None and req.url != endpoint:
         return None, [LineError(line, "url", f"must equal the batch endpoint {endpoint}")]
     try:

@@ -54,4 +54,4 @@ def output_line(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any
 
 def file_object(f: File) -> dict[str, Any]:
     return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": _ts(f.created_at),
-            "filename": f.filename, "purpose": f.purpose}
+            "filename": f.filename, "purpose": f.purpose, "status": "processed", "status_details": None}

@@ -3,6 +3,7 @@ served by moto, genq API and worker processes) and a condition-waiting helper.""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -37,6 +38,11 @@ def wait_for(pred: Callable[[], T], timeout: float = 30.0, interval: float = 0.1
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})"
                                                                              if last_exc else ""))
+
+
+def die_with_parent() -> None:
+    """In a child before exec: have the kernel SIGTERM it if pytest dies, even by SIGKILL (Linux)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -78,7 +84,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     endpoint = f"127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"http://{endpoint}/", timeout=1).status_code < 500, 30, what="moto_server")
     yield endpoint
@@ -107,6 +113,15 @@ source = "none"
 kind = "echo"
 source = "none"
 delay_s = 4.0
+
+[models.paced-echo]
+kind = "echo"
+source = "none"
+delay_s = 0.3
+
+[models.prio-echo]
+kind = "echo"
+source = "none"
 """)
     return registry
 
@@ -123,7 +138,7 @@ class Stack:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = (self.logdir / f"{name}.log").open("ab")
         proc = subprocess.Popen([sys.executable, "-m", "genq", *args], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         self.procs.append(proc)
         return proc
 

@@ -16,10 +16,11 @@ import uuid
 from typing import Any
 
 from shared import jobs as jobs_data
+from shared import webhooks
 from shared.broker import Publisher
 from shared.config import Settings
 from shared.db import Job, session_factory, session_scope
-from shared.finalize import finalize_stale_batches, maybe_finalize_batch
+from shared.finalize import expire_batches, finalize_stale_batches, maybe_finalize_batch
 from shared.registry import Registry
 from shared.schemas import BODY_MODELS
 from shared.storage import Storage
@@ -113,7 +114,10 @@ class WorkerRuntime:
 
     def _finish(self, job_id: str, status: str, **values: Any) -> bool:
         with session_scope(self.sessions) as s:
-            return jobs_data.finish_job(s, job_id, worker=self.worker_id, status=status, **values)
+            recorded = jobs_data.finish_job(s, job_id, worker=self.worker_id, status=status, **values)
+            if recorded:
+                webhooks.notify_job(s, job_id)  # a row in the outbox; the API sends it
+            return recorded
 
     def execute(self, job_id: str) -> str:
         """Run one job if this worker can claim it. Returns what happened, for logs and tests."""
@@ -182,6 +186,8 @@ class WorkerRuntime:
             jobs_data.renew_leases(s, held, worker=self.worker_id, lease_s=self.lease_s)
         with session_scope(self.sessions) as s:
             to_publish, failed = jobs_data.requeue_expired(s, models=self.models, max_attempts=self.max_attempts)
+            for job_id in failed:
+                webhooks.notify_job(s, job_id)
         if to_publish:
             log.warning("recovering %d job(s) whose worker stopped: %s", len(to_publish),
                         ", ".join(p.job_id for p in to_publish[:10]))
@@ -191,6 +197,7 @@ class WorkerRuntime:
                 batch_id = s.get(Job, job_id).batch_id  # type: ignore[union-attr]
             if batch_id:
                 maybe_finalize_batch(self.sessions, self.storage, batch_id)
+        expire_batches(self.sessions, self.storage)
         finalize_stale_batches(self.sessions, self.storage)
 
     def _loop(self) -> None:

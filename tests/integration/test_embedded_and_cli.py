@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import die_with_parent, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,8 @@ def test_genq_up_runs_a_batch_end_to_end(tmp_path: Path, tiny_registry: Path) ->
     # No GENQ_DATABASE_URL / BROKER / STORAGE: the embedded defaults under ./var of the cwd.
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen([sys.executable, "-m", "genq", "up", "--port", str(port), "--models", "tiny-gpt2,tiny-sd"],
-                          cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                          cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                          preexec_fn=die_with_parent)
 
     def genq(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "genq", *args, "--api", api], cwd=tmp_path, env=env,

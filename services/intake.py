@@ -1,0 +1,58 @@
+"""Batches made from an uploaded input file: recorded as `validating`, then checked line by line
+outside the request. Valid input becomes jobs (`in_progress`); invalid input fails the batch
+whole with an `errors` list naming every bad line and field, as OpenAI does."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import select
+
+from services.body import ndjson_lines
+from services.state import AppState
+from shared import jobs as jobs_data
+from shared.db import Batch, File, session_scope
+from shared.validation import MAX_ERRORS_REPORTED, validate_batch
+from shared.webhooks import notify_batch
+
+log = logging.getLogger("genq.api")
+STALE_VALIDATING_S = 300.0
+
+
+def validate_file_batch(state: AppState, batch_id: str) -> str:
+    """Validate a `validating` batch's input file and start or fail it. Returns the new status."""
+    with session_scope(state.sessions) as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.status != "validating":
+            return batch.status if batch else "missing"
+        file = session.get(File, batch.input_file_id)
+        if file is None or file.tenant != batch.tenant:
+            missing = {"code": "invalid_file", "line": None, "param": "input_file_id",
+                       "message": f"input file {batch.input_file_id} not found"}
+            if jobs_data.fail_validation(session, batch_id, [missing]):
+                notify_batch(session, batch_id)
+            return "failed"
+        raw = state.storage.get(file.key)
+        lines, errors = validate_batch(ndjson_lines(raw), state.registry, max_lines=state.limits.max_batch_lines,
+                                       endpoint=batch.endpoint)
+        if errors:
+            if jobs_data.fail_validation(session, batch_id, [e.as_dict() for e in errors[:MAX_ERRORS_REPORTED]]):
+                notify_batch(session, batch_id)
+            log.info("batch %s failed validation: %d problem(s)", batch_id, len(errors))
+            return "failed"
+        to_publish = jobs_data.start_validated_batch(session, batch, lines)
+    if to_publish is None:
+        return "raced"
+    state.publisher.publish(to_publish)
+    log.info("batch %s validated: %d jobs queued", batch_id, len(to_publish))
+    return "in_progress"
+
+
+def resume_stale_validations(state: AppState) -> list[str]:
+    """Re-run validation for batches left `validating` by an API process that stopped."""
+    cutoff = time.time() - STALE_VALIDATING_S
+    with state.sessions() as session:
+        ids = session.execute(select(Batch.id).where(Batch.status == "validating", Batch.created_at < cutoff)
+                              .limit(20)).scalars().all()
+    return [b for b in ids if validate_file_batch(state, b) == "in_progress"]

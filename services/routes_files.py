@@ -1,0 +1,111 @@
+"""The OpenAI Files API (purposes `batch` for uploads and `batch_output` for genq's results)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from services import idempotency
+from services.deps import SessionDep, StateDep, TenantDep
+from services.errors import APIError, not_found
+from shared.db import File as FileRow
+from shared.db import new_id
+from shared.views import file_object
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+UPLOAD_PURPOSES = ("batch",)
+CHUNK = 1024 * 1024
+
+
+def load_file(session: SessionDep, file_id: str, tenant: str | None) -> FileRow:
+    row = session.get(FileRow, file_id)
+    if row is None or row.tenant != tenant:
+        raise not_found("file", file_id)
+    return row
+
+
+async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await upload.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"file is over the limit of {limit} bytes", code="file_too_large", param="file")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("")
+async def upload_file(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
+                      file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    """Store an uploaded JSONL file; batches name it by `input_file_id`."""
+    limit = state.limits.max_file_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise APIError(413, f"file is over the limit of {limit} bytes", code="file_too_large", param="file")
+    if purpose not in UPLOAD_PURPOSES:
+        raise APIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", code="invalid_request",
+                       param="purpose")
+    data = await _read_limited(file, limit)
+    key = idempotency.request_key(request)
+    fp = idempotency.fingerprint(request, purpose.encode() + b"\0" + (file.filename or "").encode() + b"\0" + data)
+
+    def _store() -> dict[str, Any]:
+        if (prior := idempotency.replayed(session, tenant, key, fp, "file")) is not None:
+            return file_object(load_file(session, prior, tenant))
+        file_id = new_id("file")
+        storage_key = f"files/{file_id}.jsonl"
+        state.storage.put(storage_key, data, "application/jsonl")
+        row = FileRow(id=file_id, tenant=tenant, purpose=purpose, filename=(file.filename or "upload.jsonl")[:512],
+                      bytes=len(data), key=storage_key, created_at=time.time())
+        session.add(row)
+        idempotency.remember(session, tenant, key, fp, "file", file_id)
+        try:
+            session.commit()
+        except IntegrityError:  # the same key raced us: answer with the winner's file
+            session.rollback()
+            state.storage.delete(storage_key)
+            return file_object(load_file(session, idempotency.replayed(session, tenant, key, fp, "file") or "", tenant))
+        return file_object(row)
+
+    return await run_in_threadpool(_store)
+
+
+@router.get("")
+def list_files(session: SessionDep, tenant: TenantDep, purpose: str | None = None, limit: int = 100,
+               after: str | None = None) -> dict[str, Any]:
+    q = select(FileRow).where(FileRow.tenant == tenant if tenant else FileRow.tenant.is_(None))
+    if purpose:
+        q = q.where(FileRow.purpose == purpose)
+    if after:
+        q = q.where(FileRow.id < after)
+    limit = max(1, min(limit, 10_000))
+    rows = session.execute(q.order_by(FileRow.id.desc()).limit(limit + 1)).scalars().all()
+    data = [file_object(f) for f in rows[:limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+
+
+@router.get("/{file_id}")
+def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    return file_object(load_file(session, file_id, tenant))
+
+
+@router.get("/{file_id}/content")
+def file_content(file_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> Response:
+    row = load_file(session, file_id, tenant)
+    return Response(state.storage.get(row.key), media_type="application/jsonl")
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    row = load_file(session, file_id, tenant)
+    session.delete(row)
+    session.commit()
+    state.storage.delete(row.key)
+    return {"id": file_id, "object": "file", "deleted": True}

@@ -1,0 +1,91 @@
+"""Synchronous convenience endpoints in OpenAI's shape: the request becomes a job on the model's
+queue and the answer waits for it, with bounded waits and a clear error instead of a hang."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+from services.body import batch_error, parse_json_body, read_body
+from services.deps import RendererDep, SessionDep, StateDep, TenantDep
+from services.errors import APIError
+from shared import jobs as jobs_data
+from shared.db import Job
+from shared.schemas import IMAGE_URL, TERMINAL_JOB_STATUSES, TEXT_URL
+from shared.validation import validate_line
+
+router = APIRouter(tags=["synchronous"])
+Seconds = Annotated[float | None, Query(gt=0, le=3600)]
+
+
+def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: float) -> Job:
+    """Poll the job until it ends; cancel it if no worker takes it within `start_timeout`."""
+    began = time.monotonic()
+    delay = 0.02
+    while True:
+        session.expire_all()
+        job = session.get(Job, job_id)
+        assert job is not None
+        waited = time.monotonic() - began
+        if job.status in TERMINAL_JOB_STATUSES:
+            return job
+        if job.status == "queued" and waited > start_timeout:
+            if jobs_data.cancel_job(session, job_id):
+                session.commit()
+                raise APIError(503, f"no worker took the job within {start_timeout:g}s: is a worker serving "
+                               f"model {job.model!r} (queue genq.{job.model}) running? The job {job_id} "
+                               "was cancelled.", code="no_worker_available", param="model")
+            continue  # a worker took it just now
+        if waited > timeout:
+            raise APIError(504, f"job {job_id} is still {job.status} after {timeout:g}s; follow it at "
+                           f"/v1/jobs/{job_id}", code="timeout", extra={"job_id": job_id})
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
+    if job.status == "succeeded":
+        return renderer.render(job) or {}
+    error = job.error or {}
+    if job.status == "cancelled":
+        raise APIError(409, f"job {job.id} was cancelled", code="cancelled")
+    status = 400 if error.get("code") == "invalid_request" else 500
+    raise APIError(status, error.get("message", "generation failed"), code=error.get("code"),
+                   param=error.get("param"), extra={"job_id": job.id})
+
+
+async def _serve(url: str, request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
+                 renderer: RendererDep, start_timeout: float | None, timeout: float | None) -> dict[str, Any]:
+    body = parse_json_body(await read_body(request, state.limits.max_body_bytes))
+    line, errors = validate_line({"url": url, "body": body}, None, state.registry)
+    if line is None:
+        raise batch_error(errors)
+
+    def _run() -> dict[str, Any]:
+        job, item = jobs_data.create_job(session, line=line, tenant=tenant)
+        session.commit()
+        state.publisher.publish([item])
+        done = _wait(state, session, job.id, start_timeout or state.limits.sync_start_timeout_s,
+                     timeout or state.limits.sync_timeout_s)
+        return _answer(done, renderer)
+
+    return await run_in_threadpool(_run)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
+                      renderer: RendererDep, start_timeout: Seconds = None, timeout: Seconds = None) -> dict[str, Any]:
+    """An OpenAI completion, answered through the queue (`start_timeout`, `timeout`: seconds to
+    wait for a worker to take the job, and in all)."""
+    return await _serve(TEXT_URL, request, state, session, tenant, renderer, start_timeout, timeout)
+
+
+@router.post("/v1/images/generations")
+async def image_generations(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
+                            renderer: RendererDep, start_timeout: Seconds = None,
+                            timeout: Seconds = None) -> dict[str, Any]:
+    """An OpenAI image generation, answered through the queue."""
+    return await _serve(IMAGE_URL, request, state, session, tenant, renderer, start_timeout, timeout)

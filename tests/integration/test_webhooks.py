@@ -1,0 +1,379 @@
+"""Webhook delivery end to end: a real HTTP receiver on loopback checks every signature itself.
+
+The dispatcher runs against the real Postgres (and SQLite, the embedded default): one signed event
+per state change, retries with backoff on 500s and timeouts, a final `failed` after the last
+attempt, throttled batch progress, and no message sent twice by two dispatchers at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, session_factory, session_scope
+from shared.migrate import upgrade
+from shared.webhooks import Dispatcher, enqueue_job_event, tenant_secret
+from tests.conftest import PG_ADMIN, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+# --- the receiver -----------------------------------------------------------------------------
+
+def standard_webhooks_valid(secret: str, headers: Any, body: bytes, tolerance_s: int = 300) -> bool:
+    """The receiver's own Standard Webhooks check, written from the spec, not from genq's code."""
+    msg_id, stamp, sigs = headers["webhook-id"], headers["webhook-timestamp"], headers["webhook-signature"]
+    if not (msg_id and stamp and sigs) or abs(time.time() - int(stamp)) > tolerance_s:
+        return False
+    key = base64.b64decode(secret.split("_", 1)[1])
+    mac = base64.b64encode(hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest())
+    return any(hmac.compare_digest(s.split(",", 1)[1].encode(), mac) for s in sigs.split() if s.startswith("v1,"))
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1. It can fail the first N requests with 500, or hold the
+    first N past the sender's timeout; it records every request and whether its signature held."""
+
+    def __init__(self, secret: str, *, fail_first: int = 0, hang_first: int = 0, always_fail: bool = False,
+                 delay_s: float = 0.0) -> None:
+        self.secret, self.fail_first, self.hang_first = secret, fail_first, hang_first
+        self.always_fail, self.delay_s = always_fail, delay_s
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.server.daemon_threads = True
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                with receiver.lock:
+                    n = len(receiver.requests) + 1
+                    receiver.requests.append({
+                        "id": self.headers["webhook-id"], "valid": standard_webhooks_valid(
+                            receiver.secret, self.headers, body),
+                        "content_type": self.headers["content-type"], "user_agent": self.headers["user-agent"],
+                        "event": json.loads(body), "at": time.time()})
+                if n <= receiver.hang_first:
+                    receiver.release.wait(30)  # far past the sender's timeout; released at teardown
+                elif receiver.delay_s:
+                    time.sleep(receiver.delay_s)
+                code = 500 if receiver.always_fail or n <= receiver.fail_first + receiver.hang_first else 204
+                try:
+                    self.send_response(code)
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender gave up on us
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        return Handler
+
+    def __enter__(self) -> Receiver:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [r["id"] for r in self.requests]
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def webhook_pg(pg_url: str) -> Iterator[str]:
+    """A database of our own next to pg_url, so no API started by other tests dispatches our rows."""
+    upgrade(pg_url)
+    name = pg_url.rsplit("/", 1)[1] + "_webhooks"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = pg_url.rsplit("/", 1)[0] + "/" + name
+    upgrade(url)
+    yield url
+    from shared.db import engine_for
+
+    engine_for(url).dispose()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> sessionmaker[Session]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/t.db"
+        upgrade(url)
+        return session_factory(url)
+    sessions = session_factory(request.getfixturevalue("webhook_pg"))
+    with session_scope(sessions) as s:
+        for table in (WebhookAttempt, WebhookDelivery, Job, Batch):
+            s.execute(delete(table))
+    return sessions
+
+
+@pytest.fixture()
+def secret(factory: sessionmaker[Session]) -> str:
+    with session_scope(factory) as s:
+        return tenant_secret(s, None)
+
+
+@pytest.fixture()
+def dispatchers() -> Iterator[list[Dispatcher]]:
+    made: list[Dispatcher] = []
+    yield made
+    for d in made:
+        d.stop()
+
+
+def make(made: list[Dispatcher], factory: sessionmaker[Session], **kw: Any) -> Dispatcher:
+    kw.setdefault("backoff_s", (0.05, 0.1))
+    d = Dispatcher(factory, poll_s=0.02, **kw)
+    made.append(d)
+    return d
+
+
+def finished_job(factory: sessionmaker[Session], url: str, **kw: Any) -> str:
+    """A job that just succeeded, with its job.completed event queued in the same transaction."""
+    now = time.time()
+    with session_scope(factory) as s:
+        job = Job(id=new_id("job"), url="/v1/completions", model="echo", body={"model": "echo", "prompt": "hi"},
+                  status="running", created_at=now, started_at=now, webhook_url=url, **kw)
+        s.add(job)
+        s.flush()
+        job.status, job.finished_at, job.progress = "succeeded", time.time(), 1.0
+        job.result = {"object": "text_completion", "choices": [{"text": "hi"}]}
+        enqueue_job_event(s, job, "completed")
+    return job.id
+
+
+def delivery(factory: sessionmaker[Session], object_id: str) -> tuple[WebhookDelivery, list[WebhookAttempt]]:
+    with session_scope(factory) as s:
+        d = s.execute(select(WebhookDelivery).where(WebhookDelivery.object_id == object_id)).scalar_one()
+        attempts = s.execute(select(WebhookAttempt).where(WebhookAttempt.delivery_id == d.id)
+                             .order_by(WebhookAttempt.attempt)).scalars().all()
+    return d, list(attempts)
+
+
+def pump_until(d: Dispatcher, factory: sessionmaker[Session], object_id: str, status: str,
+               timeout: float = 20) -> tuple[WebhookDelivery, list[WebhookAttempt]]:
+    """Run the dispatcher by hand until the delivery reaches `status`."""
+    def reached() -> tuple[WebhookDelivery, list[WebhookAttempt]] | None:
+        d.run_once()
+        row, attempts = delivery(factory, object_id)
+        return (row, attempts) if row.status == status else None
+
+    return wait_for(reached, timeout, 0.02, f"delivery {status}")
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+def test_finished_job_sends_one_signed_event(factory: sessionmaker[Session], secret: str,
+                                             dispatchers: list[Dispatcher]) -> None:
+    with Receiver(secret) as rx:
+        job_id = finished_job(factory, rx.url)
+        d = make(dispatchers, factory)
+        assert d.run_once() == 1
+        assert d.run_once() == 0  # delivered: nothing more to send
+        assert len(rx.requests) == 1
+        req = rx.requests[0]
+        assert req["valid"], "signature did not verify"
+        assert (req["content_type"], req["user_agent"]) == ("application/json", "genq-webhooks")
+        event = req["event"]
+        assert event["type"] == "job.completed" and event["timestamp"].endswith("Z")
+        assert event["data"]["id"] == job_id and event["data"]["status"] == "succeeded"
+        assert event["data"]["result"]["choices"][0]["text"] == "hi"
+        row, attempts = delivery(factory, job_id)
+        assert (row.status, row.attempts, req["id"]) == ("delivered", 1, row.id)
+        assert row.delivered_at is not None and row.last_error is None
+        assert [(a.attempt, a.status_code, a.error) for a in attempts] == [(1, 204, None)]
+
+
+def test_retries_with_backoff_until_delivered(factory: sessionmaker[Session], secret: str,
+                                              dispatchers: list[Dispatcher]) -> None:
+    with Receiver(secret, fail_first=2) as rx:
+        job_id = finished_job(factory, rx.url)
+        d = make(dispatchers, factory, backoff_s=(0.2, 0.4))
+        row, attempts = pump_until(d, factory, job_id, "delivered")
+        assert [a.status_code for a in attempts] == [500, 500, 204]
+        assert attempts[1].at - attempts[0].at >= 0.2 and attempts[2].at - attempts[1].at >= 0.4
+        assert row.attempts == 3 and row.last_error == "HTTP 500"
+        # Every try is the same message (same webhook-id), freshly signed; it succeeded once.
+        assert rx.ids() == [row.id] * 3 and all(r["valid"] for r in rx.requests)
+
+
+def test_timeout_counts_as_a_failure_and_is_retried(factory: sessionmaker[Session], secret: str,
+                                                    dispatchers: list[Dispatcher]) -> None:
+    with Receiver(secret, hang_first=1) as rx:
+        job_id = finished_job(factory, rx.url)
+        d = make(dispatchers, factory, timeout_s=0.5)
+        row, attempts = pump_until(d, factory, job_id, "delivered")
+        assert attempts[0].status_code is None and attempts[0].error == "timeout after 0.5s"
+        assert 0.4 < attempts[0].duration_s < 5
+        assert [a.status_code for a in attempts[1:]] == [204]
+        assert len(rx.requests) == 2
+
+
+def test_permanent_failure_gives_up_after_the_last_attempt(factory: sessionmaker[Session], secret: str,
+                                                           dispatchers: list[Dispatcher]) -> None:
+    with Receiver(secret, always_fail=True) as rx:
+        job_id = finished_job(factory, rx.url)
+        nobody = finished_job(factory, f"http://127.0.0.1:{free_port()}/closed")  # connection refused
+        d = make(dispatchers, factory)
+        row, attempts = pump_until(d, factory, job_id, "failed")
+        assert [a.status_code for a in attempts] == [500, 500, 500]  # 1 + len(backoff_s)
+        assert row.attempts == 3 and row.last_error == "HTTP 500"
+        dead, dead_attempts = pump_until(d, factory, nobody, "failed")
+        assert len(dead_attempts) == 3 and all(a.status_code is None for a in dead_attempts)
+        assert "ConnectError" in (dead.last_error or "")
+        assert d.run_once() == 0 and len(rx.requests) == 3  # given up: no more tries
+
+
+def test_batch_progress_is_throttled(factory: sessionmaker[Session], secret: str,
+                                     dispatchers: list[Dispatcher]) -> None:
+    with Receiver(secret) as rx:
+        now = time.time()
+        batch_id = new_id("batch")
+        with session_scope(factory) as s:
+            s.add(Batch(id=batch_id, endpoint="/v1/completions", status="in_progress", total=4, created_at=now,
+                        in_progress_at=now, webhook_url=rx.url, webhook_events=["progress", "completed"]))
+            for i in range(4):
+                s.add(Job(id=new_id("job"), batch_id=batch_id, seq=i, url="/v1/completions", model="echo",
+                          body={}, status="queued", created_at=now))
+        with session_scope(factory) as s:
+            job_ids = s.execute(select(Job.id).where(Job.batch_id == batch_id).order_by(Job.seq)).scalars().all()
+
+        def set_status(job_id: str, status: str) -> None:
+            with session_scope(factory) as s:
+                s.get(Job, job_id).status = status  # type: ignore[union-attr]
+
+        def progress_events() -> list[dict[str, Any]]:
+            return [r["event"] for r in rx.requests if r["event"]["type"] == "batch.progress"]
+
+        d = make(dispatchers, factory, progress_every_s=3600)
+        d.run_once()
+        assert [e["data"]["request_counts"]["queued"] for e in progress_events()] == [4]
+        for job_id, status in [(job_ids[0], "running"), (job_ids[0], "succeeded"), (job_ids[1], "failed")]:
+            set_status(job_id, status)  # counts change several times within one period
+            d.run_once()
+        assert len(progress_events()) == 1
+
+        d.progress_every_s = 0  # the period is over: one event with the latest counts
+        d.run_once()
+        d.run_once()  # nothing changed since: nothing sent
+        events = progress_events()
+        assert len(events) == 2
+        counts = events[1]["data"]["request_counts"]
+        assert (counts["completed"], counts["failed"], counts["queued"]) == (1, 1, 2)
+        assert all(r["valid"] for r in rx.requests) and events[1]["data"]["id"] == batch_id
+
+        restarted = make(dispatchers, factory, progress_every_s=0)  # remembers what was sent
+        restarted.run_once()
+        assert len(progress_events()) == 2
+
+
+def test_job_progress_is_throttled(factory: sessionmaker[Session], secret: str,
+                                   dispatchers: list[Dispatcher]) -> None:
+    with Receiver(secret) as rx:
+        now = time.time()
+        job_id = new_id("job")
+        with session_scope(factory) as s:
+            s.add(Job(id=job_id, url="/v1/completions", model="echo", body={}, status="running", progress=0.1,
+                      created_at=now, started_at=now, webhook_url=rx.url, webhook_events=["progress"]))
+
+        def set_progress(p: float) -> None:
+            with session_scope(factory) as s:
+                s.get(Job, job_id).progress = p  # type: ignore[union-attr]
+
+        d = make(dispatchers, factory, progress_every_s=3600)
+        d.run_once()
+        for p in (0.2, 0.3, 0.4):
+            set_progress(p)
+            d.run_once()
+        d.progress_every_s = 0
+        d.run_once()
+        d.run_once()
+        assert [(r["event"]["type"], r["event"]["data"]["progress"]) for r in rx.requests] == [
+            ("job.progress", 0.1), ("job.progress", 0.4)]
+        assert all(r["valid"] for r in rx.requests)
+
+
+def test_parallel_dispatchers_never_send_a_message_twice(webhook_pg: str, dispatchers: list[Dispatcher]) -> None:
+    factory = session_factory(webhook_pg)
+    with session_scope(factory) as s:
+        for table in (WebhookAttempt, WebhookDelivery, Job, Batch):
+            s.execute(delete(table))
+        secret = tenant_secret(s, None)
+    with Receiver(secret) as rx:
+        jobs = [finished_job(factory, rx.url) for _ in range(200)]
+        for _ in range(4):  # small pages, so the dispatchers keep claiming at the same moments
+            make(dispatchers, factory, batch_size=10, concurrency=4).start()
+
+        def all_delivered() -> bool:
+            with session_scope(factory) as s:
+                return not s.execute(select(WebhookDelivery.id).where(
+                    WebhookDelivery.status != "delivered")).first()
+
+        wait_for(all_delivered, 60, 0.05, f"{len(jobs)} deliveries")
+        seen = Counter(rx.ids())
+        assert len(seen) == len(jobs) and set(seen.values()) == {1}, seen.most_common(3)
+        assert all(r["valid"] for r in rx.requests)
+        with session_scope(factory) as s:
+            assert len(s.execute(select(WebhookAttempt.id)).all()) == len(jobs)
+
+
+# --- end to end through the running API and workers ----------------------------------------------
+
+def test_api_batch_and_job_webhooks_end_to_end(stack: Any) -> None:
+    """A batch and a single job submitted over HTTP with webhooks: the workers' outcomes come back
+    as signed events from the API's dispatcher, verified with the secret the API hands out."""
+    with stack.client() as c:
+        secret = c.get("/v1/webhooks/secret").json()["secret"]
+        assert secret.startswith("whsec_")
+        with Receiver(secret) as rx:
+            lines = [{"custom_id": f"w{i}", "url": "/v1/completions", "body": {"model": "echo", "prompt": "x"}}
+                     for i in range(3)]
+            batch = c.post("/v1/batches", json={"requests": lines, "webhook_url": rx.url,
+                                                "webhook_events": ["completed", "progress"]}).json()
+            job = c.post("/v1/jobs", json={"url": "/v1/images/generations", "webhook_url": rx.url,
+                                           "body": {"model": "tiny-gan", "prompt": "no such label", "size": "32x32"}})
+            assert job.status_code == 202, job.text
+
+            def types() -> list[str]:
+                return [r["event"]["type"] for r in rx.requests]
+
+            wait_for(lambda: "batch.completed" in types() and "job.failed" in types(), 60, 0.1, "webhooks")
+            assert all(r["valid"] for r in rx.requests)
+            done = next(r["event"] for r in rx.requests if r["event"]["type"] == "batch.completed")
+            assert done["data"]["id"] == batch["id"] and done["data"]["request_counts"]["completed"] == 3
+            failed = next(r["event"] for r in rx.requests if r["event"]["type"] == "job.failed")
+            assert failed["data"]["id"] == job.json()["id"] and failed["data"]["error"]["param"] == "body.prompt"
+            log = c.get("/v1/webhooks/deliveries", params={"object_id": batch["id"]}).json()["data"]
+            assert {d["status"] for d in log if d["type"] == "batch.completed"} == {"delivered"}
+        bad = c.post("/v1/batches", json={"requests": lines, "webhook_url": "ftp://nope"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "webhook_url"
+        bad_events = c.post("/v1/jobs", json={**lines[0], "webhook_url": rx.url, "webhook_events": ["exploded"]})
+        assert bad_events.status_code == 400 and bad_events.json()["error"]["param"] == "webhook_url"
