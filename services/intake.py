@@ -9,6 +9,7 @@ import time
 
 from sqlalchemy import select
 
+from services import submit
 from services.body import ndjson_lines
 from services.state import AppState
 from shared import jobs as jobs_data
@@ -44,7 +45,7 @@ def validate_file_batch(state: AppState, batch_id: str) -> str:
         to_publish = jobs_data.start_validated_batch(session, batch, lines)
     if to_publish is None:
         return "raced"
-    state.publisher.publish(to_publish)
+    submit.publish(state, to_publish)
     log.info("batch %s validated: %d jobs queued", batch_id, len(to_publish))
     return "in_progress"
 

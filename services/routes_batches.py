@@ -10,11 +10,10 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
-from shared.webhooks import validate_subscription
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from services import idempotency
+from services import idempotency, submit
 from services.body import batch_error, ndjson_lines, parse_json_body, read_body
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
@@ -25,6 +24,7 @@ from shared.finalize import maybe_finalize_batch
 from shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES, BatchCreate
 from shared.validation import validate_batch
 from shared.views import batch_object, job_object, output_line
+from shared.webhooks import validate_subscription
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -112,10 +112,11 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
         endpoint = spec.endpoint or lines[0].request.url
         if any(v.request.url != endpoint for v in lines):
             endpoint = "mixed"
+        submit.admit(state, session, tenant, len(lines))
         batch, to_publish = jobs_data.create_batch(session, lines=lines, endpoint=endpoint, tenant=tenant, **fields)
         idempotency.remember(session, tenant, key, fp, "batch", batch.id)
         session.commit()
-        state.publisher.publish(to_publish)
+        submit.publish(state, to_publish)
         return batch_object(batch, jobs_data.request_counts(batch, {"queued": len(lines)}))
 
     try:
@@ -229,6 +230,7 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
         lines, errors = validate_batch(numbered, state.registry, max_lines=state.limits.max_batch_lines)
         if errors:
             raise batch_error(errors)
+        submit.admit(state, session, tenant, len(lines))
         endpoint = original.endpoint
         metadata = {**(original.meta or {}), **(opts.metadata or {}), "retry_of": original.id}
         batch, to_publish = jobs_data.create_batch(
@@ -236,7 +238,7 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
             meta=metadata, priority=original.priority, webhook_url=original.webhook_url,
             webhook_events=original.webhook_events, retry_of=original.id, input_file_id=original.input_file_id)
         session.commit()
-        state.publisher.publish(to_publish)
+        submit.publish(state, to_publish)
         return batch_object(batch, jobs_data.request_counts(batch, {"queued": len(lines)}))
 
     return await run_in_threadpool(_retry)

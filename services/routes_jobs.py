@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy.exc import IntegrityError
 
-from services import idempotency
+from services import idempotency, submit
 from services.body import batch_error, parse_json_body, read_body
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
@@ -45,10 +45,11 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
         if (prior := idempotency.replayed(session, tenant, key, fp, "job")) is not None:
             job = load_job(session, prior, tenant)
             return job_object(job, renderer.render(job))
+        submit.admit(state, session, tenant, 1)
         job, item = jobs_data.create_job(session, line=line, tenant=tenant)
         idempotency.remember(session, tenant, key, fp, "job", job.id)
         session.commit()
-        state.publisher.publish([item])
+        submit.publish(state, [item])
         return job_object(job)
 
     try:

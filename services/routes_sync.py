@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
+from services import submit
 from services.body import batch_error, parse_json_body, read_body
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from services.errors import APIError
@@ -65,9 +66,10 @@ async def _serve(url: str, request: Request, state: StateDep, session: SessionDe
         raise batch_error(errors)
 
     def _run() -> dict[str, Any]:
+        submit.admit(state, session, tenant, 1)
         job, item = jobs_data.create_job(session, line=line, tenant=tenant)
         session.commit()
-        state.publisher.publish([item])
+        submit.publish(state, [item])
         done = _wait(state, session, job.id, start_timeout or state.limits.sync_start_timeout_s,
                      timeout or state.limits.sync_timeout_s)
         return _answer(done, renderer)
