@@ -64,6 +64,7 @@ class Job(Base):
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_model_status", "model", "status"),
+        Index("ix_jobs_unpublished", "published_at", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -88,6 +89,7 @@ class Job(Base):
     output_key: Mapped[str | None] = mapped_column(String(300))
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
+    published_at: Mapped[float | None] = mapped_column(Float)
 
 
 class File(Base):
@@ -100,6 +102,17 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(Integer)
     key: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), index=True, unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float)
 
 
 class IdempotencyKey(Base):
