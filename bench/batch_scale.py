@@ -36,7 +36,6 @@ Runs on one machine take turns on a file lock; exit status 75: waited too long f
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -49,14 +48,23 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import psycopg
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, however this file is run
-from common import Procs, free_port, package_versions, print_result, server_versions, wait_for
+from common import (
+    Procs,
+    check_redis_dbs_unused,
+    free_port,
+    package_versions,
+    print_result,
+    server_versions,
+    take_turn,
+    wait_for,
+)
 
 REDIS_HOST = os.environ.get("GENQ_BENCH_REDIS", "redis://127.0.0.1:6379")
 PG_ADMIN = os.environ.get("GENQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -64,7 +72,6 @@ REDIS_DB = int(os.environ.get("GENQ_BENCH_SCALE_REDIS_DB", "8"))
 BROKER = f"{REDIS_HOST}/{REDIS_DB}"
 LOCK_FILE = Path(tempfile.gettempdir()) / "genq-batch-scale.lock"
 DB_PREFIX = "genq_scalebench_"
-EX_TEMPFAIL = 75
 MODEL = "echo"
 ENDPOINT = "/v1/completions"
 REGISTRY_TOML = f'[models.{MODEL}]\nkind = "echo"\nsource = "none"\n'
@@ -74,29 +81,6 @@ UNACKED_KEY = "unacked"  # kombu: messages delivered to a worker and not yet ack
 GOAL_ENQUEUE_S = 30
 GOAL_P95_MS = 50
 FAILED_STATUSES = ("failed", "cancelled", "expired", "cancelling")
-
-
-def take_turn(wait_s: float) -> IO[str]:
-    """Hold the machine-wide lock for this run (released when the process exits)."""
-    fh = LOCK_FILE.open("w")
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fh
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                print(f"another batch scale run held {LOCK_FILE} for over {wait_s:.0f}s", file=sys.stderr)
-                sys.exit(EX_TEMPFAIL)
-            time.sleep(0.5)
-
-
-def check_db_unused() -> None:
-    """Refuse to flush a Redis db that another client is using (e.g. a worker leaked by a killed run)."""
-    others = [c for c in redis.Redis.from_url(REDIS_HOST).client_list() if int(c["db"]) == REDIS_DB]
-    if others:
-        sys.exit(f"Redis db {REDIS_DB} is in use by {len(others)} other client(s) "
-                 f"({', '.join(sorted({c['addr'] for c in others}))}); stop them or set GENQ_BENCH_SCALE_REDIS_DB")
 
 
 def input_file(lines: int) -> bytes:
@@ -314,9 +298,9 @@ def main() -> None:
         parser.error("--lines and --workers must be at least 1")
     # Turn SIGTERM into SystemExit so the cleanup below still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    lock = take_turn(args.lock_wait)
+    lock = take_turn(LOCK_FILE, args.lock_wait, "batch scale benchmark")
     deadline = time.perf_counter() + args.max_seconds
-    check_db_unused()
+    check_redis_dbs_unused(REDIS_HOST, (REDIS_DB,), "GENQ_BENCH_SCALE_REDIS_DB")
 
     db_name = f"{DB_PREFIX}{uuid.uuid4().hex[:10]}"
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")

@@ -9,6 +9,7 @@ gpu_check.py, which needs no servers, does not need them either.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 
@@ -155,3 +156,32 @@ def server_versions(redis_url: str, pg_url: str) -> dict[str, Any]:
 def package_versions(*packages: str) -> dict[str, str]:
     """Installed version of each distribution, in the order given."""
     return {pkg: version(pkg) for pkg in packages}
+
+
+EX_TEMPFAIL = 75  # another run holds the lock for too long: try again later
+
+
+def take_turn(lock_file: Path, wait_s: float, what: str) -> IO[str]:
+    """Hold a machine-wide lock for this run (released when the process exits), so two runs of one
+    benchmark never share its Redis db; exit 75 if another run holds it past `wait_s`."""
+    fh = lock_file.open("w")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                print(f"another {what} run held {lock_file} for over {wait_s:.0f}s", file=sys.stderr)
+                sys.exit(EX_TEMPFAIL)
+            time.sleep(0.5)
+
+
+def check_redis_dbs_unused(redis_url: str, dbs: tuple[int, ...], env_hint: str) -> None:
+    """Refuse to flush Redis dbs that another client is using (e.g. a worker leaked by a killed run)."""
+    import redis
+
+    others = [c for c in redis.Redis.from_url(redis_url).client_list() if int(c["db"]) in dbs]
+    if others:
+        sys.exit(f"Redis db {' or '.join(map(str, dbs))} is in use by {len(others)} other client(s) "
+                 f"({', '.join(sorted({c['addr'] for c in others}))}); stop them or set {env_hint}")

@@ -21,7 +21,6 @@ at the end). Runs on one machine take turns on a file lock; exit status 75: wait
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import psycopg
@@ -39,42 +38,27 @@ import redis
 from celery import Celery
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, however this file is run
-from common import Procs, free_port, package_versions, print_result, server_versions, wait_for
+from common import (
+    Procs,
+    check_redis_dbs_unused,
+    free_port,
+    package_versions,
+    print_result,
+    server_versions,
+    take_turn,
+    wait_for,
+)
 
 REDIS_HOST = os.environ.get("GENQ_BENCH_REDIS", "redis://127.0.0.1:6379")
 PG_ADMIN = os.environ.get("GENQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 RAW_DB, GENQ_DB = (int(d) for d in os.environ.get("GENQ_BENCH_REDIS_DBS", "12,11").split(","))
 RAW_BROKER, GENQ_BROKER = f"{REDIS_HOST}/{RAW_DB}", f"{REDIS_HOST}/{GENQ_DB}"
 LOCK_FILE = Path(tempfile.gettempdir()) / "genq-queue-throughput.lock"
-EX_TEMPFAIL = 75
 RAW_QUEUE, RAW_TASK, DONE_KEY = "bench.raw", "bench.noop", "bench:done"
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
 # `idle-echo` is served by no worker: batches sent to it are only accepted, never run.
 REGISTRY_TOML = "".join(f'[models.{m}]\nkind = "echo"\nsource = "none"\n' for m in ("echo", "idle-echo"))
-
-
-def take_turn(wait_s: float) -> IO[str]:
-    """Hold the machine-wide lock for this run (released when the process exits)."""
-    fh = LOCK_FILE.open("w")
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fh
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                print(f"another queue benchmark run held {LOCK_FILE} for over {wait_s:.0f}s", file=sys.stderr)
-                sys.exit(EX_TEMPFAIL)
-            time.sleep(0.5)
-
-
-def check_dbs_unused() -> None:
-    """Refuse to flush Redis dbs that another client is using (e.g. a worker leaked by a killed run)."""
-    others = [c for c in redis.Redis.from_url(REDIS_HOST).client_list() if int(c["db"]) in (RAW_DB, GENQ_DB)]
-    if others:
-        sys.exit(f"Redis db {RAW_DB} or {GENQ_DB} is in use by {len(others)} other client(s) "
-                 f"({', '.join(sorted({c['addr'] for c in others}))}); stop them or set GENQ_BENCH_REDIS_DBS")
 
 
 # --- 1. raw Celery ------------------------------------------------------------------------------
@@ -196,8 +180,8 @@ def main() -> None:
         return run_raw_worker()
     # Turn SIGTERM into SystemExit so the cleanup below still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    lock = take_turn(args.lock_wait)
-    check_dbs_unused()
+    lock = take_turn(LOCK_FILE, args.lock_wait, "queue benchmark")
+    check_redis_dbs_unused(REDIS_HOST, (RAW_DB, GENQ_DB), "GENQ_BENCH_REDIS_DBS")
 
     db_name = f"genq_qbench_{uuid.uuid4().hex[:10]}"
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
