@@ -144,7 +144,7 @@ def submit(file: Path, wait: bool, api_url: str) -> None:
     """Submit a JSONL file of request lines as one batch; prints the batch id."""
     from genq.client import Client
 
-    client = Client(api_url)
+    client = Client(api_url, os.environ.get("GENQ_API_KEY"))
     batch = client.submit_file(file)
     click.echo(batch["id"])
     if wait:
@@ -163,7 +163,7 @@ def status(ident: str, api_url: str) -> None:
     """Show a batch or a job (by id) as JSON."""
     from genq.client import Client
 
-    click.echo(json.dumps(Client(api_url).get(ident), indent=2))
+    click.echo(json.dumps(Client(api_url, os.environ.get("GENQ_API_KEY")).get(ident), indent=2))
 
 
 @main.command()
@@ -175,7 +175,7 @@ def results(ident: str, out: Path | None, api_url: str) -> None:
     """Fetch a batch's results (JSONL, input order) or a job's result."""
     from genq.client import Client
 
-    client = Client(api_url)
+    client = Client(api_url, os.environ.get("GENQ_API_KEY"))
     if ident.startswith("batch_"):
         data = client.results(ident)
         name = f"{ident}.jsonl"
@@ -197,7 +197,7 @@ def cancel(ident: str, api_url: str) -> None:
     """Cancel a batch or a job."""
     from genq.client import Client
 
-    obj = Client(api_url).cancel(ident)
+    obj = Client(api_url, os.environ.get("GENQ_API_KEY")).cancel(ident)
     click.echo(f"{obj['id']} {obj['status']}")
 
 
@@ -242,6 +242,73 @@ def db_upgrade() -> None:
     settings = _settings()
     upgrade(settings.database_url)
     click.echo("database is up to date")
+
+
+# --- API keys ------------------------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """API keys for GENQ_AUTH=required (stored hashed; a key is shown once, when it is made)."""
+
+
+def _key_session() -> Any:
+    from shared.db import session_factory, session_scope
+    from shared.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)  # the keys table may be the first thing a new install needs
+    return session_scope(session_factory(settings.database_url))
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="The tenant the key acts for; it sees only that tenant's work.")
+def keys_create(tenant: str) -> None:
+    """Make an API key for TENANT; the key is the last word printed and is not shown again."""
+    from shared.auth import create_key
+
+    with _key_session() as session:
+        try:
+            row, key = create_key(session, tenant=tenant)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        key_id = row.id
+    click.echo(f"key id {key_id}; store the key now, genq keeps only its hash")
+    click.echo(f"created key for tenant {tenant}: {key}")
+
+
+@keys.command("list")
+@click.option("--tenant", default=None, help="Only this tenant's keys.")
+def keys_list(tenant: str | None) -> None:
+    """List keys: id, prefix, tenant, created and revoked times (never the keys themselves)."""
+    from shared.auth import list_keys
+
+    with _key_session() as session:
+        rows = [(k.id, k.prefix, k.tenant, _when(k.created_at), _when(k.revoked_at))
+                for k in list_keys(session, tenant=tenant)]
+    click.echo("id\tprefix\ttenant\tcreated\trevoked")
+    for row in rows:
+        click.echo("\t".join(row))
+
+
+@keys.command("revoke")
+@click.argument("ident", metavar="PREFIX_OR_ID")
+def keys_revoke(ident: str) -> None:
+    """Revoke a key by its id or prefix. API processes may accept it for up to 30 s more (their cache)."""
+    from shared.auth import revoke_key
+
+    with _key_session() as session:
+        try:
+            row = revoke_key(session, ident)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        if row is None:
+            raise click.ClickException(f"no key with id or prefix {ident!r}")
+        key_id, prefix, owner, revoked = row.id, row.prefix, row.tenant, row.revoked_at
+    click.echo(f"revoked key {key_id} ({prefix}..., tenant {owner}) at {_when(revoked)}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from services import (
     routes_batches,
@@ -17,7 +18,10 @@ from services import (
     routes_system,
     routes_webhooks,
 )
+from services.db_errors import install_db_error_handler
+from services.deps import guard
 from services.errors import install_handlers
+from services.guards import install_guard_handler
 from services.maintenance import Maintenance
 from services.metrics import Metrics
 from services.state import AppState, Limits, build_state
@@ -52,11 +56,17 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
                 if service:
                     service.stop()
 
-    app = FastAPI(title="genq", version="0.1.0", lifespan=lifespan,
-                  description="A distributed job queue for generative models.")
+    # On every route: with GENQ_AUTH=required each one but /healthz and /readyz needs a key.
+    # With auth required, only the probes answer without a key, the API's own documents included.
+    docs: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None} \
+        if settings.auth == "required" else {}
+    app = FastAPI(title="genq", version="0.1.0", lifespan=lifespan, dependencies=[Depends(guard)],
+                  description="A distributed job queue for generative models.", **docs)
     app.state.genq = state
     app.state.metrics = Metrics(state.sessions)
     install_handlers(app)
+    install_db_error_handler(app)
+    install_guard_handler(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_batches.router)
     app.include_router(routes_events.router)

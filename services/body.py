@@ -1,13 +1,33 @@
-"""Reading request bodies with a size cap, and parsing them into numbered request lines."""
+"""Reading request bodies with a size cap, parsing them into numbered request lines, refusing NUL
+characters in path and query parameters, and documenting the bodies in the OpenAPI document."""
 
 from __future__ import annotations
 
+import codecs
 from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from services.errors import APIError
+from shared.schemas import BODY_MODELS, URL_KINDS, RequestLine
 from shared.validation import LineError, parse_json_line
+from shared.webhooks import EVENTS
+
+BOM = codecs.BOM_UTF8
+NUL_MESSAGE = "must not contain NUL (\\u0000) characters"
+
+
+def has_nul(value: object) -> bool:
+    return isinstance(value, str) and "\x00" in value
+
+
+def refuse_nul_params(request: Request) -> None:
+    """A router dependency: 400 naming the parameter if a path or query parameter holds a NUL
+    character. No genq id, name or cursor has one, and PostgreSQL text cannot hold one."""
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+        if has_nul(value):
+            raise APIError(400, f"{name}: {NUL_MESSAGE}", code="invalid_request", param=name)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -23,17 +43,25 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_body(raw: bytes) -> Any:
-    obj, err = parse_json_line(raw, 1)
-    if err is not None:
-        raise APIError(400, f"request body is {err.message}", code="invalid_json")
-    return obj
+def parse_json_body(raw: bytes, prefix: str = "") -> Any:
+    """The body as JSON, or a 400 `invalid_json` naming the field at fault where there is one
+    (under `prefix`, for endpoints whose body is what a request line holds under `body`). A
+    leading byte order mark is ignored."""
+    obj, err = parse_json_line(raw.removeprefix(BOM), 1)
+    if err is None:
+        return obj
+    param = ".".join(p for p in (prefix, err.param) if p) if err.param else None
+    if param:
+        raise APIError(400, f"{param}: {err.message}", code="invalid_json", param=param)
+    joint = " is " if err.message.startswith(("not ", "JSON ")) else ": "
+    raise APIError(400, f"request body{joint}{err.message}", code="invalid_json")
 
 
 def ndjson_lines(raw: bytes) -> list[tuple[int, Any]]:
-    """Numbered objects of an NDJSON body; blank lines are skipped but still counted."""
+    """Numbered objects of an NDJSON body; blank lines are skipped but still counted, and a byte
+    order mark at the start (as Windows tools write) is ignored."""
     out: list[tuple[int, Any]] = []
-    for number, text in enumerate(raw.split(b"\n"), start=1):
+    for number, text in enumerate(raw.removeprefix(BOM).split(b"\n"), start=1):
         if not text.strip():
             continue
         obj, err = parse_json_line(text, number)
@@ -48,3 +76,77 @@ def batch_error(errors: list[LineError]) -> APIError:
     status = 413 if first.code == "batch_too_large" else 400
     return APIError(status, message, code=first.code, param=first.param,
                     extra={"line": first.line, "errors": [e.as_dict() for e in errors[:100]]})
+
+
+# The routes read their bodies themselves (to cap the size and to number NDJSON lines), so FastAPI
+# cannot describe them; these give the OpenAPI document (and clients, and fuzzers) the real shapes.
+
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema, inline (the request models nest no other models)."""
+    schema = model.model_json_schema()
+    assert "$defs" not in schema, f"{model.__name__} nests models; give it $ref handling"
+    return schema
+
+
+# What the models' validators check beyond their types, for the document only (validation stays
+# with the models, whose messages name the field).
+_WEBHOOK = {
+    "webhook_url": {"anyOf": [{"type": "string", "pattern": r"^https?://[A-Za-z0-9.-]+(:[0-9]+)?(/.*)?$",
+                               "maxLength": 2000}, {"type": "null"}]},
+    "webhook_events": {"anyOf": [{"type": "array", "items": {"enum": list(EVENTS)}}, {"type": "null"}]},
+}
+_DOC_CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
+    "CompletionBody": {
+        "prompt": {"anyOf": [{"type": "string", "minLength": 1},
+                             {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                              "maxItems": 64}]},
+        "stop": {"anyOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+                           {"type": "null"}]},
+    },
+    "ImageBody": {"size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"}},
+    "RequestLine": _WEBHOOK,
+    "BatchCreate": {
+        **_WEBHOOK,
+        "completion_window": {"type": "string", "description": "A number and s, m, h or d; at most 7 days.",
+                              "pattern": r"^([1-9][0-9]{0,4}s|[1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-7]d)$"},
+        "endpoint": {"anyOf": [{"enum": list(URL_KINDS)}, {"type": "null"}]},
+    },
+}
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A request body model's schema for the document, with its validators' rules spelled out."""
+    schema = model_schema(model)
+    for name, extra in _DOC_CONSTRAINTS.get(model.__name__, {}).items():
+        prop = {k: v for k, v in schema["properties"][name].items() if k not in ("type", "anyOf")}
+        schema["properties"][name] = {**prop, **extra}
+    if "webhook_events" in schema["properties"]:
+        schema["dependentRequired"] = {"webhook_events": ["webhook_url"]}
+    return schema
+
+
+def request_line_schema(*, batch: bool = False) -> dict[str, Any]:
+    """A request line: one variant per `url`, each with that url's body (the model keeps `body` a
+    plain object so that the model of its `url` checks it). In a batch, `custom_id` is required."""
+    variants = []
+    for url, body_model in BODY_MODELS.items():
+        schema = body_schema(RequestLine)
+        if batch:
+            schema["properties"]["custom_id"] = {"type": "string", "minLength": 1, "maxLength": 512,
+                                                 "title": "Custom Id", "description": "Unique within the batch."}
+            schema["required"] = [*schema.get("required", []), "custom_id"]
+        schema["properties"]["url"] = {"const": url, "title": "Url"}
+        schema["properties"]["body"] = body_schema(body_model)
+        variants.append(schema)
+    return {"title": "RequestLine", "description": RequestLine.__doc__, "anyOf": variants}
+
+
+def request_body_doc(schema: dict[str, Any], *, ndjson: dict[str, Any] | None = None,
+                     required: bool = True) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON body (and optionally an NDJSON one, one object a line)."""
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if ndjson is not None:
+        content["application/x-ndjson"] = {"schema": {"type": "array", "items": ndjson, "minItems": 1,
+                                                      "description": "One request line per line of text."}}
+    return {"requestBody": {"required": required, "content": content}}

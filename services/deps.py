@@ -6,10 +6,19 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from services.guards import check_rate, unauthorized
 from services.state import AppState
+from shared.auth import hash_key, resolve_key
 from shared.results import ResultRenderer
+
+# Paths open without a key when GENQ_AUTH=required (probes must work without secrets).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# The create endpoints: each request takes a token from its tenant's bucket (GENQ_RATE_LIMIT_PER_MINUTE).
+RATE_LIMITED = frozenset({"/v1/jobs", "/v1/batches", "/v1/batches/{batch_id}/retry", "/v1/files",
+                          "/v1/completions", "/v1/images/generations"})
 
 
 def get_state(request: Request) -> AppState:
@@ -24,9 +33,47 @@ def get_session(state: Annotated[AppState, Depends(get_state)]) -> Iterator[Sess
         session.close()
 
 
-def get_tenant() -> str | None:
-    """The caller's tenant; None while auth is off (keys and tenants arrive with auth)."""
-    return None
+def _bearer(header: str | None) -> str | None:
+    scheme, _, token = (header or "").strip().partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _route_path(request: Request) -> str:
+    """The matched route's path template (`/v1/batches/{batch_id}/retry`), whatever the mount point."""
+    return getattr(request.scope.get("route"), "path", request.url.path)
+
+
+def _lookup(state: AppState, key: str) -> str | None:
+    with state.sessions() as session:
+        return resolve_key(session, key)
+
+
+async def get_tenant(request: Request, state: Annotated[AppState, Depends(get_state)]) -> str | None:
+    """The caller's tenant from `Authorization: Bearer <key>`, or 401. None while GENQ_AUTH is off:
+    keys are then ignored and everything belongs to no tenant. Lookups are cached in-process for
+    a short while (see KeyCache), so a revoked key stops working within that time."""
+    if state.settings.auth != "required" or _route_path(request) in PUBLIC_PATHS:
+        return None
+    key = _bearer(request.headers.get("authorization"))
+    if key is None:
+        raise unauthorized("missing API key: send `Authorization: Bearer <key>` (make one with "
+                           "`genq keys create --tenant NAME`)")
+    key_hash = hash_key(key)
+    found, tenant = state.keys.get(key_hash)
+    if not found:
+        tenant = await run_in_threadpool(_lookup, state, key)
+        state.keys.put(key_hash, tenant)
+    if tenant is None:
+        raise unauthorized("invalid API key: it is unknown or was revoked")
+    return tenant
+
+
+async def guard(request: Request, state: Annotated[AppState, Depends(get_state)],
+                tenant: Annotated[str | None, Depends(get_tenant)]) -> None:
+    """Every route's gate (an app-wide dependency): authenticates through get_tenant, and answers
+    429 with Retry-After when a create request takes its tenant over the request rate."""
+    if request.method == "POST" and _route_path(request) in RATE_LIMITED:
+        check_rate(state.rate, tenant, state.limits.rate_limit_per_minute)
 
 
 def get_renderer(request: Request, state: Annotated[AppState, Depends(get_state)]) -> ResultRenderer:

@@ -35,7 +35,52 @@ def not_found(kind: str, ident: str) -> APIError:
     return APIError(404, f"no {kind} with id {ident!r}", code="not_found", param="id")
 
 
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "title": "Error", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["type", "code", "message", "param"],
+        "properties": {
+            "type": {"type": "string"}, "code": {"type": ["string", "null"]}, "message": {"type": "string"},
+            "param": {"type": ["string", "null"]},
+            "line": {"type": ["integer", "null"], "description": "The 1-based line of a batch at fault."},
+            "errors": {"type": "array", "items": {"type": "object"},
+                       "description": "Every problem found (up to 100), each with line, param, code, message."},
+        }}},
+}
+
+
+def error_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response in the error shape, for a route's `responses=`."""
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Document the error shape in the OpenAPI document: any operation may answer 4XX with it, and
+    FastAPI's 422 (which genq answers as 400, see below) is dropped."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas["Error"] = ERROR_SCHEMA
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    responses = op.setdefault("responses", {})
+                    responses.pop("422", None)
+                    responses.setdefault("4XX", error_response("A bad request, in OpenAI's error shape"))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_handlers(app: FastAPI) -> None:
+    document_errors(app)
+
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param, **(exc.extra or {})),

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from services import submit
 from services.body import ndjson_lines
+from services.errors import APIError
 from services.state import AppState
 from shared import jobs as jobs_data
 from shared.db import Batch, File, session_scope
@@ -36,11 +37,18 @@ def validate_file_batch(state: AppState, batch_id: str) -> str:
             return "failed"
         raw = state.storage.get(file.key)
         lines, errors = validate_batch(ndjson_lines(raw), state.registry, max_lines=state.limits.max_batch_lines,
-                                       endpoint=batch.endpoint)
+                                       endpoint=batch.endpoint, max_prompt_chars=state.limits.max_prompt_chars)
         if errors:
             if jobs_data.fail_validation(session, batch_id, [e.as_dict() for e in errors[:MAX_ERRORS_REPORTED]]):
                 notify_batch(session, batch_id)
             log.info("batch %s failed validation: %d problem(s)", batch_id, len(errors))
+            return "failed"
+        try:  # like OpenAI's enqueued-token limit: a batch over the tenant's quota fails at validation
+            submit.admit(state, session, batch.tenant, len(lines))
+        except APIError as exc:
+            over = {"code": exc.code, "line": None, "param": None, "message": exc.message}
+            if jobs_data.fail_validation(session, batch_id, [over]):
+                notify_batch(session, batch_id)
             return "failed"
         to_publish = jobs_data.start_validated_batch(session, batch, lines)
     if to_publish is None:

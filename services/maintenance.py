@@ -1,8 +1,9 @@
 """Background upkeep in the API process: work that must happen even when no request arrives.
 
-Every few seconds: re-run validations an earlier API process left unfinished, expire batches
-whose completion window closed, and finish batches whose finalizer died. Every run is guarded in
-the database, so several API replicas can run it side by side.
+Every few seconds: re-run validations an earlier API process left unfinished, publish jobs the
+broker did not get (outbox), expire batches whose completion window closed, and finish batches
+whose finalizer died. Every run is guarded in the database, so several API replicas can run it
+side by side.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 from services.intake import resume_stale_validations
 from services.state import AppState
+from shared import outbox
 from shared.finalize import expire_batches, finalize_stale_batches
 
 log = logging.getLogger("genq.api")
@@ -28,9 +30,12 @@ class Maintenance:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> None:
-        for task in (lambda: resume_stale_validations(self.state),
-                     lambda: expire_batches(self.state.sessions, self.state.storage),
-                     lambda: finalize_stale_batches(self.state.sessions, self.state.storage), *self.extra):
+        state = self.state
+        for task in (lambda: resume_stale_validations(state),
+                     lambda: outbox.sweep_unpublished(state.sessions, state.publisher),
+                     lambda: outbox.republish_lost(state.sessions, state.publisher, state.registry.names()),
+                     lambda: expire_batches(state.sessions, state.storage),
+                     lambda: finalize_stale_batches(state.sessions, state.storage), *self.extra):
             try:
                 task()
             except Exception:

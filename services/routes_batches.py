@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -14,7 +14,19 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from services import idempotency, submit
-from services.body import batch_error, ndjson_lines, parse_json_body, read_body
+from services.body import (
+    NUL_MESSAGE,
+    batch_error,
+    body_schema,
+    has_nul,
+    model_schema,
+    ndjson_lines,
+    parse_json_body,
+    read_body,
+    refuse_nul_params,
+    request_body_doc,
+    request_line_schema,
+)
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
 from services.intake import validate_file_batch
@@ -26,7 +38,7 @@ from shared.validation import validate_batch
 from shared.views import batch_object, job_object, output_line
 from shared.webhooks import validate_subscription
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(refuse_nul_params)])
 
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
@@ -39,7 +51,7 @@ def load_batch(session: SessionDep, batch_id: str, tenant: str | None) -> Batch:
 
 
 def batch_view(session: SessionDep, batch: Batch) -> dict[str, Any]:
-    return batch_object(batch, jobs_data.request_counts(batch, jobs_data.batch_counts(session, batch.id)))
+    return batch_object(batch, jobs_data.request_counts(jobs_data.batch_counts(session, batch.id)))
 
 
 def _parse_submission(raw: bytes, content_type: str) -> BatchCreate:
@@ -55,6 +67,9 @@ def _parse_submission(raw: bytes, content_type: str) -> BatchCreate:
         param = ".".join(str(p) for p in err["loc"]) or None
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{param}: {msg}", code="invalid_request", param=param) from None
+    for name in ("input_file_id", "webhook_url"):
+        if has_nul(getattr(spec, name)):
+            raise APIError(400, f"{name}: {NUL_MESSAGE}", code="invalid_request", param=name)
     if spec.input_file_id is not None:
         if spec.requests is not None:
             raise APIError(400, "give either `requests` or `input_file_id`, not both", param="input_file_id",
@@ -78,7 +93,16 @@ def _batch_fields(spec: BatchCreate) -> dict[str, Any]:
             "webhook_url": url, "webhook_events": events}
 
 
-@router.post("", status_code=202)
+def _batch_create_schema() -> dict[str, Any]:
+    schema = body_schema(BatchCreate)
+    lines = {"type": "array", "items": request_line_schema(batch=True), "minItems": 1}
+    schema["properties"]["requests"] = {**lines, "title": "Requests"}
+    schema["anyOf"] = [{"required": ["requests"]}, {"required": ["input_file_id", "endpoint"]}]
+    return schema
+
+
+@router.post("", status_code=202,
+             openapi_extra=request_body_doc(_batch_create_schema(), ndjson=request_line_schema(batch=True)))
 async def create_batch(request: Request, background: BackgroundTasks, state: StateDep, session: SessionDep,
                        tenant: TenantDep) -> dict[str, Any]:
     """Inline or NDJSON lines are validated now (400 naming each bad line) and queued; a batch of
@@ -104,9 +128,9 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
             idempotency.remember(session, tenant, key, fp, "batch", batch.id)
             session.commit()
             background.add_task(validate_file_batch, state, batch.id)
-            return batch_object(batch, jobs_data.request_counts(batch, {}))
+            return batch_object(batch, jobs_data.request_counts({}))
         lines, errors = validate_batch(spec.requests or [], state.registry, max_lines=state.limits.max_batch_lines,
-                                       endpoint=spec.endpoint)
+                                       endpoint=spec.endpoint, max_prompt_chars=state.limits.max_prompt_chars)
         if errors:
             raise batch_error(errors)
         endpoint = spec.endpoint or lines[0].request.url
@@ -117,7 +141,7 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
         idempotency.remember(session, tenant, key, fp, "batch", batch.id)
         session.commit()
         submit.publish(state, to_publish)
-        return batch_object(batch, jobs_data.request_counts(batch, {"queued": len(lines)}))
+        return batch_object(batch, jobs_data.request_counts({"queued": len(lines)}))
 
     try:
         return await run_in_threadpool(_create)
@@ -169,7 +193,9 @@ def list_batch_jobs(batch_id: str, session: SessionDep, tenant: TenantDep, rende
             "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
 
-@router.get("/{batch_id}/results")
+@router.get("/{batch_id}/results", response_class=StreamingResponse,
+            responses={200: {"description": "One JSON line per finished request, in input order",
+                             "content": {"application/jsonl": {}}}})
 def batch_results(batch_id: str, state: StateDep, session: SessionDep, tenant: TenantDep,
                   renderer: RendererDep) -> StreamingResponse:
     """JSONL, one line per finished request, in input order (read live from the database)."""
@@ -204,7 +230,8 @@ class RetryRequest(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-@router.post("/{batch_id}/retry", status_code=202)
+@router.post("/{batch_id}/retry", status_code=202,
+             openapi_extra=request_body_doc(model_schema(RetryRequest), required=False))
 async def retry_batch(batch_id: str, request: Request, state: StateDep, session: SessionDep,
                       tenant: TenantDep) -> dict[str, Any]:
     """A new batch of the requests that failed (and, if asked, were cancelled), linked to this one
@@ -227,7 +254,8 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
                            code="nothing_to_retry")
         numbered = [(i, {"custom_id": j.custom_id, "url": j.url, "body": j.body, "priority": j.priority})
                     for i, j in enumerate(jobs, start=1)]
-        lines, errors = validate_batch(numbered, state.registry, max_lines=state.limits.max_batch_lines)
+        lines, errors = validate_batch(numbered, state.registry, max_lines=state.limits.max_batch_lines,
+                                       max_prompt_chars=state.limits.max_prompt_chars)
         if errors:
             raise batch_error(errors)
         submit.admit(state, session, tenant, len(lines))
@@ -239,6 +267,6 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
             webhook_events=original.webhook_events, retry_of=original.id, input_file_id=original.input_file_id)
         session.commit()
         submit.publish(state, to_publish)
-        return batch_object(batch, jobs_data.request_counts(batch, {"queued": len(lines)}))
+        return batch_object(batch, jobs_data.request_counts({"queued": len(lines)}))
 
     return await run_in_threadpool(_retry)

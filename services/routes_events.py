@@ -24,12 +24,13 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.body import refuse_nul_params
 from services.deps import StateDep, TenantDep
 from services.routes_batches import load_batch
 from shared import jobs as jobs_data
@@ -37,7 +38,7 @@ from shared.db import Batch, Job
 from shared.schemas import TERMINAL_BATCH_STATUSES
 from shared.views import batch_object
 
-router = APIRouter(tags=["batches"])
+router = APIRouter(tags=["batches"], dependencies=[Depends(refuse_nul_params)])
 
 POLL_S = 0.5
 KEEPALIVE_S = 15.0
@@ -49,7 +50,7 @@ Event = tuple[str, dict[str, Any]]
 
 
 def _batch_view(session: Session, batch: Batch) -> dict[str, Any]:
-    return batch_object(batch, jobs_data.request_counts(batch, jobs_data.batch_counts(session, batch.id)))
+    return batch_object(batch, jobs_data.request_counts(jobs_data.batch_counts(session, batch.id)))
 
 
 @dataclass

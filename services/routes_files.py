@@ -5,21 +5,23 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from services import idempotency
+from services.body import NUL_MESSAGE, has_nul, refuse_nul_params
 from services.deps import SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
 from shared.db import File as FileRow
 from shared.db import new_id
 from shared.views import file_object
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Depends(refuse_nul_params)])
 UPLOAD_PURPOSES = ("batch",)
+Purpose = Annotated[str, Form(json_schema_extra={"enum": list(UPLOAD_PURPOSES)})]  # checked in the route
 CHUNK = 1024 * 1024
 
 
@@ -42,7 +44,8 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 
 @router.post("")
 async def upload_file(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
-                      file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+                      file: Annotated[UploadFile, File()],
+                      purpose: Purpose) -> dict[str, Any]:
     """Store an uploaded JSONL file; batches name it by `input_file_id`."""
     limit = state.limits.max_file_bytes
     declared = request.headers.get("content-length", "")
@@ -51,6 +54,8 @@ async def upload_file(request: Request, state: StateDep, session: SessionDep, te
     if purpose not in UPLOAD_PURPOSES:
         raise APIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", code="invalid_request",
                        param="purpose")
+    if has_nul(file.filename):
+        raise APIError(400, f"file: the filename {NUL_MESSAGE}", code="invalid_request", param="file")
     data = await _read_limited(file, limit)
     key = idempotency.request_key(request)
     fp = idempotency.fingerprint(request, purpose.encode() + b"\0" + (file.filename or "").encode() + b"\0" + data)
@@ -96,7 +101,8 @@ def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, 
     return file_object(load_file(session, file_id, tenant))
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", response_class=Response,
+            responses={200: {"description": "The file's bytes", "content": {"application/jsonl": {}}}})
 def file_content(file_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> Response:
     row = load_file(session, file_id, tenant)
     return Response(state.storage.get(row.key), media_type="application/jsonl")

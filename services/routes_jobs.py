@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy.exc import IntegrityError
 
 from services import idempotency, submit
-from services.body import batch_error, parse_json_body, read_body
+from services.body import (
+    batch_error,
+    parse_json_body,
+    read_body,
+    refuse_nul_params,
+    request_body_doc,
+    request_line_schema,
+)
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
 from shared import jobs as jobs_data
@@ -20,7 +27,7 @@ from shared.validation import validate_line
 from shared.views import job_object
 from shared.webhooks import notify_job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(refuse_nul_params)])
 
 
 def load_job(session: SessionDep, job_id: str, tenant: str | None) -> Job:
@@ -30,12 +37,13 @@ def load_job(session: SessionDep, job_id: str, tenant: str | None) -> Job:
     return job
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, openapi_extra=request_body_doc(request_line_schema()))
 async def submit_job(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                      renderer: RendererDep) -> dict[str, Any]:
     """Submit one request line; answers 202 with the queued job."""
     raw = await read_body(request, state.limits.max_body_bytes)
-    line, errors = validate_line(parse_json_body(raw), None, state.registry)
+    line, errors = validate_line(parse_json_body(raw), None, state.registry,
+                                 max_prompt_chars=state.limits.max_prompt_chars)
     if line is None:
         raise batch_error(errors)
     key = idempotency.request_key(request)
@@ -68,7 +76,9 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep, renderer: Rende
     return job_object(job, renderer.render(job))
 
 
-@router.get("/{job_id}/outputs/{name}")
+@router.get("/{job_id}/outputs/{name}", response_class=Response,
+            responses={200: {"description": "The output's bytes",
+                             "content": {"image/png": {}, "application/octet-stream": {}}}})
 def get_output(job_id: str, name: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> Response:
     """The bytes of one output (an image) of a succeeded job, authorised like the job itself."""
     job = load_job(session, job_id, tenant)

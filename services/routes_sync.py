@@ -10,16 +10,22 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from services import submit
-from services.body import batch_error, parse_json_body, read_body
+from services.body import batch_error, body_schema, parse_json_body, read_body, request_body_doc
 from services.deps import RendererDep, SessionDep, StateDep, TenantDep
-from services.errors import APIError
+from services.errors import APIError, error_response
 from shared import jobs as jobs_data
 from shared.db import Job
-from shared.schemas import IMAGE_URL, TERMINAL_JOB_STATUSES, TEXT_URL
+from shared.schemas import IMAGE_URL, TERMINAL_JOB_STATUSES, TEXT_URL, CompletionBody, ImageBody
 from shared.validation import validate_line
 
 router = APIRouter(tags=["synchronous"])
 Seconds = Annotated[float | None, Query(gt=0, le=3600)]
+# Waiting on the queue can end without an answer; both are reported in the error shape.
+WAIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: error_response("No worker took the job within `start_timeout` (code `no_worker_available`); "
+                        "the job was cancelled"),
+    504: error_response("The job did not end within `timeout` (code `timeout`); follow it by `job_id`"),
+}
 
 
 def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: float) -> Job:
@@ -60,8 +66,9 @@ def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
 
 async def _serve(url: str, request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                  renderer: RendererDep, start_timeout: float | None, timeout: float | None) -> dict[str, Any]:
-    body = parse_json_body(await read_body(request, state.limits.max_body_bytes))
-    line, errors = validate_line({"url": url, "body": body}, None, state.registry)
+    body = parse_json_body(await read_body(request, state.limits.max_body_bytes), prefix="body")
+    line, errors = validate_line({"url": url, "body": body}, None, state.registry,
+                                 max_prompt_chars=state.limits.max_prompt_chars)
     if line is None:
         raise batch_error(errors)
 
@@ -77,7 +84,7 @@ async def _serve(url: str, request: Request, state: StateDep, session: SessionDe
     return await run_in_threadpool(_run)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=WAIT_RESPONSES, openapi_extra=request_body_doc(body_schema(CompletionBody)))
 async def completions(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                       renderer: RendererDep, start_timeout: Seconds = None, timeout: Seconds = None) -> dict[str, Any]:
     """An OpenAI completion, answered through the queue (`start_timeout`, `timeout`: seconds to
@@ -85,7 +92,8 @@ async def completions(request: Request, state: StateDep, session: SessionDep, te
     return await _serve(TEXT_URL, request, state, session, tenant, renderer, start_timeout, timeout)
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", responses=WAIT_RESPONSES,
+             openapi_extra=request_body_doc(body_schema(ImageBody)))
 async def image_generations(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                             renderer: RendererDep, start_timeout: Seconds = None,
                             timeout: Seconds = None) -> dict[str, Any]:

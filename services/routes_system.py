@@ -27,7 +27,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "A dependency does not answer; `checks` says which"}})
 def readyz(state: StateDep) -> JSONResponse:
     """Ready when the database, the broker and storage all answer."""
     checks: dict[str, str] = {}
@@ -51,6 +51,7 @@ def readyz(state: StateDep) -> JSONResponse:
                         status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus metrics", "content": {"text/plain": {}}}})
 def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

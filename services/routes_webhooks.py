@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 
+from services.body import refuse_nul_params
 from services.deps import SessionDep, TenantDep
 from shared.db import WebhookAttempt, WebhookDelivery
 from shared.webhooks import tenant_secret
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], dependencies=[Depends(refuse_nul_params)])
 
 
 @router.get("/v1/webhooks/secret")

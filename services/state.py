@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.guards import TokenBuckets
+from shared.auth import KeyCache
 from shared.broker import CeleryPublisher, Publisher, make_celery
 from shared.config import Settings
 from shared.db import session_factory
@@ -21,6 +23,16 @@ class Limits:
     max_page: int = 1000
     sync_start_timeout_s: float = 30.0  # synchronous endpoints: how long a job may wait for a worker
     sync_timeout_s: float = 600.0  # ... and how long in all before answering 504 with the job id
+    max_queued_jobs: int = 1_000_000  # per tenant, queued plus running
+    rate_limit_per_minute: int = 0  # create requests per tenant in this process; 0 = unlimited
+    max_prompt_chars: int = 32_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(max_batch_lines=settings.max_batch_lines, max_body_bytes=settings.max_body_bytes,
+                   max_file_bytes=settings.max_body_bytes, max_queued_jobs=settings.max_queued_jobs,
+                   rate_limit_per_minute=settings.rate_limit_per_minute,
+                   max_prompt_chars=settings.max_prompt_chars)
 
 
 @dataclass
@@ -31,6 +43,8 @@ class AppState:
     storage: Storage
     publisher: Publisher
     limits: Limits = field(default_factory=Limits)
+    keys: KeyCache = field(default_factory=KeyCache)  # recent API key lookups
+    rate: TokenBuckets = field(default_factory=TokenBuckets)  # request rate per tenant
 
 
 def build_state(settings: Settings, limits: Limits | None = None) -> AppState:
@@ -40,5 +54,5 @@ def build_state(settings: Settings, limits: Limits | None = None) -> AppState:
         sessions=session_factory(settings.database_url),
         storage=storage_from_settings(settings),
         publisher=CeleryPublisher(make_celery(settings)),
-        limits=limits or Limits(),
+        limits=limits or Limits.from_settings(settings),
     )

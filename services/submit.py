@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from services.guards import check_queue_ceiling
 from services.state import AppState
+from shared import outbox
 from shared.broker import Publish
 
 
 def admit(state: AppState, session: Session, tenant: str | None, jobs: int) -> None:
     """Raise an APIError (429) if this tenant may not queue `jobs` more jobs now."""
+    check_queue_ceiling(session, tenant, jobs, state.limits.max_queued_jobs)
 
 
 def publish(state: AppState, items: list[Publish]) -> None:
-    """Hand committed jobs to the broker."""
-    state.publisher.publish(items)
+    """Hand committed jobs to the broker and mark them published. A broker outage does not fail
+    the submission: the jobs stay unpublished and the outbox sweeper sends them later."""
+    outbox.publish_and_mark(state.sessions, state.publisher, items)

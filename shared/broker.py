@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from shared.config import Settings
 
@@ -37,6 +38,7 @@ class Publisher(Protocol):
 
     def publish(self, items: Iterable[Publish]) -> int: ...
     def ping(self) -> None: ...
+    def pending(self, model: str) -> int | None: ...
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -50,7 +52,9 @@ def make_celery(settings: Settings) -> Celery:
     if urlsplit(broker).scheme in ("redis", "rediss"):
         # Redis emulates priorities with one list per step; prefetch 1 makes them mean something.
         transport_options.update(visibility_timeout=VISIBILITY_TIMEOUT_S, queue_order_strategy="priority",
-                                 priority_steps=list(range(10)), sep=":")
+                                 priority_steps=list(range(10)), sep=":",
+                                 # An unreachable host must not hold a submission for minutes.
+                                 socket_connect_timeout=3)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -62,6 +66,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        # A publish retries once, then fails fast: the job is already recorded, and the outbox
+        # sweeper (shared/outbox.py) publishes it when the broker is back.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                                   "interval_max": 0.2},
         task_default_queue="genq.default",
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
@@ -98,3 +106,11 @@ class CeleryPublisher:
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
+
+    def pending(self, model: str) -> int | None:
+        """Messages waiting in a model's queue (not those a worker holds); 0 if the queue is gone."""
+        with self.app.pool.acquire(block=True, timeout=5) as conn:
+            try:
+                return int(conn.default_channel.queue_declare(queue_name(model), passive=True).message_count)
+            except ChannelError:  # no such queue: a restarted broker, or nothing was ever sent
+                return 0

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     s3_secure: bool = True
     models_file: Path | None = None
     auth: Literal["off", "required"] = "off"
+    # Limits (services.state.Limits is built from these).
+    max_queued_jobs: int = 1_000_000  # per tenant, queued plus running
+    rate_limit_per_minute: int = 0  # create requests per tenant per API process; 0 = unlimited
+    max_batch_lines: int = 50_000
+    max_body_bytes: int = 200 * 1024 * 1024  # request bodies and uploaded files
+    max_prompt_chars: int = 32_000
 
     @field_validator("database_url")
     @classmethod
@@ -66,6 +72,20 @@ class Settings(BaseSettings):
             raise ValueError("s3:// needs a bucket name, e.g. s3://genq-outputs")
         if parts.scheme == "file" and not (parts.netloc or parts.path):
             raise ValueError("file:// needs a directory, e.g. file://./var/objects")
+        return v
+
+    @field_validator("max_queued_jobs", "max_batch_lines", "max_body_bytes", "max_prompt_chars")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be a whole number of at least 1, got {v}")
+        return v
+
+    @field_validator("rate_limit_per_minute")
+    @classmethod
+    def _rate(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be 0 (unlimited) or a positive whole number, got {v}")
         return v
 
     @field_validator("models_file")

@@ -6,16 +6,18 @@ Times are Unix seconds as floats internally; the API shows whole seconds.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Float, Index, Integer, String, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -205,3 +207,32 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+T = TypeVar("T")
+log = logging.getLogger("genq.db")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for errors meaning the database cannot be reached (down, restarting, connection cut),
+    as opposed to a bad statement or a constraint."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def retry_unavailable(fn: Callable[[], T], *, what: str, deadline_s: float = 60.0,
+                      first_delay_s: float = 0.2, max_delay_s: float = 5.0) -> T:
+    """Run one unit of database work, retrying with backoff while the database is unreachable,
+    for up to `deadline_s`. `fn` must be safe to run again (its own transaction, guarded writes)."""
+    deadline = time.monotonic() + deadline_s
+    delay = first_delay_s
+    while True:
+        try:
+            return fn()
+        except DBAPIError as exc:
+            if not is_unavailable(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable while %s (%s); retrying in %.1fs", what,
+                        type(exc.orig).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)

@@ -91,9 +91,13 @@ def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     return dict(rows)
 
 
-def request_counts(batch: Batch, counts: dict[str, int]) -> dict[str, int]:
+def request_counts(counts: dict[str, int]) -> dict[str, int]:
+    """OpenAI's request_counts (plus genq's cancelled, running and queued) from per-status counts.
+
+    The total is their sum rather than the batch row's `total`: one query's counts always add up,
+    even while a concurrent transaction moves the batch from `validating` to `in_progress`."""
     return {
-        "total": batch.total,
+        "total": sum(counts.values()),
         "completed": counts.get("succeeded", 0),
         "failed": counts.get("failed", 0),
         "cancelled": counts.get("cancelled", 0),
@@ -189,10 +193,11 @@ def finish_job(session: Session, job_id: str, *, worker: str, status: str,
 
 
 def release_job(session: Session, job_id: str, *, worker: str) -> bool:
-    """Hand a running job back to the queue (graceful shutdown)."""
+    """Hand a running job back to the queue (a worker stopping mid-job). Its message is gone, so
+    it counts as unpublished: the outbox sweeper sends it again."""
     res = session.execute(
         update(Job).where(Job.id == job_id, Job.status == "running", Job.worker == worker)
-        .values(status="queued", worker=None, lease_expires_at=None, progress=0.0)
+        .values(status="queued", worker=None, lease_expires_at=None, progress=0.0, published_at=None)
     )
     return res.rowcount > 0  # type: ignore[attr-defined]
 
@@ -218,8 +223,9 @@ def requeue_expired(session: Session, *, models: list[str] | None = None,
             if res.rowcount:  # type: ignore[attr-defined]
                 failed.append(job_id)
         else:
+            # Unpublished until the caller's publish succeeds; if it fails the outbox sweeper sends it.
             res = session.execute(update(Job).where(*guard).values(
-                status="queued", worker=None, lease_expires_at=None, progress=0.0))
+                status="queued", worker=None, lease_expires_at=None, progress=0.0, published_at=None))
             if res.rowcount:  # type: ignore[attr-defined]
                 publish.append(Publish(job_id, model, priority))
     return publish, failed

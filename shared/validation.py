@@ -7,8 +7,11 @@ a batch with any bad line is refused whole, so nothing is half-written.
 from __future__ import annotations
 
 import json
+import re
+import sys
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -21,6 +24,7 @@ URL_SERVED_BY: dict[str, tuple[str, ...]] = {
     "/v1/images/generations": ("image", "gan"),
 }
 MAX_ERRORS_REPORTED = 100
+MAX_PROMPT_CHARS = 32_000  # GENQ_MAX_PROMPT_CHARS; the API passes its configured value
 
 
 @dataclass(frozen=True)
@@ -51,39 +55,141 @@ def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _pydantic_errors(exc: ValidationError, line: int | None, prefix: str) -> list[LineError]:
-    errors = []
+def _union_fields(model: type[BaseModel]) -> set[str]:
+    """Fields typed as a union of several types: pydantic puts the member's name (`str`,
+    `list[str]`) after theirs in an error's location."""
+    out = set()
+    for name, field in model.model_fields.items():
+        members = [a for a in get_args(field.annotation) if a is not type(None)]
+        if get_origin(field.annotation) in (Union, types.UnionType) and len(members) > 1:
+            out.add(name)
+    return out
+
+
+def _pydantic_errors(exc: ValidationError, line: int | None, prefix: str,
+                     model: type[BaseModel] | None = None) -> list[LineError]:
+    """One error per field at fault. A value that fits no member of a union field is one error at
+    the field ("a valid string or a valid list"); one that fits a member's shape but not its
+    contents is reported inside it (`body.prompt[1]`)."""
+    unions = _union_fields(model) if model is not None else set()
+    found: list[tuple[tuple[int | str, ...], bool, str]] = []  # (location, in a union member, message)
     for err in exc.errors():
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        errors.append(LineError(line, _loc(prefix, err["loc"]) or None, msg))
+        elif err["type"] == "int_parsing_size":  # pydantic says "input string" even of a number
+            msg = "Input is too large for an integer"
+        loc = tuple(err["loc"])
+        member = len(loc) > 1 and loc[0] in unions
+        found.append(((loc[0], *loc[2:]) if member else loc, member, msg))
+    errors: list[LineError] = []
+    done: set[int | str] = set()
+    for loc, member, msg in found:
+        if not member:
+            errors.append(LineError(line, _loc(prefix, loc) or None, msg))
+            continue
+        if loc[0] in done:
+            continue
+        done.add(loc[0])
+        same = [(at, m) for at, is_member, m in found if is_member and at[0] == loc[0]]
+        inside = [(at, m) for at, m in same if len(at) > 1]
+        if inside:
+            errors += [LineError(line, _loc(prefix, at), m) for at, m in inside]
+        else:
+            joined = " or ".join(dict.fromkeys(m.removeprefix("Input should be ") for _, m in same))
+            errors.append(LineError(line, _loc(prefix, loc), f"Input should be {joined}"
+                                    if all(m.startswith("Input should be ") for _, m in same) else joined))
     return errors
 
 
+class _NonFinite:
+    """Stands in for a NaN or Infinity literal while parsing, so that its field can be named."""
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _first_bad_value(obj: Any) -> tuple[str, str] | None:
+    """The location and problem of the first NaN/Infinity or unpaired surrogate, in document order."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, _NonFinite):
+            return where, f"{value.literal} is not valid JSON (numbers must be finite)"
+        if isinstance(value, str) and _SURROGATE.search(value):
+            return where, "holds an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not valid Unicode"
+        if isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                name = key.encode("utf-8", "backslashreplace").decode()  # an error must itself encode
+                path = f"{where}.{name}" if where else name
+                if _SURROGATE.search(key):
+                    stack.append((key, path))
+                stack.append((item, path))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in reversed(list(enumerate(value))))
+    return None
+
+
 def parse_json_line(text: str | bytes, line: int) -> tuple[Any, LineError | None]:
+    """Parse one line of strict JSON: valid UTF-8, finite numbers, no unpaired surrogates. An
+    error names the line, and where it can, the field (`body.temperature`)."""
+    non_finite: list[_NonFinite] = []
+
+    def constant(literal: str) -> _NonFinite:
+        non_finite.append(_NonFinite(literal))
+        return non_finite[-1]
+
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text), None
-    except UnicodeDecodeError:
-        return None, LineError(line, None, "not valid UTF-8", code="invalid_json")
+        obj = json.loads(text, parse_constant=constant)
+    except UnicodeDecodeError as exc:
+        return None, LineError(line, None, f"not valid UTF-8 (at byte {exc.start + 1})", code="invalid_json")
     except json.JSONDecodeError as exc:
-        return None, LineError(line, None, f"not valid JSON ({exc.msg} at column {exc.colno})",
-                               code="invalid_json")
+        bom = exc.msg.startswith("Unexpected UTF-8 BOM")
+        why = "a byte order mark (U+FEFF) before the JSON" if bom else f"{exc.msg} at column {exc.colno}"
+        return None, LineError(line, None, f"not valid JSON ({why})", code="invalid_json")
     except RecursionError:
         return None, LineError(line, None, "JSON nested too deeply", code="invalid_json")
+    except ValueError as exc:  # an integer longer than Python converts
+        why = (f"a number has more than {sys.get_int_max_str_digits()} digits"
+               if "integer string conversion" in str(exc) else str(exc))
+        return None, LineError(line, None, f"not valid JSON ({why})", code="invalid_json")
+    if non_finite or _SURROGATE_ESCAPE.search(text):
+        bad = _first_bad_value(obj)
+        if bad is not None:
+            return None, LineError(line, bad[0] or None, bad[1], code="invalid_json")
+    return obj, None
 
 
-def validate_line(obj: Any, line: int | None, registry: Registry, *,
-                  endpoint: str | None = None) -> tuple[ValidLine | None, list[LineError]]:
-    """Check one request line against the schema and the registry."""
+def _prompt_errors(body: BaseModel, line: int | None, max_chars: int) -> list[LineError]:
+    """Each prompt (and negative prompt) may hold at most `max_chars` characters."""
+    texts: list[tuple[str, str | None]] = []
+    if isinstance(body, CompletionBody):
+        texts = ([("body.prompt", body.prompt)] if isinstance(body.prompt, str)
+                 else [(f"body.prompt[{i}]", p) for i, p in enumerate(body.prompt)])
+    elif isinstance(body, ImageBody):
+        texts = [("body.prompt", body.prompt), ("body.negative_prompt", body.negative_prompt)]
+    return [LineError(line, param, f"must be at most {max_chars} characters, got {len(text)}")
+            for param, text in texts if text is not None and len(text) > max_chars]
+
+
+def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: str | None = None,
+                  max_prompt_chars: int = MAX_PROMPT_CHARS) -> tuple[ValidLine | None, list[LineError]]:
+    """Check one request line against the schema, the prompt length limit and the registry."""
     if not isinstance(obj, dict):
         return None, [LineError(line, None, "must be a JSON object")]
     try:
         req = RequestLine.model_validate(obj)
     except ValidationError as exc:
-        return None, _pydantic_errors(exc, line, "")
+        return None, _pydantic_errors(exc, line, "", RequestLine)
+    for name in ("custom_id", "webhook_url"):  # stored as text, which cannot hold NUL on PostgreSQL
+        if "\x00" in (getattr(req, name) or ""):
+            return None, [LineError(line, name, "must not contain NUL (\\u0000) characters")]
     if req.webhook_url is not None or req.webhook_events is not None:
         from shared.webhooks import validate_subscription  # imported here: webhooks imports this module's users
 
@@ -96,7 +202,9 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *,
     try:
         body = BODY_MODELS[req.url].model_validate(req.body)
     except ValidationError as exc:
-        return None, _pydantic_errors(exc, line, "body")
+        return None, _pydantic_errors(exc, line, "body", BODY_MODELS[req.url])
+    if errors := _prompt_errors(body, line, max_prompt_chars):
+        return None, errors
 
     model = req.body.get("model")
     spec = registry.get(model)
@@ -122,8 +230,8 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *,
     return ValidLine(line or 0, req, body), []
 
 
-def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines: int,
-                   endpoint: str | None = None) -> tuple[list[ValidLine], list[LineError]]:
+def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines: int, endpoint: str | None = None,
+                   max_prompt_chars: int = MAX_PROMPT_CHARS) -> tuple[list[ValidLine], list[LineError]]:
     """Validate numbered request lines; custom_id is required and unique within a batch."""
     valid: list[ValidLine] = []
     errors: list[LineError] = []
@@ -137,7 +245,7 @@ def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines
         if isinstance(obj, LineError):
             errors.append(obj)
             continue
-        ok, errs = validate_line(obj, line, registry, endpoint=endpoint)
+        ok, errs = validate_line(obj, line, registry, endpoint=endpoint, max_prompt_chars=max_prompt_chars)
         errors.extend(errs)
         if ok is None:
             continue

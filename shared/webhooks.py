@@ -170,7 +170,7 @@ def enqueue_batch_event(session: Session, batch: Batch, event: str,
 
 
 def _counts(session: Session, batch: Batch) -> dict[str, int]:
-    return request_counts(batch, batch_counts(session, batch.id))
+    return request_counts(batch_counts(session, batch.id))
 
 
 def notify_job(session: Session, job_id: str) -> WebhookDelivery | None:

@@ -122,6 +122,17 @@ delay_s = 0.3
 [models.prio-echo]
 kind = "echo"
 source = "none"
+
+[models.fault-echo]
+kind = "echo"
+source = "none"
+delay_s = 0.05
+
+[models.poison-echo]
+kind = "echo"
+source = "none"
+delay_s = 0.05
+abort_on_prompt = "poison"
 """)
     return registry
 

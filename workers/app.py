@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
+from types import FrameType
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from sqlalchemy.exc import OperationalError
 
 from shared.broker import RUN_JOB_TASK, CeleryPublisher, make_celery, queue_name
@@ -33,6 +36,31 @@ def build_worker(settings: Settings, models: list[str], *, lease_s: float = 30.0
     return app, runtime
 
 
+def _hand_back_on_cold_shutdown(runtime: WorkerRuntime) -> None:
+    """Celery's cold shutdown (SIGQUIT) cancels running tasks through the pool, which the solo and
+    threads pools cannot do: the NotImplementedError it raises would surface inside the job and
+    fail it. Instead mark the runtime stopping: a running job stops at its next cancel check and
+    goes back to the queue, and Celery then exits as a cold shutdown does."""
+    installed = [False]
+
+    @signals.worker_ready.connect(weak=False)
+    def _install(**_: Any) -> None:  # after Celery installed its own handlers
+        if installed[0]:
+            return
+        installed[0] = True
+        previous = signal.getsignal(signal.SIGQUIT)
+
+        def on_sigquit(signum: int, frame: FrameType | None) -> None:
+            runtime.stopping.set()
+            if callable(previous):
+                try:
+                    previous(signum, frame)  # stops consuming; exits once the running task returns
+                except NotImplementedError:
+                    pass
+
+        signal.signal(signal.SIGQUIT, on_sigquit)
+
+
 def run_worker(settings: Settings, models: list[str], *, concurrency: int = 1, lease_s: float = 30.0,
                max_attempts: int = 3, preload: bool = True, loglevel: str = "INFO") -> None:
     """Start consuming the models' queues in this process (pool solo, or threads for concurrency > 1:
@@ -41,6 +69,7 @@ def run_worker(settings: Settings, models: list[str], *, concurrency: int = 1, l
     if preload:
         runtime.preload()
     runtime.start_maintenance()
+    _hand_back_on_cold_shutdown(runtime)
     pool = "solo" if concurrency <= 1 else "threads"
     argv = ["worker", "-Q", ",".join(queue_name(m) for m in models), "--pool", pool,
             "--concurrency", str(max(1, concurrency)), "--loglevel", loglevel,
@@ -49,4 +78,7 @@ def run_worker(settings: Settings, models: list[str], *, concurrency: int = 1, l
     try:
         app.worker_main(argv)
     finally:
+        # A warm shutdown (SIGTERM) lets the running job finish; whatever is still held now (a
+        # cold shutdown's threads) goes back to the queue instead of waiting for its lease.
+        runtime.hand_back_all()
         runtime.stop()

@@ -13,13 +13,17 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from shared import jobs as jobs_data
-from shared import webhooks
+from shared import outbox, webhooks
 from shared.broker import Publisher
 from shared.config import Settings
-from shared.db import Job, session_factory, session_scope
+from shared.db import Job, is_unavailable, retry_unavailable, session_factory, session_scope
 from shared.finalize import expire_batches, finalize_stale_batches, maybe_finalize_batch
 from shared.registry import Registry
 from shared.schemas import BODY_MODELS
@@ -28,13 +32,22 @@ from workers.runners import make_runner
 from workers.runners.base import InvalidRequest, JobCancelled, RunContext
 
 log = logging.getLogger("genq.worker")
+PROGRESS_EVERY_S = 0.25
+CANCEL_CHECK_EVERY_S = 0.25
 
 
 def output_key(job_id: str, attempt: int, name: str) -> str:
     return f"jobs/{job_id}/{attempt}/{name}"
 
-PROGRESS_EVERY_S = 0.25
-CANCEL_CHECK_EVERY_S = 0.25
+
+@contextmanager
+def _tolerate_unavailable(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        log.warning("skipped a %s update: database unavailable", what)
 
 
 class WorkerRuntime:
@@ -53,9 +66,10 @@ class WorkerRuntime:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._runners: dict[str, Any] = {}
         self._load_lock = threading.Lock()
-        self._running: set[str] = set()
+        self._running: dict[str, tuple[Job, list[str]]] = {}  # job id -> (job, outputs written so far)
         self._running_lock = threading.Lock()
         self._stop = threading.Event()
+        self.stopping = threading.Event()  # set by a cold shutdown: errors now mean "interrupted"
         self._thread: threading.Thread | None = None
 
     # --- models --------------------------------------------------------------------------
@@ -88,18 +102,21 @@ class WorkerRuntime:
         last_check = [0.0]
         cancelled = [False]
 
+        # Progress and cancel checks are best effort: a database blip must not fail the work.
         def set_progress(p: float) -> None:
             now = time.monotonic()
             if now - last_progress[0] >= PROGRESS_EVERY_S:
                 last_progress[0] = now
-                with session_scope(self.sessions) as s:
+                with _tolerate_unavailable("progress"), session_scope(self.sessions) as s:
                     jobs_data.set_progress(s, job_id, p, worker=self.worker_id)
 
         def is_cancelled() -> bool:
+            if self.stopping.is_set():
+                return True  # a cold shutdown: stop here; the job is handed back, not cancelled
             now = time.monotonic()
             if not cancelled[0] and now - last_check[0] >= CANCEL_CHECK_EVERY_S:
                 last_check[0] = now
-                with session_scope(self.sessions) as s:
+                with _tolerate_unavailable("cancel check"), session_scope(self.sessions) as s:
                     cancelled[0] = jobs_data.is_cancelled(s, job_id)
             return cancelled[0]
 
@@ -112,46 +129,111 @@ class WorkerRuntime:
         return RunContext(job_id=job_id, set_progress=set_progress, is_cancelled=is_cancelled,
                           put_output=put_output)
 
-    def _finish(self, job_id: str, status: str, **values: Any) -> bool:
-        with session_scope(self.sessions) as s:
-            recorded = jobs_data.finish_job(s, job_id, worker=self.worker_id, status=status, **values)
-            if recorded:
-                webhooks.notify_job(s, job_id)  # a row in the outbox; the API sends it
-            return recorded
+    def _mine(self, s: Session, job_id: str, status: str, attempts: int | None = None) -> Job | None:
+        """The job if its row shows `status` under this worker (and attempt): how a retry tells
+        that an earlier try committed although its answer was lost with the connection."""
+        current = s.get(Job, job_id)
+        if current is None or current.status != status or current.worker != self.worker_id:
+            return None
+        return current if attempts is None or current.attempts == attempts else None
+
+    def _claim(self, job_id: str) -> tuple[Job | None, str]:
+        tries = [0]
+
+        def attempt() -> tuple[Job | None, str]:
+            tries[0] += 1
+            with session_scope(self.sessions) as s:
+                job = jobs_data.claim_job(s, job_id, worker=self.worker_id, lease_s=self.lease_s)
+                if job is None and tries[0] > 1 and job_id not in self._running:
+                    job = self._mine(s, job_id, "running")
+                if job is None:
+                    current = s.get(Job, job_id)
+                    return None, current.status if current else "unknown job"
+                s.expunge(job)
+                return job, "running"
+
+        return retry_unavailable(attempt, what=f"claiming job {job_id}")
+
+    def _finish(self, job: Job, status: str, **values: Any) -> bool:
+        """Record the outcome, retrying while the database is unreachable (the work is done and
+        must not be lost to a restart of the database)."""
+        tries = [0]
+
+        def attempt() -> bool:
+            tries[0] += 1
+            with session_scope(self.sessions) as s:
+                recorded = jobs_data.finish_job(s, job.id, worker=self.worker_id, status=status, **values)
+                if recorded:
+                    webhooks.notify_job(s, job.id)  # a row in the outbox; the API sends it
+                    return True
+                return tries[0] > 1 and self._mine(s, job.id, status, job.attempts) is not None
+
+        return retry_unavailable(attempt, what=f"recording job {job.id}")
 
     def execute(self, job_id: str) -> str:
         """Run one job if this worker can claim it. Returns what happened, for logs and tests."""
-        with session_scope(self.sessions) as s:
-            job = jobs_data.claim_job(s, job_id, worker=self.worker_id, lease_s=self.lease_s)
-            if job is None:
-                current = s.get(Job, job_id)
-                outcome = f"skipped ({current.status if current else 'unknown job'})"
-                log.info("job %s %s", job_id, outcome)
-                return outcome
-            s.expunge(job)
+        job, status = self._claim(job_id)
+        if job is None:
+            log.info("job %s skipped (%s)", job_id, status)
+            return f"skipped ({status})"
+        written: list[str] = []  # output objects of this attempt, removed unless it succeeds
         with self._running_lock:
-            self._running.add(job_id)
+            self._running[job_id] = (job, written)
         try:
-            outcome = self._run_claimed(job)
+            outcome = self._run_claimed(job, written)
+        except BaseException as exc:
+            # A shutdown interrupting the job hands it back; other errors (the database down past
+            # the retries) leave it to its lease.
+            if self.stopping.is_set() or not isinstance(exc, Exception):
+                self._abandon(job, written)
+            raise
         finally:
             with self._running_lock:
-                self._running.discard(job_id)
+                self._running.pop(job_id, None)
         if job.batch_id:
-            maybe_finalize_batch(self.sessions, self.storage, job.batch_id)
+            try:
+                maybe_finalize_batch(self.sessions, self.storage, job.batch_id)
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                log.warning("batch %s not finalized yet (database unavailable); upkeep will", job.batch_id)
         log.info("job %s %s (model %s, attempt %d)", job_id, outcome, job.model, job.attempts)
         return outcome
 
-    def _run_claimed(self, job: Job) -> str:
+    def _abandon(self, job: Job, written: list[str]) -> None:
+        """Hand a job back to the queue and drop this attempt's outputs, when the process stops
+        before the job ends. If this fails too, the job's lease runs out and it is recovered."""
+        try:
+            with session_scope(self.sessions) as s:
+                released = jobs_data.release_job(s, job.id, worker=self.worker_id)
+                recorded = not released and self._mine(s, job.id, "succeeded", job.attempts) is not None
+        except Exception:
+            log.exception("could not hand back job %s; its lease will expire", job.id)
+            return
+        if not recorded:  # keep the outputs only of a success this attempt already recorded
+            for key in written:
+                self.storage.delete(key)
+        if released:
+            log.warning("job %s handed back to the queue (worker stopping)", job.id)
+
+    def hand_back_all(self) -> None:
+        """At process exit: hand back every job still held (threads a shutdown did not wait for)."""
+        self.stopping.set()  # and have those threads stop at their next cancel check
+        with self._running_lock:
+            held = list(self._running.values())
+        for job, written in held:
+            self._abandon(job, written)
+
+    def _run_claimed(self, job: Job, written: list[str]) -> str:
         if job.attempts > self.max_attempts:
-            self._finish(job.id, "failed", error={
+            self._finish(job, "failed", error={
                 "code": "too_many_attempts",
                 "message": f"the job was started {job.attempts - 1} times without finishing; giving up"})
             return "failed"
         if job.model not in self.registry:
-            self._finish(job.id, "failed", error={"code": "model_not_found",
-                                                  "message": f"model {job.model!r} is not served"})
+            self._finish(job, "failed", error={"code": "model_not_found",
+                                               "message": f"model {job.model!r} is not served"})
             return "failed"
-        written: list[str] = []  # output objects of this attempt, removed unless it succeeds
         try:
             body = BODY_MODELS[job.url].model_validate(job.body)
             result = self.runner(job.model).run(body, self._context(job, written))
@@ -160,16 +242,21 @@ class WorkerRuntime:
             self.storage.put(key, json.dumps(result).encode(), "application/json")
             written.append(key)
         except JobCancelled:
+            if self.stopping.is_set():
+                self._abandon(job, written)
+                return "handed back"
             outcome, values = "cancelled", None
         except InvalidRequest as exc:
             outcome, values = "failed", {"error": {"code": "invalid_request", "message": str(exc), "param": exc.param}}
         except Exception as exc:
+            if self.stopping.is_set():
+                raise  # interrupted by a cold shutdown, not the job's fault
             log.exception("job %s failed", job.id)
             outcome, values = "failed", {"error": {"code": "runtime_error",
                                                    "message": f"{type(exc).__name__}: {exc}"[:2000]}}
         else:
             outcome, values = "succeeded", {"result": result, "output_key": key}
-        if values is not None and self._finish(job.id, outcome, **values) and outcome == "succeeded":
+        if values is not None and self._finish(job, outcome, **values) and outcome == "succeeded":
             return outcome
         # Failed, cancelled meanwhile, or the lease passed to another worker: leave nothing behind.
         for k in written:
@@ -191,7 +278,7 @@ class WorkerRuntime:
         if to_publish:
             log.warning("recovering %d job(s) whose worker stopped: %s", len(to_publish),
                         ", ".join(p.job_id for p in to_publish[:10]))
-            self.publisher.publish(to_publish)
+            outbox.publish_and_mark(self.sessions, self.publisher, to_publish)
         for job_id in failed:
             with session_scope(self.sessions) as s:
                 batch_id = s.get(Job, job_id).batch_id  # type: ignore[union-attr]
@@ -199,6 +286,9 @@ class WorkerRuntime:
                 maybe_finalize_batch(self.sessions, self.storage, batch_id)
         expire_batches(self.sessions, self.storage)
         finalize_stale_batches(self.sessions, self.storage)
+        # The outbox for these models too, so queued work moves even with no API process running.
+        outbox.sweep_unpublished(self.sessions, self.publisher, models=self.models)
+        outbox.republish_lost(self.sessions, self.publisher, self.models)
 
     def _loop(self) -> None:
         period = max(0.5, self.lease_s / 3)

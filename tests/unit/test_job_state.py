@@ -110,7 +110,7 @@ def test_batch_finalizes_once_with_files_in_input_order(factory: sessionmaker[Se
 
         out = storage.get(s.get(File, batch.output_file_id).key).decode().splitlines()
         err = storage.get(s.get(File, batch.error_file_id).key).decode().splitlines()
-        counts = jd.request_counts(batch, jd.batch_counts(s, batch_id))
+        counts = jd.request_counts(jd.batch_counts(s, batch_id))
     assert [line.count('"custom_id":"c') for line in out] == [1, 1, 1]
     assert ['"c0"' in out[0], '"c1"' in out[1], '"c3"' in out[2]] == [True] * 3
     assert len(err) == 1 and '"boom"' in err[0]

@@ -164,7 +164,7 @@ def test_routes_show_the_secret_and_deliveries_with_attempts(factory: sessionmak
     from shared.db import WebhookAttempt
 
     app = FastAPI()
-    app.state.genq = SimpleNamespace(sessions=factory)
+    app.state.genq = SimpleNamespace(sessions=factory, settings=SimpleNamespace(auth="off"))  # no tenant
     app.include_router(routes_webhooks.router)
     with session_scope(factory) as s:
         jobs = [_job(webhook_url="https://example.com/h"), _job(webhook_url="https://example.com/h")]

@@ -2,10 +2,14 @@
 genq's own overhead (bench/). It is a real kind (`kind = "echo"` in the registry).
 
 Registry option `delay_s` (default 0) makes each job take that long, in ten steps that report
-progress and honour cancellation, which is how tests observe a job mid-run."""
+progress and honour cancellation, which is how tests observe a job mid-run. Option
+`abort_on_prompt` (a test aid for fault tolerance) names a prompt that kills the worker process
+outright, as an out-of-memory kill or a crashing CUDA kernel would: a "poison" job."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any, ClassVar
 
@@ -22,12 +26,15 @@ class EchoRunner:
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
         self.delay_s = float(spec.options.get("delay_s", 0.0))
+        self.abort_on_prompt: str | None = spec.options.get("abort_on_prompt")
 
     def load(self) -> None:
         pass
 
     def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
         assert isinstance(body, CompletionBody)
+        if self.abort_on_prompt is not None and self.abort_on_prompt in body.prompts:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception: the process just ends
         for step in range(10 if self.delay_s > 0 else 0):
             time.sleep(self.delay_s / 10)
             if ctx.is_cancelled():

@@ -1,0 +1,168 @@
+"""The publish outbox and the database-retry helper, on SQLite with a stand-in broker: a job
+recorded while the broker is down is published later, exactly what was unpublished is swept, and a
+queue that lost its messages gets them again."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import jobs as jd
+from shared import outbox
+from shared.broker import Publish
+from shared.db import Job, retry_unavailable, session_factory, session_scope
+from shared.migrate import upgrade
+from shared.registry import parse_registry
+from shared.validation import validate_batch
+
+REG = parse_registry('[models.m]\nkind = "text"\nsource = "x"\n', Path("."))
+
+
+class StandInBroker:
+    """Records what is published; `down` makes every call fail like an unreachable Redis."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.sent: list[str] = []
+        self.waiting = 0
+
+    def publish(self, items: Iterable[Publish]) -> int:
+        if self.down:
+            raise ConnectionError("broker unreachable")
+        ids = [i.job_id for i in items]
+        self.sent += ids
+        return len(ids)
+
+    def ping(self) -> None:
+        pass
+
+    def pending(self, model: str) -> int | None:
+        if self.down:
+            raise ConnectionError("broker unreachable")
+        return self.waiting
+
+
+@pytest.fixture()
+def factory(tmp_path: Path) -> sessionmaker[Session]:
+    url = f"sqlite:///{tmp_path}/o.db"
+    upgrade(url)
+    return session_factory(url)
+
+
+def _jobs(factory: sessionmaker[Session], n: int = 3) -> list[Publish]:
+    lines, errors = validate_batch(
+        [(i + 1, {"custom_id": f"c{i}", "url": "/v1/completions", "body": {"model": "m", "prompt": f"p{i}"}})
+         for i in range(n)], REG, max_lines=5000)
+    assert not errors
+    with session_scope(factory) as s:
+        _, pubs = jd.create_batch(s, lines=lines, endpoint="/v1/completions", tenant=None)
+    return pubs
+
+
+def _unpublished(factory: sessionmaker[Session]) -> set[str]:
+    with factory() as s:
+        return set(s.execute(select(Job.id).where(Job.published_at.is_(None))).scalars())
+
+
+def test_a_down_broker_leaves_jobs_for_the_sweeper(factory: sessionmaker[Session]) -> None:
+    broker = StandInBroker()
+    pubs = _jobs(factory)
+    ids = {p.job_id for p in pubs}
+    assert _unpublished(factory) == ids  # new jobs start unpublished
+
+    broker.down = True
+    assert outbox.publish_and_mark(factory, broker, pubs) is False
+    assert outbox.sweep_unpublished(factory, broker, grace_s=0) == 0  # still down: rolled back
+    assert _unpublished(factory) == ids
+
+    broker.down = False
+    assert outbox.sweep_unpublished(factory, broker, grace_s=60) == 0  # too young: its creator may be publishing
+    assert outbox.sweep_unpublished(factory, broker, grace_s=0, models=["other"]) == 0
+    assert outbox.sweep_unpublished(factory, broker, grace_s=0) == 3
+    assert sorted(broker.sent) == sorted(ids) and _unpublished(factory) == set()
+    assert outbox.sweep_unpublished(factory, broker, grace_s=0) == 0  # nothing twice
+
+
+def test_published_jobs_are_marked(factory: sessionmaker[Session]) -> None:
+    broker = StandInBroker()
+    pubs = _jobs(factory, 2000)  # more than one UPDATE chunk
+    assert outbox.publish_and_mark(factory, broker, pubs) is True
+    assert _unpublished(factory) == set() and len(broker.sent) == 2000
+    assert outbox.sweep_unpublished(factory, broker, grace_s=0) == 0
+
+
+def test_lost_messages_are_published_again_only_when_the_queue_is_empty(factory: sessionmaker[Session]) -> None:
+    broker = StandInBroker()
+    pubs = _jobs(factory)
+    outbox.publish_and_mark(factory, broker, pubs)
+    with session_scope(factory) as s:  # one job is running: it needs no message
+        jd.claim_job(s, pubs[0].job_id, worker="A", lease_s=30)
+    broker.sent.clear()
+
+    broker.waiting = 2
+    assert outbox.republish_lost(factory, broker, ["m"], after_s=-1) == 0
+    assert outbox.republish_lost(factory, broker, ["m"], after_s=60) == 0
+    broker.waiting = 0
+    assert outbox.republish_lost(factory, broker, ["m"], after_s=60) == 0  # published too recently
+    assert outbox.republish_lost(factory, broker, ["m"], after_s=-1) == 2
+    assert sorted(broker.sent) == sorted(p.job_id for p in pubs[1:])
+    broker.down = True
+    assert outbox.republish_lost(factory, broker, ["m"], after_s=-1) == 0  # deferred, not raised
+
+
+def test_handed_back_and_recovered_jobs_count_as_unpublished(factory: sessionmaker[Session]) -> None:
+    broker = StandInBroker()
+    a, b, _ = pubs = _jobs(factory)
+    outbox.publish_and_mark(factory, broker, pubs)
+    with session_scope(factory) as s:
+        jd.claim_job(s, a.job_id, worker="A", lease_s=30)
+        jd.claim_job(s, b.job_id, worker="B", lease_s=-1)
+    with session_scope(factory) as s:
+        assert jd.release_job(s, a.job_id, worker="A")
+        requeued, _ = jd.requeue_expired(s, models=["m"])
+    assert [p.job_id for p in requeued] == [b.job_id]
+    assert _unpublished(factory) == {a.job_id, b.job_id}
+
+
+def test_retry_unavailable_rides_out_a_database_outage() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection"))
+        return "done"
+
+    assert retry_unavailable(flaky, what="test", first_delay_s=0.01) == "done" and len(calls) == 3
+
+    def broken() -> None:
+        raise IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    with pytest.raises(IntegrityError):  # not an outage: no retry
+        retry_unavailable(broken, what="test", first_delay_s=0.01)
+
+    def down() -> None:
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    with pytest.raises(OperationalError):
+        retry_unavailable(down, what="test", deadline_s=0.05, first_delay_s=0.01)
+
+
+def test_api_answers_503_when_the_database_is_down(tmp_path: Path) -> None:
+    from services.app import create_app
+    from shared.config import build_settings
+
+    settings = build_settings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
+                              broker_url="memory://", storage_url=f"file://{tmp_path}/obj")
+    with TestClient(create_app(settings, migrate=False, maintenance=False)) as c:
+        resp = c.post("/v1/jobs", json={"url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "x"}})
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "database_unavailable"
+    assert resp.json()["error"]["type"] == "service_unavailable"
+    assert resp.headers["Retry-After"]
