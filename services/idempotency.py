@@ -43,6 +43,17 @@ def replayed(session: Session, tenant: str | None, key: str | None, fp: str, obj
     return row.object_id
 
 
+def race_winner(session: Session, tenant: str | None, key: str | None, fp: str, object_type: str,
+                exc: Exception) -> str:
+    """After `remember` lost a race to a concurrent request with the same key (the insert raised
+    `exc`): the id of the object that request created."""
+    session.rollback()
+    prior = replayed(session, tenant, key, fp, object_type)
+    if prior is None:
+        raise exc
+    return prior
+
+
 def remember(session: Session, tenant: str | None, key: str | None, fp: str, object_type: str,
              object_id: str) -> None:
     """Record the key in the same transaction that creates the object."""

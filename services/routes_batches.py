@@ -145,11 +145,8 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
 
     try:
         return await run_in_threadpool(_create)
-    except IntegrityError:  # a concurrent request with the same Idempotency-Key won
-        session.rollback()
-        prior = idempotency.replayed(session, tenant, key, fp, "batch")
-        if prior is None:
-            raise
+    except IntegrityError as exc:  # a concurrent request with the same Idempotency-Key won
+        prior = idempotency.race_winner(session, tenant, key, fp, "batch", exc)
         return batch_view(session, load_batch(session, prior, tenant))
 
 

@@ -72,10 +72,10 @@ async def upload_file(request: Request, state: StateDep, session: SessionDep, te
         idempotency.remember(session, tenant, key, fp, "file", file_id)
         try:
             session.commit()
-        except IntegrityError:  # the same key raced us: answer with the winner's file
-            session.rollback()
+        except IntegrityError as exc:  # the same key raced us: answer with the winner's file
             state.storage.delete(storage_key)
-            return file_object(load_file(session, idempotency.replayed(session, tenant, key, fp, "file") or "", tenant))
+            return file_object(load_file(session, idempotency.race_winner(session, tenant, key, fp, "file", exc),
+                                         tenant))
         return file_object(row)
 
     return await run_in_threadpool(_store)

@@ -62,11 +62,8 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
 
     try:
         return await run_in_threadpool(_create)
-    except IntegrityError:  # a concurrent request with the same Idempotency-Key won
-        session.rollback()
-        prior = idempotency.replayed(session, tenant, key, fp, "job")
-        if prior is None:
-            raise
+    except IntegrityError as exc:  # a concurrent request with the same Idempotency-Key won
+        prior = idempotency.race_winner(session, tenant, key, fp, "job", exc)
         return job_object(load_job(session, prior, tenant))
 
 
