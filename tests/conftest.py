@@ -4,6 +4,7 @@ served by moto, genq API and worker processes) and a condition-waiting helper.""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,21 +53,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh Postgres database for this test session, dropped at the end."""
+@contextmanager
+def throwaway_database(name: str) -> Iterator[str]:
+    """Create Postgres database `name` on the test server; yield its SQLAlchemy URL; drop it after."""
     import psycopg
 
-    name = f"genq_test_{uuid.uuid4().hex[:10]}"
+    from shared.db import engine_for
+
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    from shared.db import engine_for
+    url = f"{base}/{name}"
+    try:
+        yield url
+    finally:
+        engine_for(url).dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    engine_for.cache_clear()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+def run_benchmark(cmd: list[str], out: Path, timeout_s: float, busy: str) -> dict[str, Any]:
+    """Run a bench/ script as a user would; return its JSON (checked against --out). Skips when
+    another run holds the benchmark's lock (exit 75)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM, not SIGKILL: the benchmark then stops its processes and drops its database
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"benchmark took over {timeout_s:g}s:\n{stderr[-4000:]}")
+    if proc.returncode == 75:
+        pytest.skip(busy)
+    assert proc.returncode == 0, stderr[-4000:]
+    result: dict[str, Any] = json.loads(stdout)
+    assert result == json.loads(out.read_text())
+    return result
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh Postgres database for this test session, dropped at the end."""
+    with throwaway_database(f"genq_test_{uuid.uuid4().hex[:10]}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.conftest import PG_ADMIN  # noqa: E402
+from tests.conftest import throwaway_database  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -61,19 +61,8 @@ def _ndjson(_ctx: Any, value: Any) -> bytes:
 @pytest.fixture(scope="module")
 def fuzz_db() -> Iterator[str]:
     """A database of its own: generated jobs stay queued and must not reach the shared stack's API."""
-    import psycopg
-
-    name = f"genq_fuzz_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    url = f"{base}/{name}"
-    yield url
-    from shared.db import engine_for
-
-    engine_for(url).dispose()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_database(f"genq_fuzz_{uuid.uuid4().hex[:10]}") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

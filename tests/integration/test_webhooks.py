@@ -19,7 +19,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, session_factory, session_scope
 from shared.migrate import upgrade
 from shared.webhooks import Dispatcher, enqueue_job_event, tenant_secret
-from tests.conftest import PG_ADMIN, free_port, wait_for
+from tests.conftest import free_port, throwaway_database, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -108,18 +107,9 @@ class Receiver:
 @pytest.fixture(scope="module")
 def webhook_pg(pg_url: str) -> Iterator[str]:
     """A database of our own next to pg_url, so no API started by other tests dispatches our rows."""
-    upgrade(pg_url)
-    name = pg_url.rsplit("/", 1)[1] + "_webhooks"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = pg_url.rsplit("/", 1)[0] + "/" + name
-    upgrade(url)
-    yield url
-    from shared.db import engine_for
-
-    engine_for(url).dispose()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_database(pg_url.rsplit("/", 1)[1] + "_webhooks") as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

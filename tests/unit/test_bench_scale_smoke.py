@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_benchmark
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "batch_scale.py"
-EX_TEMPFAIL = 75  # the benchmark's "another run held the lock" status
 LINES = 300
 
 
@@ -19,18 +18,7 @@ def test_batch_scale_bench_reports_sane_numbers(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH), "--lines", str(LINES), "--max-seconds", "180", "--lock-wait", "20",
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # SIGTERM, not SIGKILL: the benchmark then stops its processes and drops its database
-        stdout, stderr = proc.communicate(timeout=30)
-        pytest.fail(f"benchmark took over 240s:\n{stderr[-4000:]}")
-    if proc.returncode == EX_TEMPFAIL:
-        pytest.skip("another batch scale benchmark run holds the lock")
-    assert proc.returncode == 0, stderr[-4000:]
-    result = json.loads(stdout)
-    assert result == json.loads(out.read_text())
+    result = run_benchmark(cmd, out, 240, "another batch scale benchmark run holds the lock")
 
     assert result["lines"] == LINES and result["capped"] is False
     assert result["progress"]["status"] == "completed"
