@@ -166,6 +166,37 @@ class WebhookAttempt(Base):
     duration_s: Mapped[float] = mapped_column(Float)
 
 
+class Adapter(Base):
+    """A LoRA adapter uploaded through the API; its files live in storage under `adapters/<id>/`."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (Index("ix_adapters_tenant_name", "tenant", "name"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))  # the base model's kind: text or image
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{"name", "bytes", "sha256"}]
+    bytes: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)  # rank, alpha, targets
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class WorkerState(Base):
+    """What each worker process last reported: its models, cache and batching counters. The API's
+    /metrics reads this table, so one scrape covers every worker."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    models: Mapped[list[str]] = mapped_column(JSON)
+    device: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]

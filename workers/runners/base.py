@@ -1,11 +1,17 @@
-"""What every runner offers the worker: load once, then run one validated request at a time."""
+"""What every runner offers the worker: load once, then serve validated requests in batches.
+
+The worker's batcher (workers/batching.py) calls `prepare` for each job in that job's own thread,
+collects prepared items with equal `batch_key` up to the model's `max_batch_size` rows, and hands
+them to `run_batch` together. A runner that cannot batch a kind of work gives each item its own key.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
@@ -74,12 +80,95 @@ def derive_seed(seed: int, index: int) -> int:
     return (seed + index) % (2**63)
 
 
+@dataclass(frozen=True)
+class LocalAdapter:
+    """A LoRA adapter ready to load: its stable id (the adapter object's id, or a registry
+    adapter's name) and a local directory with its files."""
+
+    id: str
+    path: Path
+
+
+@dataclass
+class BatchItem:
+    """One job's request on its way through the batcher."""
+
+    body: BaseModel
+    ctx: RunContext = field(default_factory=RunContext)
+    adapter: LocalAdapter | None = None
+    prepared: Any = None  # whatever the runner's prepare() kept (token ids, seeds, ...)
+
+
+Outcome = dict[str, Any] | BaseException  # a response body, or what went wrong for that item alone
+
+
 class Runner(Protocol):
     kind: ClassVar[str]
     spec: ModelSpec
+    supports_adapters: ClassVar[bool]
 
     def load(self) -> None:
-        """Load weights onto the device; called once per process before the first run."""
+        """Load weights onto the device; called once before the first batch."""
 
-    def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
-        """Serve one validated request; return the OpenAI response body."""
+    def unload(self) -> None:
+        """Drop the weights (the model cache evicts this model); load() may be called again."""
+
+    def memory_bytes(self) -> int:
+        """Bytes the loaded weights hold on their device (parameters and buffers)."""
+
+    def prepare(self, item: BatchItem) -> None:
+        """Check one request against the model (raise InvalidRequest) and precompute what the
+        batch needs (token ids, seeds) into item.prepared. Runs in the job's own thread."""
+
+    def batch_key(self, item: BatchItem) -> Hashable:
+        """Items with equal keys may share one batched call."""
+
+    def rows(self, item: BatchItem) -> int:
+        """How many batch rows the item takes (sequences or images); bounded by max_batch_size."""
+
+    def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
+        """Serve the items together: one outcome per item, in order. Raising fails nobody yet:
+        the batcher retries the items in smaller groups, so only a culprit fails."""
+
+
+class SerialRunner:
+    """For runners that serve one request at a time through `run(body, ctx)`: each item is its
+    own batch, and `run_batch` turns an item's exception into that item's outcome."""
+
+    supports_adapters: ClassVar[bool] = False
+
+    def unload(self) -> None:
+        pass
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def prepare(self, item: BatchItem) -> None:
+        if item.adapter is not None:
+            raise InvalidRequest(f"model {self.spec.name} does not serve adapters", "body.adapter")  # type: ignore[attr-defined]
+
+    def batch_key(self, item: BatchItem) -> Hashable:
+        return id(item)
+
+    def rows(self, item: BatchItem) -> int:
+        return 1
+
+    def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for item in items:
+            try:
+                outcomes.append(self.run(item.body, item.ctx))  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - the outcome of this item alone
+                outcomes.append(exc)
+        return outcomes
+
+
+def module_bytes(*modules: Any) -> int:
+    """Parameter and buffer bytes of torch modules (what a loaded model holds on its device)."""
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for tensor in [*module.parameters(), *module.buffers()]:
+            total += tensor.numel() * tensor.element_size()
+    return total
