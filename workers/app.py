@@ -12,19 +12,26 @@ from sqlalchemy.exc import OperationalError
 
 from shared.broker import RUN_JOB_TASK, CeleryPublisher, make_celery, queue_name
 from shared.config import Settings
-from shared.registry import load_registry
+from shared.registry import Registry, load_registry
 from shared.storage import storage_from_settings
+from workers.cache import device_budget
+from workers.runners import runner_class
+from workers.runners.base import SerialRunner
+from workers.runners.device import resolve_device
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("genq.worker")
 
 
 def build_worker(settings: Settings, models: list[str], *, lease_s: float = 30.0, max_attempts: int = 3,
-                 device: str | None = None) -> tuple[Celery, WorkerRuntime]:
+                 device: str | None = None, memory_budget: int | None = None) -> tuple[Celery, WorkerRuntime]:
+    """`memory_budget` None: the device's default (see workers/cache.py); 0: no limit."""
     app = make_celery(settings)
+    if memory_budget is None:
+        memory_budget = device_budget(resolve_device(device or "auto"))
     runtime = WorkerRuntime(settings, load_registry(settings.models_file), storage_from_settings(settings),
                             CeleryPublisher(app), models=models, lease_s=lease_s,
-                            max_attempts=max_attempts, device=device)
+                            max_attempts=max_attempts, device=device, memory_budget=memory_budget)
 
     # If the database is briefly unreachable the message goes back with a growing delay instead of
     # being acknowledged as done; the guarded state changes make the second delivery harmless.
@@ -61,11 +68,30 @@ def _hand_back_on_cold_shutdown(runtime: WorkerRuntime) -> None:
         signal.signal(signal.SIGQUIT, on_sigquit)
 
 
-def run_worker(settings: Settings, models: list[str], *, concurrency: int = 1, lease_s: float = 30.0,
-               max_attempts: int = 3, preload: bool = True, loglevel: str = "INFO") -> None:
+def default_concurrency(registry: Registry, models: list[str]) -> int:
+    """Twice the largest batch of the models that batch: one batch runs while the next is claimed
+    and prepared. 1 when none batches."""
+    sizes = [2 * spec.max_batch_size for m in models if (spec := registry.get(m)) is not None
+             and _batches(runner_class(spec.kind), spec)]
+    return max(sizes, default=1)
+
+
+def _batches(cls: Any, spec: Any) -> bool:
+    batching = getattr(cls, "batching", None)
+    return bool(batching(spec)) if batching is not None else not issubclass(cls, SerialRunner)
+
+
+def run_worker(settings: Settings, models: list[str], *, concurrency: int | None = None, lease_s: float = 30.0,
+               max_attempts: int = 3, memory_budget: int | None = None, preload: bool = True,
+               loglevel: str = "INFO") -> None:
     """Start consuming the models' queues in this process (pool solo, or threads for concurrency > 1:
     never prefork, so CUDA is never initialised in a process that forks)."""
-    app, runtime = build_worker(settings, models, lease_s=lease_s, max_attempts=max_attempts)
+    app, runtime = build_worker(settings, models, lease_s=lease_s, max_attempts=max_attempts,
+                                memory_budget=memory_budget)
+    if concurrency is None:
+        concurrency = default_concurrency(runtime.registry, models)
+    log.info("worker %s: concurrency %d, model memory budget %s", runtime.worker_id, concurrency,
+             f"{runtime.memory_budget >> 20} MiB" if runtime.memory_budget else "unlimited")
     if preload:
         runtime.preload()
     runtime.start_maintenance()

@@ -1,7 +1,9 @@
 """A worker process's runtime: resident runners, job execution and lease upkeep.
 
 `execute(job_id)` is a plain function of this object, so it is testable without a broker; the
-Celery task in workers/app.py only calls it.
+Celery task in workers/app.py only calls it, from as many threads as the worker's concurrency.
+Each call claims its job, prepares it on the model's runner (from the model cache) and waits for
+the batcher to run it together with other jobs of that model; then it records its own outcome.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -28,32 +28,26 @@ from shared.finalize import expire_batches, finalize_stale_batches, maybe_finali
 from shared.registry import Registry
 from shared.schemas import BODY_MODELS
 from shared.storage import Storage
+from workers.adapters import AdapterFiles
+from workers.batching import Arrival, Batcher
+from workers.cache import ModelCache
 from workers.runners import make_runner
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext
+from workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext
+from workers.state import report_state
+from workers.watch import JobWatch
 
 log = logging.getLogger("genq.worker")
-PROGRESS_EVERY_S = 0.25
-CANCEL_CHECK_EVERY_S = 0.25
+CHECK_EVERY_S = 0.25  # progress reports and cancel checks, for all held jobs at once
 
 
 def output_key(job_id: str, attempt: int, name: str) -> str:
     return f"jobs/{job_id}/{attempt}/{name}"
 
 
-@contextmanager
-def _tolerate_unavailable(what: str) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        if not is_unavailable(exc):
-            raise
-        log.warning("skipped a %s update: database unavailable", what)
-
-
 class WorkerRuntime:
     def __init__(self, settings: Settings, registry: Registry, storage: Storage, publisher: Publisher, *,
                  models: list[str], lease_s: float = 30.0, max_attempts: int = 3,
-                 device: str | None = None) -> None:
+                 device: str | None = None, memory_budget: int = 0) -> None:
         unknown = [m for m in models if m not in registry]
         if unknown:
             raise ValueError(f"models not in the registry: {', '.join(unknown)}")
@@ -64,31 +58,27 @@ class WorkerRuntime:
         self.max_attempts = max_attempts
         self.device = device
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._runners: dict[str, Any] = {}
-        self._load_lock = threading.Lock()
+        self.started_at = time.time()
+        specs = {m: registry.get(m) for m in models}
+        self.cache = ModelCache(specs, lambda spec: make_runner(spec, device=device),  # type: ignore[arg-type]
+                                budget_bytes=memory_budget, on_change=lambda: report_state(self))
+        self.memory_budget = memory_budget
+        self.batcher = Batcher()
+        self.adapters = AdapterFiles(self.sessions, storage, registry)
         self._running: dict[str, tuple[Job, list[str]]] = {}  # job id -> (job, outputs written so far)
         self._running_lock = threading.Lock()
         self._stop = threading.Event()
         self.stopping = threading.Event()  # set by a cold shutdown: errors now mean "interrupted"
+        self.watch = JobWatch(self.sessions, self.worker_id, period_s=CHECK_EVERY_S, stopping=self.stopping)
         self._thread: threading.Thread | None = None
 
     # --- models --------------------------------------------------------------------------
 
     def runner(self, model: str) -> Any:
-        """The resident runner for a model, loaded on first use and kept for the process's life."""
-        runner = self._runners.get(model)
-        if runner is not None:
-            return runner
-        with self._load_lock:
-            if model not in self._runners:
-                spec = self.registry.get(model)
-                assert spec is not None
-                started = time.perf_counter()
-                runner = make_runner(spec, device=self.device)
-                runner.load()
-                log.info("loaded model %s (%s) in %.2fs", model, spec.kind, time.perf_counter() - started)
-                self._runners[model] = runner
-        return self._runners[model]
+        """The model's runner, loaded if needed (not pinned: for inspection and preloading)."""
+        runner = self.cache.acquire(model)
+        self.cache.release(model)
+        return runner
 
     def preload(self) -> None:
         for model in self.models:
@@ -98,27 +88,6 @@ class WorkerRuntime:
 
     def _context(self, job: Job, written: list[str]) -> RunContext:
         job_id = job.id
-        last_progress = [0.0]
-        last_check = [0.0]
-        cancelled = [False]
-
-        # Progress and cancel checks are best effort: a database blip must not fail the work.
-        def set_progress(p: float) -> None:
-            now = time.monotonic()
-            if now - last_progress[0] >= PROGRESS_EVERY_S:
-                last_progress[0] = now
-                with _tolerate_unavailable("progress"), session_scope(self.sessions) as s:
-                    jobs_data.set_progress(s, job_id, p, worker=self.worker_id)
-
-        def is_cancelled() -> bool:
-            if self.stopping.is_set():
-                return True  # a cold shutdown: stop here; the job is handed back, not cancelled
-            now = time.monotonic()
-            if not cancelled[0] and now - last_check[0] >= CANCEL_CHECK_EVERY_S:
-                last_check[0] = now
-                with _tolerate_unavailable("cancel check"), session_scope(self.sessions) as s:
-                    cancelled[0] = jobs_data.is_cancelled(s, job_id)
-            return cancelled[0]
 
         def put_output(name: str, data: bytes, content_type: str) -> str:
             key = output_key(job_id, job.attempts, name)
@@ -126,8 +95,8 @@ class WorkerRuntime:
             written.append(key)
             return key
 
-        return RunContext(job_id=job_id, set_progress=set_progress, is_cancelled=is_cancelled,
-                          put_output=put_output)
+        return RunContext(job_id=job_id, set_progress=lambda p: self.watch.progress(job_id, p),
+                          is_cancelled=lambda: self.watch.cancelled(job_id), put_output=put_output)
 
     def _mine(self, s: Session, job_id: str, status: str, attempts: int | None = None) -> Job | None:
         """The job if its row shows `status` under this worker (and attempt): how a retry tells
@@ -172,24 +141,27 @@ class WorkerRuntime:
 
     def execute(self, job_id: str) -> str:
         """Run one job if this worker can claim it. Returns what happened, for logs and tests."""
-        job, status = self._claim(job_id)
-        if job is None:
-            log.info("job %s skipped (%s)", job_id, status)
-            return f"skipped ({status})"
-        written: list[str] = []  # output objects of this attempt, removed unless it succeeds
-        with self._running_lock:
-            self._running[job_id] = (job, written)
-        try:
-            outcome = self._run_claimed(job, written)
-        except BaseException as exc:
-            # A shutdown interrupting the job hands it back; other errors (the database down past
-            # the retries) leave it to its lease.
-            if self.stopping.is_set() or not isinstance(exc, Exception):
-                self._abandon(job, written)
-            raise
-        finally:
+        with self.batcher.arrival() as arrival:  # a partly filled batch may wait for this job
+            job, status = self._claim(job_id)
+            if job is None:
+                log.info("job %s skipped (%s)", job_id, status)
+                return f"skipped ({status})"
+            written: list[str] = []  # output objects of this attempt, removed unless it succeeds
             with self._running_lock:
-                self._running.pop(job_id, None)
+                self._running[job_id] = (job, written)
+            self.watch.add(job_id)
+            try:
+                outcome = self._run_claimed(job, written, arrival)
+            except BaseException as exc:
+                # A shutdown interrupting the job hands it back; other errors (the database down
+                # past the retries) leave it to its lease.
+                if self.stopping.is_set() or not isinstance(exc, Exception):
+                    self._abandon(job, written)
+                raise
+            finally:
+                with self._running_lock:
+                    self._running.pop(job_id, None)
+                self.watch.remove(job_id)
         if job.batch_id:
             try:
                 maybe_finalize_batch(self.sessions, self.storage, job.batch_id)
@@ -224,7 +196,23 @@ class WorkerRuntime:
         for job, written in held:
             self._abandon(job, written)
 
-    def _run_claimed(self, job: Job, written: list[str]) -> str:
+    def _serve(self, job: Job, written: list[str], arrival: Arrival | None) -> dict[str, Any]:
+        """Prepare the job on its model's runner and have the batcher run it; its response body."""
+        body = BODY_MODELS[job.url].model_validate(job.body)
+        runner = self.cache.acquire(job.model)  # pinned: not evicted while this job needs it
+        try:
+            item = BatchItem(body, self._context(job, written))
+            ref = getattr(body, "adapter", None)
+            if ref is not None:
+                if not runner.supports_adapters:
+                    raise InvalidRequest(f"model {job.model} does not serve adapters", "body.adapter")
+                item.adapter = self.adapters.local(ref, model=job.model)
+            runner.prepare(item)
+            return self.batcher.submit(job.model, runner, item, arrival)
+        finally:
+            self.cache.release(job.model)
+
+    def _run_claimed(self, job: Job, written: list[str], arrival: Arrival | None = None) -> str:
         if job.attempts > self.max_attempts:
             self._finish(job, "failed", error={
                 "code": "too_many_attempts",
@@ -235,8 +223,7 @@ class WorkerRuntime:
                                                "message": f"model {job.model!r} is not served"})
             return "failed"
         try:
-            body = BODY_MODELS[job.url].model_validate(job.body)
-            result = self.runner(job.model).run(body, self._context(job, written))
+            result = self._serve(job, written, arrival)
             # A key per attempt, so a late duplicate can never overwrite or delete the winner's output.
             key = output_key(job.id, job.attempts, "result.json")
             self.storage.put(key, json.dumps(result).encode(), "application/json")
@@ -289,6 +276,7 @@ class WorkerRuntime:
         # The outbox for these models too, so queued work moves even with no API process running.
         outbox.sweep_unpublished(self.sessions, self.publisher, models=self.models)
         outbox.republish_lost(self.sessions, self.publisher, self.models)
+        report_state(self)
 
     def _loop(self) -> None:
         period = max(0.5, self.lease_s / 3)
@@ -304,3 +292,4 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self._stop.set()
+        self.batcher.stop()

@@ -107,6 +107,10 @@ class Runner(Protocol):
     spec: ModelSpec
     supports_adapters: ClassVar[bool]
 
+    @staticmethod
+    def batching(spec: ModelSpec) -> bool:
+        """Whether jobs of this model can share a call (the worker sizes its concurrency by it)."""
+
     def load(self) -> None:
         """Load weights onto the device; called once before the first batch."""
 
@@ -136,6 +140,11 @@ class SerialRunner:
     own batch, and `run_batch` turns an item's exception into that item's outcome."""
 
     supports_adapters: ClassVar[bool] = False
+
+    @staticmethod
+    def batching(spec: ModelSpec) -> bool:
+        """Whether jobs of this model can share a call (the worker sizes its concurrency by it)."""
+        return False
 
     def unload(self) -> None:
         pass

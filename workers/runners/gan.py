@@ -25,14 +25,14 @@ from pydantic import BaseModel
 from shared.registry import ModelSpec
 from shared.schemas import ImageBody
 from workers.gan import DCGANGenerator, GANConfig, load_generator, to_pil
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext, derive_seed
+from workers.runners.base import InvalidRequest, JobCancelled, RunContext, SerialRunner, derive_seed
 from workers.runners.device import resolve_device, resolve_dtype
 from workers.runners.png import encode_png
 
 RANDOM_SEED_BOUND = 2**32  # random seeds stay exact in JSON numbers (and in JavaScript)
 
 
-class GANRunner:
+class GANRunner(SerialRunner):
     kind: ClassVar[str] = "gan"
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:

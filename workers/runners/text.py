@@ -1,15 +1,35 @@
-"""Text completion with a Hugging Face causal LM: one OpenAI `/v1/completions` request per run.
+"""Text completion with a Hugging Face causal LM: OpenAI `/v1/completions` requests, batched.
 
-All prompts x n go through one left-padded `generate` call. Sampling, penalties, stop strings,
-seeds and logprobs follow the OpenAI legacy completions API; `text_offset` counts from the start
-of the returned `text` (so with `echo` the prompt tokens start at 0).
+The worker's batcher hands `run_batch` any number of requests at once; their prompts x n rows go
+through one left-padded `generate` call. Rows differ freely in sampling parameters: one logits
+processor (`_RowSampler`) applies each row's penalties, temperature, top-k and top-p and draws
+the row's token from the row's own random generator, then hands generate a distribution with all
+its mass on that token, so generate's greedy step takes it. Per-row stopping criteria end a row
+at its own max_tokens, at one of its stop strings, or when its job is cancelled.
+
+Reproducibility: row i of a request with seed s draws from a generator seeded with s + i, so its
+random stream does not depend on what shares its batch, and choice i equals the n=1 request with
+seed s + i. Greedy rows (temperature 0) take the argmax. Either way a row's logits can move in
+the last float bits with the batch's shape (padding, kernel choice), so a near-tie can in rare
+cases go the other way; on the tiny test models greedy and seeded text were identical alone and in
+mixed batches (tests/unit/test_text_batching.py).
+
+LoRA adapters (peft) load onto the resident model without reloading it and stay in an LRU of
+`max_adapters` (registry option, default 8). A batch whose rows use different adapters, or some
+none, runs as one peft mixed-adapter batch (`adapter_names`, "__base__" for the plain model).
+`text_offset` counts from the start of the returned `text` (so with `echo` the prompt starts at 0).
 """
 
 from __future__ import annotations
 
+import gc
+import random
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Hashable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -25,42 +45,184 @@ from transformers import (
 
 from shared.registry import ModelSpec
 from shared.schemas import CompletionBody
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext, text_completion
+from workers.runners.base import (
+    BatchItem,
+    InvalidRequest,
+    JobCancelled,
+    LocalAdapter,
+    Outcome,
+    RunContext,
+    derive_seed,
+    module_bytes,
+    text_completion,
+)
 from workers.runners.device import resolve_device, resolve_dtype
 
-POLL_SECONDS = 0.2  # how often generation asks whether the job was cancelled
+POLL_SECONDS = 0.2  # how often generation reports progress and asks whether jobs were cancelled
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+MAX_RANDOM_SEED = 2**63 - 1
 
 
-class _OpenAIPenalties(LogitsProcessor):
-    """OpenAI's presence/frequency penalties over the generated tokens only (not the prompt)."""
+@dataclass
+class _Params:
+    """One row's decoding parameters."""
 
-    def __init__(self, prompt_width: int, presence: float, frequency: float) -> None:
-        self.prompt_width, self.presence, self.frequency = prompt_width, presence, frequency
+    greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition: float
+    presence: float
+    frequency: float
+    max_tokens: int
+    seed: int
+    logprobs: int  # top logprobs to keep; -1: none asked
+    stops: list[str]
+
+
+def _row_params(body: CompletionBody, seed: int, index: int) -> _Params:
+    greedy = not (body.sampling and body.temperature > 0)
+    return _Params(greedy=greedy, temperature=body.temperature or 1.0, top_k=body.top_k, top_p=body.top_p,
+                   repetition=body.repetition_penalty, presence=body.presence_penalty,
+                   frequency=body.frequency_penalty, max_tokens=body.max_tokens,
+                   seed=derive_seed(seed, index), logprobs=-1 if body.logprobs is None else body.logprobs,
+                   stops=body.stop_list)
+
+
+class _RowSampler(LogitsProcessor):
+    """Decode each row by its own parameters; return scores where only the chosen token is finite.
+
+    Penalties: HF-style repetition penalty over the row's real tokens (never its left padding, so
+    padding does not change a row), and OpenAI presence/frequency penalties over generated tokens.
+    Logprobs are recorded from the raw scores, before any penalty or temperature.
+    """
+
+    def __init__(self, rows: list[_Params], pad: list[int], width: int, device: str) -> None:
+        self.rows, self.width = rows, width
+        t = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        self.pad = t(pad, torch.long)
+        self.greedy = t([r.greedy for r in rows], torch.bool)
+        self.sampled = [i for i, r in enumerate(rows) if not r.greedy]
+        self.temperature = t([r.temperature for r in rows])
+        self.top_k = t([r.top_k for r in rows], torch.long)
+        self.top_p = t([r.top_p for r in rows])
+        self.repetition = t([r.repetition for r in rows])
+        self.presence = t([r.presence for r in rows])
+        self.frequency = t([r.frequency for r in rows])
+        self.any_repetition = any(r.repetition != 1.0 for r in rows)
+        self.any_openai = any(r.presence or r.frequency for r in rows)
+        self.generators = {i: torch.Generator().manual_seed(rows[i].seed) for i in self.sampled}
+        self.lp_rows = [i for i, r in enumerate(rows) if r.logprobs >= 0]
+        self.lp_k = max((rows[i].logprobs for i in self.lp_rows), default=0)
+        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step: chosen, top values, ids
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_width:]
-        if generated.shape[1] == 0:
-            return scores
-        ones = torch.ones_like(scores[:, :1]).expand_as(generated)
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, ones)
-        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+        raw = scores.float()
+        s = self._penalize(input_ids, raw)
+        chosen = s.argmax(dim=-1)
+        if self.sampled:
+            chosen[self.sampled] = self._sample(s[self.sampled], self.sampled)
+        if self.lp_rows:
+            self._record(raw, chosen)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen[:, None], 0.0)
+
+    def _penalize(self, input_ids: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        batch, vocab = s.shape
+        if self.any_repetition:
+            real = torch.arange(input_ids.shape[1], device=s.device)[None, :] >= self.pad[:, None]
+            ids = torch.where(real, input_ids, vocab)  # padding goes to a spare column, dropped below
+            seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=s.device).scatter_(1, ids, True)[:, :vocab]
+            p = self.repetition[:, None]
+            s = torch.where(seen, torch.where(s < 0, s * p, s / p), s)
+        if self.any_openai and input_ids.shape[1] > self.width:
+            generated = input_ids[:, self.width:]
+            counts = torch.zeros_like(s).scatter_add_(1, generated, torch.ones_like(generated, dtype=s.dtype))
+            s = s - counts * self.frequency[:, None] - (counts > 0).to(s.dtype) * self.presence[:, None]
+        return s
+
+    def _sample(self, s: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Temperature, then top-k, then top-p, then one draw per row from the row's generator.
+
+        The draw inverts the row's CDF in vocabulary order whatever filters the row or its batch
+        mates use, so a row's token depends only on its own logits and its own generator."""
+        s = s / self.temperature[rows, None]
+        u = torch.cat([torch.rand(1, generator=self.generators[i]) for i in rows]).to(s.device)
+        filtered = [n for n, i in enumerate(rows) if self.top_k[i] > 0 or self.top_p[i] < 1.0]
+        if filtered:
+            s[filtered] = self._filter(s[filtered], [rows[n] for n in filtered])
+        cdf = torch.softmax(s, dim=-1).cumsum(dim=-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+        return pick.clamp_(max=s.shape[1] - 1)
+
+    def _filter(self, s: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Mask tokens outside each row's top-k and top-p nucleus (ties with the last kept token stay)."""
+        k = torch.where(self.top_k[rows] > 0, self.top_k[rows], s.shape[1]).clamp(max=s.shape[1])
+        top_p = self.top_p[rows]
+        if bool((top_p >= 1.0).all()):  # top-k only: a partial sort is enough
+            values = s.topk(int(k.max()), dim=-1).values
+            threshold = values.gather(1, (k - 1)[:, None])
+        else:
+            ordered = s.sort(dim=-1, descending=True).values
+            rank = torch.arange(s.shape[1], device=s.device)[None, :]
+            ordered = ordered.masked_fill(rank >= k[:, None], float("-inf"))
+            probs = torch.softmax(ordered, dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+            keep = ((before < top_p[:, None]) | (rank == 0)) & (rank < k[:, None])
+            threshold = ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
+        return s.masked_fill(s < threshold, float("-inf"))
+
+    def _record(self, raw: torch.Tensor, chosen: torch.Tensor) -> None:
+        lp = torch.log_softmax(raw[self.lp_rows], dim=-1)
+        picked = lp.gather(1, chosen[self.lp_rows, None]).squeeze(1)
+        values, ids = lp.topk(self.lp_k, dim=-1) if self.lp_k else (lp[:, :0], lp[:, :0].long())
+        self.records.append((picked, values, ids))
 
 
-class _JobWatch(StoppingCriteria):
-    """Between tokens: report progress and stop every row once the job is cancelled (throttled)."""
+class _RowWatch(StoppingCriteria):
+    """Between tokens, per row: its max_tokens, its stop strings, and its job's cancellation.
+    Progress is reported and cancellation asked at most every POLL_SECONDS."""
 
-    def __init__(self, ctx: RunContext, prompt_width: int, max_tokens: int) -> None:
-        self.ctx, self.prompt_width, self.max_tokens = ctx, prompt_width, max_tokens
-        self.cancelled = False
-        self._next_poll = 0.0  # poll on the first token
+    def __init__(self, runner: TextRunner, items: list[BatchItem], owner: list[int], rows: list[_Params],
+                 width: int) -> None:
+        self.runner, self.items, self.owner, self.rows, self.width = runner, items, owner, rows, width
+        self.cancelled: set[int] = set()  # item indexes
+        self._next_poll = 0.0
+        device = runner.device
+        self._limit = torch.tensor([r.max_tokens for r in rows], device=device)
+        self._stop_rows = [i for i, r in enumerate(rows) if r.stops]
+        self._window = {i: max(len(s) for s in rows[i].stops) + 2 for i in self._stop_rows}
+        self._owner = torch.tensor(owner, device=device)
+        self._item_limit: dict[int, int] = {}  # the items with rows in this batch -> their max_tokens
+        for r, j in zip(rows, owner, strict=True):
+            self._item_limit[j] = max(self._item_limit.get(j, 0), r.max_tokens)
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        made = input_ids.shape[1] - self.width
+        done = self._limit <= made
+        for i in self._stop_rows:
+            tail = self.runner._decode(input_ids[i, max(self.width, input_ids.shape[1] - self._window[i]):].tolist())
+            if any(stop in tail for stop in self.rows[i].stops):
+                done[i] = True
         now = time.monotonic()
         if now >= self._next_poll:
             self._next_poll = now + POLL_SECONDS
-            self.ctx.set_progress(min(1.0, (input_ids.shape[1] - self.prompt_width) / self.max_tokens))
-            self.cancelled = self.cancelled or bool(self.ctx.is_cancelled())
-        return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
+            for j, limit in self._item_limit.items():
+                if j in self.cancelled:
+                    continue
+                self.items[j].ctx.set_progress(min(1.0, made / limit))
+                if self.items[j].ctx.is_cancelled():
+                    self.cancelled.add(j)
+        if self.cancelled:
+            done |= torch.isin(self._owner, torch.tensor(sorted(self.cancelled), device=self._owner.device))
+        return done
+
+
+@dataclass
+class _Prepared:
+    prompt_ids: list[list[int]]
+    rows: list[_Params] = field(default_factory=list)
+    row_prompt: list[int] = field(default_factory=list)  # the prompt index of each row
 
 
 @dataclass
@@ -75,16 +237,25 @@ class _Row:
 
 class TextRunner:
     kind: ClassVar[str] = "text"
+    supports_adapters: ClassVar[bool] = True
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
         self.device = resolve_device(device or spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
-        self.model: Any = None
+        self.max_adapters = int(spec.options.get("max_adapters", 8))
+        self.model: Any = None  # the causal LM, or a peft PeftModel around it once an adapter is loaded
         self.tokenizer: Any = None
         self._end_ids: set[int] = set()  # tokens that end a row: EOS ids and the pad token
-        # The sampling RNG is process-global: seeding and generating must not interleave.
-        self._lock = threading.Lock()
+        self._adapters: OrderedDict[str, LocalAdapter] = OrderedDict()  # loaded, least recently used first
+        self.adapter_stats = {"loads": 0, "evictions": 0, "load_seconds": 0.0}
+        self._lock = threading.Lock()  # one batch at a time on this model
+
+    @staticmethod
+    def batching(spec: ModelSpec) -> bool:
+        return True
+
+    # --- weights -------------------------------------------------------------------------------
 
     def load(self) -> None:
         tokenizer = AutoTokenizer.from_pretrained(self.spec.source)
@@ -96,6 +267,20 @@ class TextRunner:
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
         self._end_ids = {i for i in eos_ids if i is not None}
+        self._adapters.clear()
+
+    def unload(self) -> None:
+        self.model = self.tokenizer = None
+        self._adapters.clear()
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def memory_bytes(self) -> int:
+        return module_bytes(self.model)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._adapters)
 
     @property
     def context_length(self) -> int | None:
@@ -105,47 +290,113 @@ class TextRunner:
                 return value
         return None
 
-    def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
+    # --- the batch interface ---------------------------------------------------------------------
+
+    def run(self, body: BaseModel, ctx: RunContext, adapter: LocalAdapter | None = None) -> dict[str, Any]:
+        """Serve one request on its own (tests and direct use)."""
+        item = BatchItem(body, ctx, adapter)
+        self.prepare(item)
+        (outcome,) = self.run_batch([item])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def prepare(self, item: BatchItem) -> None:
+        body = item.body
         assert isinstance(body, CompletionBody)
         if self.model is None:
             self.load()
-        with torch.inference_mode():
-            # 1. Tokenize each prompt once and check it fits the model.
-            prompt_ids = [self.tokenizer(p)["input_ids"] for p in body.prompts]
-            self.check_inputs(body, prompt_ids)
-            # 2. Batch prompts x n, left-padded; choice index = prompt_index * n + k.
-            rows = [ids for ids in prompt_ids for _ in range(body.n)]
-            prompts = [p for p in body.prompts for _ in range(body.n)]
-            batch = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)
+        if body.adapter is not None and item.adapter is None:
+            raise InvalidRequest(f"adapter {body.adapter!r} is not available to this worker", "body.adapter")
+        prompt_ids = [self.tokenizer(p)["input_ids"] for p in body.prompts]
+        self.check_inputs(body, prompt_ids)
+        seed = body.seed if body.seed is not None else random.randint(0, MAX_RANDOM_SEED)
+        prepared = _Prepared(prompt_ids)
+        for p in range(len(prompt_ids)):
+            for k in range(body.n):
+                prepared.rows.append(_row_params(body, seed, p * body.n + k))
+                prepared.row_prompt.append(p)
+        item.prepared = prepared
+
+    def batch_key(self, item: BatchItem) -> Hashable:
+        return "text"  # any requests share a batch: parameters and adapters are per row
+
+    def rows(self, item: BatchItem) -> int:
+        return len(item.prepared.rows)
+
+    def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
+        with self._lock, torch.inference_mode():
+            if self.model is None:
+                self.load()
+            outcomes: list[Outcome | None] = [None] * len(items)
+            # 1. Load the adapters the batch names; an adapter that fails fails only its jobs.
+            for j, failure in self.ensure_adapters(items).items():
+                outcomes[j] = failure
+            live = [j for j in range(len(items)) if outcomes[j] is None]
+            if not live:
+                return outcomes  # type: ignore[return-value]
+            # 2. One left-padded batch of every row of every live request.
+            rows, owner, ids = [], [], []
+            for j in live:
+                prepared = items[j].prepared
+                rows += prepared.rows
+                owner += [j] * len(prepared.rows)
+                ids += [prepared.prompt_ids[p] for p in prepared.row_prompt]
+            batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
             width = batch["input_ids"].shape[1]
-            # 3. Generate under the seed lock, watching for cancellation between tokens.
-            watch = _JobWatch(ctx, width, body.max_tokens)
-            out = self.generate(body, batch, watch)
-            if watch.cancelled:
-                raise JobCancelled(ctx.job_id)
-            # 4. Cut each row at EOS or the first stop string.
+            pad = [width - len(r) for r in ids]
+            # 3. Generate, each row decoded and stopped by its own parameters.
+            sampler = _RowSampler(rows, pad, width, self.device)
+            watch = _RowWatch(self, items, owner, rows, width)
+            names = [self._adapter_name(items[j]) for j in owner]
+            with self._adapter_scope(names) as extra:
+                out = self.model.generate(
+                    **batch, **extra, max_new_tokens=max(r.max_tokens for r in rows), do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([sampler]),
+                    stopping_criteria=StoppingCriteriaList([watch]), return_dict_in_generate=True)
             generated = out.sequences[:, width:].tolist()
-            cut = [self.cut_row(ids, body.stop_list) for ids in generated]
-            # 5. Logprobs of the kept tokens, from the raw logits.
-            logprobs: list[dict[str, Any] | None] = [None] * len(cut)
-            if body.logprobs is not None:
-                logprobs = self.completion_logprobs(out.logits, cut, body.logprobs)
-                if body.echo:
-                    prompt_lp = [self.prompt_logprobs(ids, body.logprobs) for ids in prompt_ids]
-                    logprobs = [_join_logprobs(prompt_lp[i // body.n], lp, len(prompts[i]))
-                                for i, lp in enumerate(logprobs)]
-        # 6. Assemble the OpenAI text_completion.
+            # 4. Each request's response from its own rows.
+            start = 0
+            for j in live:
+                count = len(items[j].prepared.rows)
+                span = range(start, start + count)
+                start += count
+                if j in watch.cancelled:
+                    outcomes[j] = JobCancelled(items[j].ctx.job_id)
+                    continue
+                try:
+                    outcomes[j] = self.respond(items[j], [generated[r] for r in span], sampler, span)
+                except Exception as exc:  # noqa: BLE001 - this request's failure only
+                    outcomes[j] = exc
+        return outcomes  # type: ignore[return-value]
+
+    def respond(self, item: BatchItem, generated: list[list[int]], sampler: _RowSampler,
+                span: range) -> dict[str, Any]:
+        body, prepared = item.body, item.prepared
+        assert isinstance(body, CompletionBody)
+        # 1. Cut each row at its max_tokens, EOS or first stop string.
+        cut = [self.cut_row(ids[:body.max_tokens], body.stop_list) for ids in generated]
+        prompts = [body.prompts[p] for p in prepared.row_prompt]
+        # 2. Logprobs of the kept tokens, from the raw logits.
+        logprobs: list[dict[str, Any] | None] = [None] * len(cut)
+        if body.logprobs is not None:
+            logprobs = self.completion_logprobs(sampler, list(span), cut, body.logprobs)
+            if body.echo:
+                with self._adapter_scope([self._adapter_name(item)]) as extra:
+                    prompt_lp = [self.prompt_logprobs(ids, body.logprobs, extra) for ids in prepared.prompt_ids]
+                logprobs = [_join_logprobs(prompt_lp[prepared.row_prompt[i]], lp, len(prompts[i]))
+                            for i, lp in enumerate(logprobs)]
+        # 3. The OpenAI text_completion.
         choices = [
             {"text": (prompts[i] if body.echo else "") + row.text, "index": i,
              "logprobs": logprobs[i], "finish_reason": row.finish_reason}
             for i, row in enumerate(cut)
         ]
-        return text_completion(self.spec.name, choices, prompt_tokens=sum(len(ids) for ids in prompt_ids),
+        return text_completion(self.spec.name, choices,
+                               prompt_tokens=sum(len(ids) for ids in prepared.prompt_ids),
                                completion_tokens=sum(row.counted for row in cut))
 
     def check_inputs(self, body: CompletionBody, prompt_ids: list[list[int]]) -> None:
-        if body.adapter is not None:
-            raise InvalidRequest(f"model {self.spec.name} does not serve adapters", "body.adapter")
         if body.max_tokens > self.spec.max_tokens:
             raise InvalidRequest(
                 f"max_tokens is {body.max_tokens}; model {self.spec.name} allows at most "
@@ -166,30 +417,72 @@ class TextRunner:
                     f"{which} ({len(ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds the "
                     f"context of {limit} tokens; use max_tokens <= {limit - len(ids)}", "body.max_tokens")
 
-    def generate(self, body: CompletionBody, batch: Any, watch: _JobWatch) -> Any:
-        width = batch["input_ids"].shape[1]
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": body.max_tokens, "pad_token_id": self.tokenizer.pad_token_id,
-            "repetition_penalty": body.repetition_penalty, "return_dict_in_generate": True,
-            "output_logits": body.logprobs is not None, "stopping_criteria": StoppingCriteriaList([watch]),
-        }
-        sampling = body.sampling and body.temperature > 0
-        if sampling:
-            kwargs.update(do_sample=True, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
-        else:
-            kwargs.update(do_sample=False)
-        if body.presence_penalty or body.frequency_penalty:
-            penalties = _OpenAIPenalties(width, body.presence_penalty, body.frequency_penalty)
-            kwargs["logits_processor"] = LogitsProcessorList([penalties])
-        if body.stop_list:
-            kwargs.update(stop_strings=body.stop_list, tokenizer=self.tokenizer)
-        with self._lock:
-            if sampling:
-                if body.seed is not None:
-                    torch.manual_seed(body.seed)
+    # --- adapters --------------------------------------------------------------------------------
+
+    def _adapter_name(self, item: BatchItem) -> str:
+        return item.adapter.id if item.adapter is not None else BASE_ADAPTER
+
+    def ensure_adapters(self, items: list[BatchItem]) -> dict[int, Exception]:
+        """Load the batch's adapters not yet resident, evicting the least recently used ones the
+        batch does not need. Returns the items whose adapter could not be loaded."""
+        from peft import PeftModel
+
+        failures: dict[int, Exception] = {}
+        needed = {it.adapter.id for it in items if it.adapter is not None}
+        for j, item in enumerate(items):
+            adapter = item.adapter
+            if adapter is None:
+                continue
+            if adapter.id in self._adapters:
+                self._adapters.move_to_end(adapter.id)
+                continue
+            while len(self._adapters) >= self.max_adapters:
+                victim = next((a for a in self._adapters if a not in needed), None)
+                if victim is None:
+                    break
+                self.model.delete_adapter(victim)
+                del self._adapters[victim]
+                self.adapter_stats["evictions"] += 1
+            started = time.perf_counter()
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(adapter.path), adapter_name=adapter.id, is_trainable=False)
                 else:
-                    torch.seed()
-            return self.model.generate(**batch, **kwargs)
+                    self.model = PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=adapter.id,
+                                                           is_trainable=False).eval()
+            except Exception as exc:  # noqa: BLE001 - reported as that job's failure
+                failures[j] = InvalidRequest(
+                    f"adapter {item.body.adapter!r} cannot be loaded onto model {self.spec.name}: "  # type: ignore[attr-defined]
+                    f"{type(exc).__name__}: {exc}"[:1000], "body.adapter")
+                continue
+            self._adapters[adapter.id] = adapter
+            self.adapter_stats["loads"] += 1
+            self.adapter_stats["load_seconds"] += time.perf_counter() - started
+        for j, item in enumerate(items):  # later items naming an adapter that failed above
+            if j not in failures and item.adapter is not None and item.adapter.id not in self._adapters:
+                failures[j] = InvalidRequest(f"adapter {item.body.adapter!r} cannot be loaded", "body.adapter")  # type: ignore[attr-defined]
+        return failures
+
+    @contextmanager
+    def _adapter_scope(self, names: list[str]) -> Any:
+        """Extra generate/forward arguments for rows using these adapters (one per row)."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            yield {}
+            return
+        distinct = set(names)
+        if distinct == {BASE_ADAPTER}:
+            with self.model.disable_adapter():
+                yield {}
+        elif len(distinct) == 1:
+            self.model.set_adapter(names[0])
+            with nullcontext():
+                yield {}
+        else:
+            yield {"adapter_names": names}
+
+    # --- output ---------------------------------------------------------------------------------
 
     def cut_row(self, ids: list[int], stops: list[str]) -> _Row:
         end = next((i for i, t in enumerate(ids) if t in self._end_ids), len(ids))
@@ -205,27 +498,22 @@ class TextRunner:
             return _Row(text, "stop", ids[:end], end + 1)
         return _Row(text, "length", ids, len(ids))
 
-    def completion_logprobs(self, logits: tuple[torch.Tensor, ...], rows: list[_Row], k: int) -> list[dict[str, Any]]:
-        # Step by step on the device: all steps at once would hold (rows, steps, vocab) log-softmaxes.
-        steps = max((len(r.kept) for r in rows), default=0)
-        chosen = torch.tensor([r.kept + [0] * (steps - len(r.kept)) for r in rows], device=self.device)
-        token_lp, top_lp, top_ids = [], [], []
-        for t in range(steps):
-            lp = torch.log_softmax(logits[t].float(), dim=-1)
-            values, indices = lp.topk(k, dim=-1)
-            token_lp.append(lp.gather(1, chosen[:, t:t + 1]).squeeze(1).tolist())
-            top_lp.append(values.tolist())
-            top_ids.append(indices.tolist())
-        return [
-            self._format_logprobs(
-                row.kept, [token_lp[t][i] for t in range(len(row.kept))],
-                [self._top(top_ids[t][i], top_lp[t][i]) for t in range(len(row.kept))])
-            for i, row in enumerate(rows)
-        ]
+    def completion_logprobs(self, sampler: _RowSampler, rows: list[int], cut: list[_Row],
+                            k: int) -> list[dict[str, Any]]:
+        """Logprobs the sampler recorded for these batch rows, for each row's kept tokens."""
+        where = {r: i for i, r in enumerate(sampler.lp_rows)}
+        result = []
+        for row_index, row in zip(rows, cut, strict=True):
+            i = where[row_index]
+            steps = sampler.records[:len(row.kept)]
+            chosen = [float(picked[i]) for picked, _, _ in steps]
+            tops = [self._top(ids[i, :k].tolist(), values[i, :k].tolist()) for _, values, ids in steps]
+            result.append(self._format_logprobs(row.kept, chosen, tops))
+        return result
 
-    def prompt_logprobs(self, ids: list[int], k: int) -> dict[str, Any]:
+    def prompt_logprobs(self, ids: list[int], k: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """One forward pass over the prompt: token t is scored by the logits at t - 1."""
-        logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1]
+        logits = self.model(input_ids=torch.tensor([ids], device=self.device), **(extra or {})).logits[0, :-1]
         lp = torch.log_softmax(logits.float(), dim=-1)
         values, indices = lp.topk(k, dim=-1)
         chosen = lp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None]).squeeze(1).tolist()

@@ -1,0 +1,232 @@
+"""The worker's batcher and model cache, with small runner classes behind the real interface."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable
+from typing import Any
+
+import pytest
+
+from shared.registry import ModelSpec
+from workers.batching import Batcher
+from workers.cache import ModelCache, parse_bytes
+from workers.runners.base import BatchItem, Outcome, RunContext
+
+
+class _Body:
+    def __init__(self, value: str, key: str = "k", rows: int = 1) -> None:
+        self.value, self.key, self.rows = value, key, rows
+
+
+class ListRunner:
+    """Answers each item with its value; records the calls; raises for a batch holding 'bad'."""
+
+    def __init__(self, max_batch_size: int = 4, max_wait_ms: float = 50, hold: threading.Event | None = None) -> None:
+        self.spec = ModelSpec(name="m", kind="echo", source="none", max_batch_size=max_batch_size,
+                              options={"max_wait_ms": max_wait_ms})
+        self.calls: list[list[str]] = []
+        self.hold = hold  # the first call waits for it, so that items pile up behind it
+
+    def batch_key(self, item: BatchItem) -> Hashable:
+        return item.body.key  # type: ignore[attr-defined]
+
+    def rows(self, item: BatchItem) -> int:
+        return item.body.rows  # type: ignore[attr-defined]
+
+    def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
+        values = [it.body.value for it in items]  # type: ignore[attr-defined]
+        self.calls.append(values)
+        if self.hold is not None and len(self.calls) == 1:
+            assert self.hold.wait(10)
+        if "bad" in values and len(values) > 1:
+            raise RuntimeError("a batched kernel failed")
+        return [ValueError("bad alone") if v == "bad" else {"echo": v} for v in values]
+
+
+def submit_all(batcher: Batcher, runner: ListRunner, bodies: list[_Body]) -> list[Any]:
+    """Submit from one thread per body, in order; return each outcome (or exception)."""
+    results: list[Any] = [None] * len(bodies)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = batcher.submit("m", runner, BatchItem(bodies[i], RunContext()))  # type: ignore[arg-type]
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)  # keep arrival order = list order
+    for t in threads:
+        t.join(20)
+    return results
+
+
+def test_waiting_items_share_batches_up_to_the_limit_in_arrival_order() -> None:
+    hold = threading.Event()
+    runner, batcher = ListRunner(max_batch_size=4, hold=hold), Batcher()
+    done: list[Any] = []
+    first = threading.Thread(target=lambda: done.append(submit_all(batcher, runner, [_Body("first")])))
+    first.start()
+    while not runner.calls:
+        time.sleep(0.005)
+    rest = threading.Thread(target=lambda: done.append(
+        submit_all(batcher, runner, [_Body(f"j{i}") for i in range(6)] + [_Body("other", key="x")])))
+    rest.start()
+    while len(batcher._waiting) < 7:
+        time.sleep(0.005)
+    hold.set()
+    first.join(20)
+    rest.join(20)
+    assert runner.calls == [["first"], ["j0", "j1", "j2", "j3"], ["j4", "j5"], ["other"]]
+    assert done[1] == [{"echo": f"j{i}"} for i in range(6)] + [{"echo": "other"}]
+    stats = batcher.stats["m"]
+    assert (stats.batches, stats.items, stats.rows, stats.largest) == (4, 8, 8, 4)
+
+
+def test_rows_bound_a_batch_and_a_big_item_runs_alone() -> None:
+    hold = threading.Event()
+    runner, batcher = ListRunner(max_batch_size=4, hold=hold), Batcher()
+    threading.Thread(target=submit_all, args=(batcher, runner, [_Body("first")])).start()
+    while not runner.calls:
+        time.sleep(0.005)
+    waiter = threading.Thread(target=submit_all, args=(
+        batcher, runner, [_Body("a", rows=3), _Body("b", rows=2), _Body("huge", rows=9), _Body("c", rows=1)]))
+    waiter.start()
+    while len(batcher._waiting) < 4:
+        time.sleep(0.005)
+    hold.set()
+    waiter.join(20)
+    assert runner.calls[1:] == [["a", "c"], ["b"], ["huge"]]
+
+
+def test_a_lone_job_is_not_held_back_by_the_max_wait() -> None:
+    runner, batcher = ListRunner(max_batch_size=8, max_wait_ms=30_000), Batcher()
+    started = time.monotonic()
+    assert submit_all(batcher, runner, [_Body("alone")]) == [{"echo": "alone"}]
+    assert time.monotonic() - started < 10  # nothing else was arriving: no 30 s wait
+
+
+def test_a_batch_waits_for_a_job_on_its_way_in() -> None:
+    runner, batcher = ListRunner(max_batch_size=8, max_wait_ms=30_000), Batcher()
+    arrival = batcher.arrival().__enter__()  # another job is being claimed
+    first = threading.Thread(target=submit_all, args=(batcher, runner, [_Body("early")]))
+    first.start()
+    while not batcher._waiting:
+        time.sleep(0.005)
+    assert not runner.calls  # held for the arriving job
+    out = batcher.submit("m", runner, BatchItem(_Body("late"), RunContext()), arrival)  # type: ignore[arg-type]
+    first.join(20)
+    assert out == {"echo": "late"} and runner.calls == [["early", "late"]]
+
+
+def test_the_max_wait_bounds_the_wait_for_arrivals() -> None:
+    runner, batcher = ListRunner(max_batch_size=8, max_wait_ms=100), Batcher()
+    with batcher.arrival():  # a job that never arrives
+        assert submit_all(batcher, runner, [_Body("waited")]) == [{"echo": "waited"}]
+
+
+def test_a_failing_job_fails_alone_and_the_batch_mates_finish() -> None:
+    hold = threading.Event()
+    runner, batcher = ListRunner(max_batch_size=8, hold=hold), Batcher()
+    threading.Thread(target=submit_all, args=(batcher, runner, [_Body("first")])).start()
+    while not runner.calls:
+        time.sleep(0.005)
+    bodies = [_Body(v) for v in ("a", "b", "bad", "c", "d")]
+    results: list[Any] = []
+    waiter = threading.Thread(target=lambda: results.extend(submit_all(batcher, runner, bodies)))
+    waiter.start()
+    while len(batcher._waiting) < 5:
+        time.sleep(0.005)
+    hold.set()
+    waiter.join(20)
+    assert [r if isinstance(r, dict) else str(r) for r in results] == [
+        {"echo": "a"}, {"echo": "b"}, "bad alone", {"echo": "c"}, {"echo": "d"}]
+    assert runner.calls[1] == ["a", "b", "bad", "c", "d"]  # tried together first
+    assert batcher.stats["m"].splits >= 1
+
+
+# --- model cache -----------------------------------------------------------------------------------
+
+class SizedRunner:
+    def __init__(self, spec: ModelSpec, log: list[str]) -> None:
+        self.spec, self.log, self.loaded = spec, log, False
+
+    def load(self) -> None:
+        self.loaded = True
+        self.log.append(f"load {self.spec.name}")
+
+    def unload(self) -> None:
+        self.loaded = False
+        self.log.append(f"unload {self.spec.name}")
+
+    def memory_bytes(self) -> int:
+        return int(self.spec.options["size"]) if self.loaded else 0
+
+
+def _cache(budget: int, log: list[str], pin_wait_s: float = 10) -> ModelCache:
+    specs = {n: ModelSpec(name=n, kind="echo", source="none", options={"size": 100}) for n in ("a", "b", "c")}
+    return ModelCache(specs, lambda spec: SizedRunner(spec, log), budget_bytes=budget, pin_wait_s=pin_wait_s)
+
+
+def test_cache_evicts_the_least_recently_used_model_to_fit_the_budget() -> None:
+    log: list[str] = []
+    cache = _cache(250, log)
+    for model in ("a", "b", "a", "c"):  # c needs room: b is the least recently used
+        cache.acquire(model)
+        cache.release(model)
+    # c's size is unknown until it has loaded once (no weight files here), so b goes right after.
+    assert log == ["load a", "load b", "load c", "unload b"]
+    assert cache.resident() == ["a", "c"]
+    cache.acquire("b")
+    cache.release("b")
+    assert log[-2:] == ["unload a", "load b"]  # b's size is known now: room is made before the load
+    assert (cache.stats["b"].loads, cache.stats["b"].evictions, cache.stats["a"].evictions) == (2, 1, 1)
+    assert all(cache.stats[m].load_seconds >= 0 for m in "abc") and cache.stats["c"].bytes == 100
+
+
+def test_cache_waits_for_a_model_in_use_before_evicting_it() -> None:
+    log: list[str] = []
+    cache = _cache(150, log)
+    cache.acquire("b")
+    cache.release("b")
+    cache.acquire("a")  # pinned from now on: a job is using it (b is evicted to make room)
+    assert log == ["load b", "load a", "unload b"]
+    loaded = threading.Thread(target=cache.acquire, args=("b",))
+    loaded.start()
+    loaded.join(0.3)
+    assert loaded.is_alive() and log[-1] == "unload b"  # b waits while a is busy
+    cache.release("a")
+    loaded.join(10)
+    assert log[-2:] == ["unload a", "load b"] and cache.resident() == ["b"]
+
+
+def test_cache_goes_over_budget_when_the_busy_model_stays_busy() -> None:
+    log: list[str] = []
+    cache = _cache(150, log, pin_wait_s=0.2)
+    cache.acquire("a")
+    cache.acquire("b")  # a never frees up: after the wait, b loads over the budget
+    assert cache.resident() == ["a", "b"] and "unload a" not in log
+
+
+def test_cache_without_budget_keeps_everything() -> None:
+    log: list[str] = []
+    cache = _cache(0, log)
+    for model in "abcabc":
+        cache.acquire(model)
+        cache.release(model)
+    assert log == ["load a", "load b", "load c"]
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("512MiB", 512 * 2**20), ("20GiB", 20 * 2**30),
+                                             ("1.5g", 1_500_000_000), ("100 kb", 100_000)])
+def test_parse_bytes(text: str, value: int) -> None:
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GiB", "12XB", ""])
+def test_parse_bytes_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError, match="size like"):
+        parse_bytes(text)

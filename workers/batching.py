@@ -1,0 +1,189 @@
+"""Dynamic batching: queued jobs of one model that can share a forward pass run together.
+
+Each job keeps its own Celery task and thread: the thread claims the job, prepares it (tokenizes,
+checks it against the model) and hands it to the `Batcher`, then waits for its own outcome and
+records it, so acknowledgement stays per job. One executor thread per worker owns the device: it
+takes the oldest waiting item, gathers items with the same model and batch key up to the model's
+`max_batch_size` rows, and runs them in one call.
+
+When to start a batch: at once when the batch is full; at once when no other job is on its way
+in (claimed or being prepared by another thread), so a lone job is never held back; otherwise
+when the oldest item has waited `max_wait_ms` (registry option, default 50 ms).
+
+If a batched call raises, nobody fails yet: the items are retried in two halves, recursively, so
+only an item that fails on its own gets the error (an out-of-memory batch also halves this way).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.runners.base import BatchItem, Outcome
+
+log = logging.getLogger("genq.worker")
+DEFAULT_MAX_WAIT_MS = 50.0
+
+
+@dataclass
+class _Waiting:
+    model: str
+    runner: Any
+    item: BatchItem
+    key: Hashable
+    rows: int
+    arrived: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+
+
+@dataclass
+class BatchStats:
+    """Per-model counters, reported by the worker to /metrics."""
+
+    batches: int = 0
+    items: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    splits: int = 0  # batches retried in halves after an error
+    largest: int = 0
+
+
+class Arrival:
+    """A job on its way into the batcher (being claimed or prepared). While any is on its way, a
+    partly filled batch waits for it, up to the model's max wait."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher, self.pending = batcher, False
+
+    def __enter__(self) -> Arrival:
+        with self.batcher._cond:
+            self.batcher._arriving += 1
+            self.pending = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.batcher._cond:
+            self._leave()
+
+    def _leave(self) -> None:  # under the batcher's lock
+        if self.pending:
+            self.pending = False
+            self.batcher._arriving -= 1
+            self.batcher._cond.notify_all()
+
+
+class Batcher:
+    def __init__(self, *, on_batch: Callable[[str, int, int, float], None] | None = None) -> None:
+        self._cond = threading.Condition()
+        self._waiting: list[_Waiting] = []  # arrival order
+        self._arriving = 0
+        self._stop = False
+        self._on_batch = on_batch
+        self.stats: dict[str, BatchStats] = {}
+        self._thread = threading.Thread(target=self._loop, name="genq-batcher", daemon=True)
+        self._thread.start()
+
+    def arrival(self) -> Arrival:
+        return Arrival(self)
+
+    def submit(self, model: str, runner: Any, item: BatchItem, arrival: Arrival | None = None) -> dict[str, Any]:
+        """Run one prepared item, batched with others; return its response body or raise its error."""
+        waiting = _Waiting(model, runner, item, runner.batch_key(item), max(1, runner.rows(item)))
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the worker's batcher has stopped")
+            self._waiting.append(waiting)
+            if arrival is not None:
+                arrival._leave()
+            self._cond.notify_all()
+        waiting.done.wait()
+        if isinstance(waiting.outcome, BaseException):
+            raise waiting.outcome
+        assert waiting.outcome is not None
+        return waiting.outcome
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+    # --- the executor thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            group = self._next_group()
+            if group is None:
+                return
+            self._run(group)
+
+    def _next_group(self) -> list[_Waiting] | None:
+        """Wait for work, then for the oldest item's batch to fill (see the module docstring)."""
+        with self._cond:
+            while True:
+                if self._stop and not self._waiting:
+                    return None
+                if not self._waiting:
+                    self._cond.wait()
+                    continue
+                first = self._waiting[0]
+                spec = first.runner.spec
+                limit = max(1, spec.max_batch_size)
+                deadline = first.arrived + float(spec.options.get("max_wait_ms", DEFAULT_MAX_WAIT_MS)) / 1000
+                group, rows = self._gather(first, limit)
+                now = time.monotonic()
+                if rows >= limit or self._arriving == 0 or now >= deadline or self._stop:
+                    for w in group:
+                        self._waiting.remove(w)
+                    return group
+                self._cond.wait(deadline - now)
+
+    def _gather(self, first: _Waiting, limit: int) -> tuple[list[_Waiting], int]:
+        group, rows = [first], first.rows
+        for w in self._waiting[1:]:
+            if rows >= limit:
+                break
+            if w.model == first.model and w.key == first.key and rows + w.rows <= limit:
+                group.append(w)
+                rows += w.rows
+        return group, rows
+
+    def _run(self, group: list[_Waiting]) -> None:
+        model = group[0].model
+        started = time.perf_counter()
+        outcomes = self._outcomes(group)
+        seconds = time.perf_counter() - started
+        stats = self.stats.setdefault(model, BatchStats())
+        rows = sum(w.rows for w in group)
+        stats.batches += 1
+        stats.items += len(group)
+        stats.rows += rows
+        stats.seconds += seconds
+        stats.largest = max(stats.largest, rows)
+        log.debug("batch of %d job(s), %d row(s) on %s in %.2fs", len(group), rows, model, seconds)
+        if self._on_batch is not None:
+            self._on_batch(model, len(group), rows, seconds)
+        for w, outcome in zip(group, outcomes, strict=True):
+            w.outcome = outcome
+            w.done.set()
+
+    def _outcomes(self, group: list[_Waiting]) -> list[Outcome]:
+        runner = group[0].runner
+        try:
+            outcomes = list(runner.run_batch([w.item for w in group]))
+            if len(outcomes) != len(group):
+                raise RuntimeError(f"runner returned {len(outcomes)} outcomes for {len(group)} items")
+            return outcomes
+        except BaseException as exc:  # noqa: BLE001 - becomes an outcome; the executor must live on
+            if len(group) == 1 or not isinstance(exc, Exception):
+                return [exc] * len(group)
+            stats = self.stats.setdefault(group[0].model, BatchStats())
+            stats.splits += 1
+            log.warning("a batch of %d job(s) on %s failed (%s: %s); retrying in halves",
+                        len(group), group[0].model, type(exc).__name__, exc)
+            half = len(group) // 2
+            return self._outcomes(group[:half]) + self._outcomes(group[half:])
