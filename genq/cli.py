@@ -55,14 +55,19 @@ def api(host: str, port: int, log_level: str) -> None:
 @main.command()
 @click.option("--models", required=True, help="Comma-separated model names to serve, e.g. gpt2,tiny-gpt2.")
 @click.option("--gpu", type=int, default=None, help="Pin to this GPU (sets CUDA_VISIBLE_DEVICES).")
-@click.option("--concurrency", type=int, default=1, show_default=True,
-              help="Jobs run at once (threads; 1 runs them one by one).")
+@click.option("--concurrency", type=int, default=None,
+              help="Jobs held at once, in threads. Default: twice the largest max_batch_size of the models "
+                   "that batch (so the next batch is ready when one ends), else 1.")
+@click.option("--memory-budget", envvar="GENQ_WORKER_MEMORY_BUDGET", default="auto", show_default=True,
+              help="Bytes of loaded models to keep (e.g. 20GiB, 512MiB; 0 for no limit). auto: 90% of the "
+                   "GPU's memory, or half the RAM on the CPU. Least recently used models are unloaded.")
 @click.option("--lease", type=float, default=30.0, show_default=True,
               help="Seconds a job's lease lasts between heartbeats; a dead worker's job is recovered after it.")
 @click.option("--max-attempts", type=int, default=3, show_default=True,
               help="Starts of one job before it is failed (protects against jobs that crash workers).")
 @click.option("--log-level", default="info", show_default=True)
-def worker(models: str, gpu: int | None, concurrency: int, lease: float, max_attempts: int, log_level: str) -> None:
+def worker(models: str, gpu: int | None, concurrency: int | None, memory_budget: str, lease: float,
+           max_attempts: int, log_level: str) -> None:
     """Run a worker consuming the queues of MODELS."""
     # Pin the GPU before anything imports torch: CUDA reads this once, at initialisation.
     if gpu is not None:
@@ -70,12 +75,17 @@ def worker(models: str, gpu: int | None, concurrency: int, lease: float, max_att
     assert "torch" not in sys.modules, "torch was imported before the GPU was pinned"
     from shared.registry import RegistryError
     from workers.app import run_worker
+    from workers.cache import parse_bytes
 
     _logging(log_level)
     names = [m.strip() for m in models.split(",") if m.strip()]
     try:
-        run_worker(_settings(), names, concurrency=concurrency, lease_s=lease, max_attempts=max_attempts,
-                   loglevel=log_level.upper())
+        budget = None if memory_budget == "auto" else parse_bytes(memory_budget)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory-budget") from None
+    try:
+        run_worker(_settings(), names, concurrency=concurrency, memory_budget=budget, lease_s=lease,
+                   max_attempts=max_attempts, loglevel=log_level.upper())
     except (ValueError, RegistryError, OSError) as exc:
         raise click.ClickException(f"worker could not start: {exc}") from None
 
@@ -201,6 +211,49 @@ def cancel(ident: str, api_url: str) -> None:
     click.echo(f"{obj['id']} {obj['status']}")
 
 
+@main.group()
+def adapters() -> None:
+    """LoRA adapters: upload, list, delete."""
+
+
+@adapters.command("create")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--model", required=True, help="The registered model (text or image) the adapter is for.")
+@api_option
+def adapters_create(name: str, path: Path, model: str, api_url: str) -> None:
+    """Upload the adapter at PATH (a directory with adapter_config.json and .safetensors weights, or a
+    zip / tar.gz of one) as NAME; prints its id."""
+    from genq.client import Client
+
+    obj = Client(api_url, os.environ.get("GENQ_API_KEY")).create_adapter(name, model, path)
+    click.echo(f"created adapter {obj['name']} for {obj['model']} (rank {obj['rank']}, {obj['bytes']} bytes): "
+               f"{obj['id']}")
+
+
+@adapters.command("list")
+@click.option("--model", default=None, help="Only adapters for this model.")
+@api_option
+def adapters_list(model: str | None, api_url: str) -> None:
+    """List your adapters and the registry's: id, name, model, owner, rank."""
+    from genq.client import Client
+
+    click.echo("id\tname\tmodel\towned_by\trank")
+    for a in Client(api_url, os.environ.get("GENQ_API_KEY")).list_adapters(model):
+        click.echo(f"{a['id']}\t{a['name']}\t{a['model']}\t{a['owned_by']}\t{a['rank'] if a['rank'] else '-'}")
+
+
+@adapters.command("delete")
+@click.argument("ident", metavar="ID")
+@api_option
+def adapters_delete(ident: str, api_url: str) -> None:
+    """Delete an uploaded adapter and its files."""
+    from genq.client import Client
+
+    obj = Client(api_url, os.environ.get("GENQ_API_KEY")).delete_adapter(ident)
+    click.echo(f"deleted adapter {obj['id']}")
+
+
 # --- admin ---------------------------------------------------------------------------------------
 
 @main.group()
@@ -212,11 +265,13 @@ def models() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("var/models"),
               show_default=True)
 def build_tiny(out: Path) -> None:
-    """Write small random-weight models in Hugging Face format, plus DIR/models.toml."""
+    """Write small random-weight models and LoRA adapters in Hugging Face format, plus DIR/models.toml."""
     from workers.tiny import build_tiny as build
+    from workers.tiny_lora import build_tiny_adapters
 
     started = time.perf_counter()
-    registry = build(out)
+    build(out)
+    registry = build_tiny_adapters(out)
     click.echo(f"wrote tiny models and {registry} in {time.perf_counter() - started:.1f}s")
 
 

@@ -70,6 +70,25 @@ class Client:
     def results(self, batch_id: str) -> bytes:
         return self._check(self.http.get(f"/v1/batches/{batch_id}/results")).content
 
+    def create_adapter(self, name: str, model: str, path: Path) -> dict[str, Any]:
+        """Upload a LoRA adapter: `path` is its directory (packed here as tar.gz) or an archive."""
+        if path.is_dir():
+            from workers.tiny_lora import archive_adapter  # stdlib only until a model is built
+
+            data, filename = archive_adapter(path, "tar.gz"), f"{path.name}.tar.gz"
+        else:
+            data, filename = path.read_bytes(), path.name
+        files = {"file": (filename, data, "application/octet-stream")}
+        return self._check(self.http.post("/v1/adapters", data={"name": name, "model": model},
+                                          files=files)).json()
+
+    def list_adapters(self, model: str | None = None) -> list[dict[str, Any]]:
+        params = {"model": model} if model else None
+        return list(self._check(self.http.get("/v1/adapters", params=params)).json()["data"])
+
+    def delete_adapter(self, adapter_id: str) -> dict[str, Any]:
+        return self._check(self.http.delete(f"/v1/adapters/{adapter_id}")).json()
+
     def _stream_error(self, resp: httpx.Response) -> None:
         resp.read()
         try:

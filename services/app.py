@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from services import (
+    routes_adapters,
     routes_batches,
     routes_events,
     routes_files,
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     app.include_router(routes_batches.router)
     app.include_router(routes_events.router)
     app.include_router(routes_files.router)
+    app.include_router(routes_adapters.router)
     app.include_router(routes_sync.router)
     app.include_router(routes_webhooks.router)
     app.include_router(routes_system.router)

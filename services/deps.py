@@ -18,7 +18,7 @@ from shared.results import ResultRenderer
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 # The create endpoints: each request takes a token from its tenant's bucket (GENQ_RATE_LIMIT_PER_MINUTE).
 RATE_LIMITED = frozenset({"/v1/jobs", "/v1/batches", "/v1/batches/{batch_id}/retry", "/v1/files",
-                          "/v1/completions", "/v1/images/generations"})
+                          "/v1/completions", "/v1/images/generations", "/v1/adapters"})
 
 
 def get_state(request: Request) -> AppState:

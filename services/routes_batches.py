@@ -130,7 +130,8 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
             background.add_task(validate_file_batch, state, batch.id)
             return batch_object(batch, jobs_data.request_counts({}))
         lines, errors = validate_batch(spec.requests or [], state.registry, max_lines=state.limits.max_batch_lines,
-                                       endpoint=spec.endpoint, max_prompt_chars=state.limits.max_prompt_chars)
+                                       endpoint=spec.endpoint, max_prompt_chars=state.limits.max_prompt_chars,
+                                       adapters=submit.adapters(state, session, tenant))
         if errors:
             raise batch_error(errors)
         endpoint = spec.endpoint or lines[0].request.url
@@ -252,7 +253,8 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
         numbered = [(i, {"custom_id": j.custom_id, "url": j.url, "body": j.body, "priority": j.priority})
                     for i, j in enumerate(jobs, start=1)]
         lines, errors = validate_batch(numbered, state.registry, max_lines=state.limits.max_batch_lines,
-                                       max_prompt_chars=state.limits.max_prompt_chars)
+                                       max_prompt_chars=state.limits.max_prompt_chars,
+                                       adapters=submit.adapters(state, session, tenant))
         if errors:
             raise batch_error(errors)
         submit.admit(state, session, tenant, len(lines))

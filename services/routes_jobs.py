@@ -43,7 +43,8 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
     """Submit one request line; answers 202 with the queued job."""
     raw = await read_body(request, state.limits.max_body_bytes)
     line, errors = validate_line(parse_json_body(raw), None, state.registry,
-                                 max_prompt_chars=state.limits.max_prompt_chars)
+                                 max_prompt_chars=state.limits.max_prompt_chars,
+                                 adapters=submit.adapters(state, session, tenant))
     if line is None:
         raise batch_error(errors)
     key = idempotency.request_key(request)

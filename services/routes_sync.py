@@ -68,7 +68,8 @@ async def _serve(url: str, request: Request, state: StateDep, session: SessionDe
                  renderer: RendererDep, start_timeout: float | None, timeout: float | None) -> dict[str, Any]:
     body = parse_json_body(await read_body(request, state.limits.max_body_bytes), prefix="body")
     line, errors = validate_line({"url": url, "body": body}, None, state.registry,
-                                 max_prompt_chars=state.limits.max_prompt_chars)
+                                 max_prompt_chars=state.limits.max_prompt_chars,
+                                 adapters=submit.adapters(state, session, tenant))
     if line is None:
         raise batch_error(errors)
 

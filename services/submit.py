@@ -1,5 +1,5 @@
-"""The two steps every submission path shares once its jobs are recorded: admission (quotas) and
-publishing to the broker."""
+"""What every submission path shares: the adapters a tenant may name (for validation), and once
+its jobs are recorded, admission (quotas) and publishing to the broker."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from sqlalchemy.orm import Session
 from services.guards import check_queue_ceiling
 from services.state import AppState
 from shared import outbox
+from shared.adapters import AdapterCatalog
 from shared.broker import Publish
+
+
+def adapters(state: AppState, session: Session, tenant: str | None) -> AdapterCatalog:
+    """The adapters `tenant` may name in requests (its uploads and the registry's), for
+    validate_line / validate_batch; the uploads are read on first use only."""
+    return AdapterCatalog(session, state.registry, tenant)
 
 
 def admit(state: AppState, session: Session, tenant: str | None, jobs: int) -> None:

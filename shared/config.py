@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     max_batch_lines: int = 50_000
     max_body_bytes: int = 200 * 1024 * 1024  # request bodies and uploaded files
     max_prompt_chars: int = 32_000
+    max_adapter_bytes: int = 1024 * 1024 * 1024  # an uploaded LoRA adapter archive, and its unpacked files
 
     @field_validator("database_url")
     @classmethod
@@ -74,7 +75,7 @@ class Settings(BaseSettings):
             raise ValueError("file:// needs a directory, e.g. file://./var/objects")
         return v
 
-    @field_validator("max_queued_jobs", "max_batch_lines", "max_body_bytes", "max_prompt_chars")
+    @field_validator("max_queued_jobs", "max_batch_lines", "max_body_bytes", "max_prompt_chars", "max_adapter_bytes")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:

@@ -1,7 +1,9 @@
 """The model registry: public model names mapped to a kind, a source and serving limits.
 
 A registry is a TOML file of `[models.<name>]` tables. Users name models only by these public
-names; the source (a hub id or a local directory) never comes from a request.
+names; the source (a hub id or a local directory) never comes from a request. Optional
+`[adapters.<name>]` tables name LoRA adapters (`model`, a local `source` directory) that every
+tenant may use.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 KNOWN_KINDS = ("text", "image", "gan", "echo")
+ADAPTER_KINDS = ("text", "image")  # model kinds that serve LoRA adapters
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 BUILTIN_TOML = Path(__file__).with_name("models.toml")
@@ -38,9 +41,19 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A registry LoRA adapter: public name, the registered model it adapts, its local directory."""
+
+    name: str
+    model: str
+    source: str
+
+
+@dataclass(frozen=True)
 class Registry:
     models: dict[str, ModelSpec]
     path: Path | None = None
+    adapters: dict[str, AdapterSpec] = field(default_factory=dict)
 
     def get(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
@@ -52,8 +65,13 @@ class Registry:
         return list(self.models)
 
 
+def valid_name(name: str) -> bool:
+    """Model and adapter names: non-empty, a-z, 0-9, '-', '_' and '.' only."""
+    return bool(name) and not set(name) - _NAME_CHARS
+
+
 def _spec(name: str, raw: dict[str, Any], base: Path, where: str) -> ModelSpec:
-    if not name or set(name) - _NAME_CHARS:
+    if not valid_name(name):
         raise RegistryError(f"{where}: model name {name!r} must use only a-z, 0-9, '-', '_' and '.'")
     kind = raw.get("kind")
     if kind not in KNOWN_KINDS:
@@ -83,7 +101,36 @@ def parse_registry(text: str, base: Path, where: str = "registry") -> Registry:
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         raise RegistryError(f"{where}: needs at least one [models.<name>] table")
-    return Registry({n: _spec(n, raw, base, where) for n, raw in models.items()})
+    specs = {n: _spec(n, raw, base, where) for n, raw in models.items()}
+    adapters = data.get("adapters", {})
+    if not isinstance(adapters, dict):
+        raise RegistryError(f"{where}: adapters must be [adapters.<name>] tables")
+    return Registry(specs, adapters={n: _adapter(n, raw, specs, base, where) for n, raw in adapters.items()})
+
+
+def _adapter(name: str, raw: Any, models: dict[str, ModelSpec], base: Path, where: str) -> AdapterSpec:
+    if not valid_name(name):
+        raise RegistryError(f"{where}: adapter name {name!r} must use only a-z, 0-9, '-', '_' and '.'")
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{where}: adapters.{name} must be a table with model and source")
+    model = raw.get("model")
+    if not isinstance(model, str) or model not in models:
+        raise RegistryError(f"{where}: adapters.{name}.model must name a registered model, not {model!r}")
+    if models[model].kind not in ADAPTER_KINDS:
+        raise RegistryError(f"{where}: adapters.{name}: model {model} is of kind {models[model].kind}, "
+                            f"which does not serve adapters (only {' and '.join(ADAPTER_KINDS)} models do)")
+    source = raw.get("source")
+    if not isinstance(source, str) or not source:
+        raise RegistryError(f"{where}: adapters.{name}.source must be a local directory")
+    if source.startswith(("./", "../")):
+        source = str((base / source).resolve())
+    elif not Path(source).is_absolute():
+        raise RegistryError(f"{where}: adapters.{name}.source must be a local directory, absolute or "
+                            f"starting with ./ (relative to the registry file), not {source!r}")
+    unknown = set(raw) - {"model", "source"}
+    if unknown:
+        raise RegistryError(f"{where}: adapters.{name} has unknown keys {', '.join(sorted(unknown))}")
+    return AdapterSpec(name=name, model=model, source=source)
 
 
 def load_registry(path: str | Path | None = None) -> Registry:
@@ -94,4 +141,4 @@ def load_registry(path: str | Path | None = None) -> Registry:
     except OSError as exc:
         raise RegistryError(f"cannot read model registry {file}: {exc.strerror}") from exc
     reg = parse_registry(text, file.parent if path else Path.cwd(), str(file))
-    return Registry(reg.models, path=file)
+    return Registry(reg.models, path=file, adapters=reg.adapters)

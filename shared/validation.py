@@ -15,6 +15,7 @@ from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from shared.adapters import AdapterCatalog, AdapterError
 from shared.registry import Registry
 from shared.schemas import BODY_MODELS, CompletionBody, ImageBody, RequestLine
 
@@ -179,8 +180,13 @@ def _prompt_errors(body: BaseModel, line: int | None, max_chars: int) -> list[Li
 
 
 def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: str | None = None,
-                  max_prompt_chars: int = MAX_PROMPT_CHARS) -> tuple[ValidLine | None, list[LineError]]:
-    """Check one request line against the schema, the prompt length limit and the registry."""
+                  max_prompt_chars: int = MAX_PROMPT_CHARS,
+                  adapters: AdapterCatalog | None = None) -> tuple[ValidLine | None, list[LineError]]:
+    """Check one request line against the schema, the prompt length limit and the registry.
+
+    A named adapter is resolved through `adapters` (the submitting tenant's uploads and the
+    registry's; registry adapters only when None) and the body keeps its stable id, so a later
+    rename or deletion of a same-named adapter cannot change what the job runs."""
     if not isinstance(obj, dict):
         return None, [LineError(line, None, "must be a JSON object")]
     try:
@@ -225,14 +231,22 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
         if body.num_inference_steps > max_steps:
             return None, [LineError(line, "body.num_inference_steps",
                                     f"must be <= {max_steps} for model {model!r}")]
-    if getattr(body, "adapter", None):
-        return None, [LineError(line, "body.adapter", f"adapter {body.adapter!r} is not registered")]  # type: ignore[attr-defined]
+    ref = getattr(body, "adapter", None)
+    if ref is not None:
+        try:
+            catalog = adapters if adapters is not None else AdapterCatalog(None, registry, None)
+            adapter_id = catalog.resolve(model=model, ref=ref)
+        except AdapterError as exc:
+            return None, [LineError(line, "body.adapter", exc.message, code=exc.code)]
+        body = body.model_copy(update={"adapter": adapter_id})
     return ValidLine(line or 0, req, body), []
 
 
 def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines: int, endpoint: str | None = None,
-                   max_prompt_chars: int = MAX_PROMPT_CHARS) -> tuple[list[ValidLine], list[LineError]]:
-    """Validate numbered request lines; custom_id is required and unique within a batch."""
+                   max_prompt_chars: int = MAX_PROMPT_CHARS,
+                   adapters: AdapterCatalog | None = None) -> tuple[list[ValidLine], list[LineError]]:
+    """Validate numbered request lines; custom_id is required and unique within a batch. One
+    `adapters` catalog serves every line (the tenant's uploads are read once)."""
     valid: list[ValidLine] = []
     errors: list[LineError] = []
     if not objs:
@@ -245,7 +259,8 @@ def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines
         if isinstance(obj, LineError):
             errors.append(obj)
             continue
-        ok, errs = validate_line(obj, line, registry, endpoint=endpoint, max_prompt_chars=max_prompt_chars)
+        ok, errs = validate_line(obj, line, registry, endpoint=endpoint, max_prompt_chars=max_prompt_chars,
+                                 adapters=adapters)
         errors.extend(errs)
         if ok is None:
             continue

@@ -162,6 +162,23 @@ kind = "echo"
 source = "none"
 delay_s = 0.05
 abort_on_prompt = "poison"
+
+[models.batch-echo]
+kind = "echo"
+source = "none"
+batch = true
+max_batch_size = 8
+max_wait_ms = 300
+delay_s = 0.3
+fail_on_prompt = "boom"
+
+[models.lru-a]
+kind = "text"
+source = "{source}"
+
+[models.lru-b]
+kind = "text"
+source = "{source}"
 """)
     return registry
 

@@ -119,6 +119,11 @@ class ModelCache:
             self._pins[model] = max(0, self._pins.get(model, 0) - 1)
             self._cond.notify_all()
 
+    def fits(self, model: str) -> bool:
+        """Whether the model would load without unloading another."""
+        with self._cond:
+            return not self.budget or self._used() + self._estimate(model) <= self.budget
+
     def resident(self) -> list[str]:
         with self._cond:
             return list(self._runners)

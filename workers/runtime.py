@@ -81,7 +81,13 @@ class WorkerRuntime:
         return runner
 
     def preload(self) -> None:
+        """Load the served models in order while they fit the memory budget; the rest load on
+        their first job."""
         for model in self.models:
+            if not self.cache.fits(model):
+                log.info("not preloading %s: it would not fit the memory budget with %s loaded", model,
+                         ", ".join(self.cache.resident()))
+                continue
             self.runner(model)
 
     # --- one job ---------------------------------------------------------------------------

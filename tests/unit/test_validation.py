@@ -93,3 +93,44 @@ def test_batch_rules() -> None:
     assert errors[0].code == "batch_too_large"
     _, errors = validate_batch([], REG, max_lines=2)
     assert errors[0].param == "requests"
+
+
+REG_WITH_ADAPTERS = parse_registry("""
+[models.t]
+kind = "text"
+source = "x"
+[models.t2]
+kind = "text"
+source = "x"
+[models.img]
+kind = "image"
+source = "y"
+[models.g]
+kind = "gan"
+source = "z"
+[adapters.style]
+model = "t"
+source = "/loras/style"
+""", Path("."))
+
+
+def test_registry_adapters_resolve_without_a_database() -> None:
+    ok, errors = validate_line(_text(adapter="style"), 1, REG_WITH_ADAPTERS)
+    assert errors == [] and ok is not None
+    assert ok.body.model_dump(exclude_unset=True)["adapter"] == "style"  # what the job row stores
+
+
+@pytest.mark.parametrize("line, words, code", [
+    (_text(adapter="nope"), "adapter 'nope' is not registered", "adapter_not_found"),
+    ({**_text(adapter="style"), "body": {"model": "t2", "prompt": "x", "adapter": "style"}},
+     "adapter 'style' is for model 't', not 't2'", "invalid_request"),
+    ({**_image(), "body": {"model": "g", "size": "32x32", "adapter": "style"}},
+     "model 'g' is a gan model, which does not serve adapters", "invalid_request"),
+])
+def test_adapter_errors_name_the_line_and_field(line: dict[str, Any], words: str, code: str) -> None:
+    lines = [(1, {**_text(), "custom_id": "1"}), (2, {**_text(adapter="style"), "custom_id": "2"}),
+             (3, {**line, "custom_id": "3"})]
+    valid, errors = validate_batch(lines, REG_WITH_ADAPTERS, max_lines=10)
+    assert [v.line for v in valid] == [1, 2]
+    assert [(e.line, e.param, e.code) for e in errors] == [(3, "body.adapter", code)]
+    assert errors[0].as_dict()["message"].startswith(f"line 3: body.adapter: {words}")
