@@ -15,6 +15,7 @@ from services.body import refuse_nul_params
 from services.deps import SessionDep, StateDep, TenantDep
 from services.errors import APIError, not_found
 from shared import adapters as adapters_data
+from shared.adapter_archive import check_archive
 from shared.adapters import AdapterError, AdapterTooLarge
 from shared.registry import ADAPTER_KINDS
 
@@ -55,7 +56,7 @@ async def create_adapter(request: Request, state: StateDep, session: SessionDep,
 
     def _create() -> dict[str, Any]:
         try:
-            checked = adapters_data.check_archive(file.file, model=spec, max_bytes=limit)
+            checked = check_archive(file.file, model=spec, max_bytes=limit)
         except AdapterTooLarge:
             raise _too_large(limit) from None
         except AdapterError as exc:

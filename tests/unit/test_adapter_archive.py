@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from shared.adapters import AdapterError, AdapterTooLarge, check_archive, parse_safetensors, read_archive
+from shared.adapter_archive import AdapterError, AdapterTooLarge, check_archive, parse_safetensors, read_archive
 from shared.registry import ModelSpec
 from workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora
 

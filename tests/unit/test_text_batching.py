@@ -117,7 +117,7 @@ def test_a_cancelled_job_stops_alone_inside_a_batch(runner: TextRunner, monkeypa
 
 def test_an_adapter_changes_the_output_and_plain_requests_are_unaffected(
         runner: TextRunner, adapters: dict[str, LocalAdapter]) -> None:
-    plain = dict(prompt="The station", temperature=0, max_tokens=12)
+    plain = {"prompt": "The station", "temperature": 0, "max_tokens": 12}
     before = choices(runner.run_batch([item(runner, **plain)])[0])
     with_a = choices(runner.run_batch([item(runner, adapters["lora-a"], **plain)])[0])
     assert with_a != before
@@ -127,8 +127,8 @@ def test_an_adapter_changes_the_output_and_plain_requests_are_unaffected(
 
 def test_adapters_stay_isolated_inside_a_mixed_batch(runner: TextRunner, adapters: dict[str, LocalAdapter]) -> None:
     a, b = adapters["lora-a"], adapters["lora-b"]
-    plain = dict(prompt="The station", temperature=0, max_tokens=12)
-    sampled = dict(prompt="Queues and workers", seed=3, max_tokens=12)
+    plain = {"prompt": "The station", "temperature": 0, "max_tokens": 12}
+    sampled = {"prompt": "Queues and workers", "seed": 3, "max_tokens": 12}
     alone = [choices(runner.run_batch([item(runner, adapter, **q)])[0])
              for adapter, q in ((a, plain), (b, plain), (None, plain), (a, sampled), (b, sampled))]
     assert alone[0] != alone[1] != alone[2]
@@ -143,7 +143,7 @@ def test_adapter_lru_evicts_and_reloads(tiny_dir: Path, adapters: dict[str, Loca
     runner = TextRunner(spec.__class__(**{**spec.__dict__, "options": {**spec.options, "max_adapters": 1}}),
                         device="cpu")
     runner.load()
-    q = dict(prompt="The station", temperature=0, max_tokens=10)
+    q = {"prompt": "The station", "temperature": 0, "max_tokens": 10}
     first_a = choices(runner.run_batch([item(runner, adapters["lora-a"], **q)])[0])
     runner.run_batch([item(runner, adapters["lora-b"], **q)])
     assert runner.loaded_adapters() == ["lora-b"]
