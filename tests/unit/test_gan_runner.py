@@ -189,3 +189,16 @@ def test_other_sources_are_refused(tmp_path: Path) -> None:
         GANConfig(image_size=48)
     with pytest.raises(GANFormatError, match="class_labels"):
         GANConfig(num_classes=2, class_labels=["a"])
+
+
+def test_unload_frees_the_generator_and_load_restores_it(gan_dir: Path) -> None:
+    spec = ModelSpec(name="tiny-gan", kind="gan", source=str(gan_dir), max_batch_size=16)
+    gan = GANRunner(spec, device="cpu")
+    gan.load()
+    assert gan.memory_bytes() == sum(p.numel() * p.element_size() for p in gan.model.parameters()) + sum(
+        b.numel() * b.element_size() for b in gan.model.buffers())
+    _, before = generate(gan, seed=3)
+    gan.unload()
+    assert gan.model is None and gan.memory_bytes() == 0
+    _, after = generate(gan, seed=3)  # run() loads it again
+    assert np.array_equal(pixels(before), pixels(after)) and gan.memory_bytes() > 0

@@ -126,7 +126,7 @@ def test_cancel_mid_run_stores_nothing(image_runner: ImageRunner) -> None:
     ({"size": "264x64"}, "body.size"),  # max_size is 256 for tiny-sd
     ({"size": "64x512"}, "body.size"),
     ({"num_inference_steps": 151}, "body.num_inference_steps"),
-    ({"adapter": "style"}, "body.adapter"),
+    ({"adapter": "style"}, "body.adapter"),  # named, but the worker gave it no adapter files
 ])
 def test_requests_beyond_the_model_limits_are_refused(
     image_runner: ImageRunner, fields: dict[str, Any], param: str

@@ -10,10 +10,14 @@ The request shape is the image one, read the GAN way:
 - Image k uses latent z ~ N(0, I) drawn on the CPU from seed `derive_seed(seed, k)`, and is
   generated alone (batch of one), so n=1 with that seed gives bit-identical pixels on the same
   device; a request without a seed gets a random one, reported back.
+
+The worker's batcher serves it as a SerialRunner: each request is its own batch (a forward pass
+per image is already cheap), and adapters are refused.
 """
 
 from __future__ import annotations
 
+import gc
 import secrets
 import time
 from typing import Any, ClassVar
@@ -25,7 +29,7 @@ from pydantic import BaseModel
 from shared.registry import ModelSpec
 from shared.schemas import ImageBody
 from workers.gan import DCGANGenerator, GANConfig, load_generator, to_pil
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext, SerialRunner, derive_seed
+from workers.runners.base import InvalidRequest, JobCancelled, RunContext, SerialRunner, derive_seed, module_bytes
 from workers.runners.device import resolve_device, resolve_dtype
 from workers.runners.png import encode_png
 
@@ -44,6 +48,15 @@ class GANRunner(SerialRunner):
 
     def load(self) -> None:
         self.model, self.config = load_generator(self.spec.source, self.device, self.dtype)
+
+    def unload(self) -> None:
+        self.model = self.config = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def memory_bytes(self) -> int:
+        return module_bytes(self.model)
 
     def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
         assert isinstance(body, ImageBody)
