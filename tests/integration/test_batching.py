@@ -176,3 +176,27 @@ def test_a_worker_serving_two_models_keeps_them_within_its_memory_budget(stack: 
         log = next(stack.logdir.glob("worker-lru-a+lru-b-*.log")).read_text()
         assert "evicted model lru-a" in log and "evicted model lru-b" in log
         assert proc.poll() is None
+
+
+def test_an_image_adapter_runs_through_the_worker(stack: Stack, tiny_registry: Path, tmp_path: Path) -> None:
+    from workers.tiny_lora import archive_adapter, build_image_lora
+
+    lora = build_image_lora(tiny_registry.parent / "tiny-sd", tmp_path / "lora", seed=3)
+    name = f"look-{uuid.uuid4().hex[:6]}"
+    body = {"model": "tiny-sd", "prompt": "a red square", "size": "64x64", "num_inference_steps": 4,
+            "seed": 5, "response_format": "b64_json"}
+    with stack.client() as c:
+        resp = c.post("/v1/adapters", data={"name": name, "model": "tiny-sd"},
+                      files={"file": ("lora.zip", archive_adapter(lora, "zip"), "application/zip")})
+        assert resp.status_code == 200, resp.text
+        batch_id = _submit(c, [{"custom_id": "plain", "url": "/v1/images/generations", "body": body},
+                               {"custom_id": "styled", "url": "/v1/images/generations",
+                                "body": {**body, "adapter": name}}])
+        assert _wait_done(c, batch_id)["request_counts"]["completed"] == 2
+        results = _results(c, batch_id)
+        alone = c.post("/v1/images/generations", json=body)
+        assert alone.status_code == 200, alone.text
+    plain, styled = (results[k]["response"]["body"]["data"][0] for k in ("plain", "styled"))
+    assert plain["seed"] == styled["seed"] == 5
+    assert plain["b64_json"] != styled["b64_json"]  # the adapter changed the image
+    assert alone.json()["data"][0]["b64_json"] == plain["b64_json"]  # and left the plain request alone
