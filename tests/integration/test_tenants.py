@@ -123,7 +123,7 @@ def test_metrics_need_a_key_and_carry_no_tenant_data(auth_api: Stack, keys: dict
         text = c.get("/metrics", headers=auth(keys["b"])).text
     assert "genq_jobs{" in text and 'model="echo"' in text
     labels = set(re.findall(r"(\w+)=\"", text))
-    assert labels <= {"model", "status", "le"}, labels
+    assert labels <= {"model", "status", "le", "worker"}, labels  # worker: host:pid:random, no tenant
     assert "acme-" not in text and "beta-" not in text
 
 
