@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts in bench/ (queue_throughput, image_throughput, gpu_check).
+"""Helpers shared by the benchmark scripts in bench/ (queue_throughput, batch_scale, text_batching, image_batching,
+gpu_check).
 
 The scripts are run as `python bench/X.py` (gpu_check.py through bench/gpu_check.sh) and put this
 directory on sys.path before `from common import ...`. This module imports only the standard
@@ -185,3 +186,179 @@ def check_redis_dbs_unused(redis_url: str, dbs: tuple[int, ...], env_hint: str) 
     if others:
         sys.exit(f"Redis db {' or '.join(map(str, dbs))} is in use by {len(others)} other client(s) "
                  f"({', '.join(sorted({c['addr'] for c in others}))}); stop them or set {env_hint}")
+
+
+# --- genq end to end: one API, one worker, one batch (text_batching, image_batching) ---------------
+
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+def stack_env(*, db_url: str, broker_url: str, storage_url: str, registry: Path) -> dict[str, str]:
+    """This process's environment without any GENQ_ setting, plus the stack's own (offline)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(GENQ_DATABASE_URL=db_url, GENQ_BROKER_URL=broker_url, GENQ_STORAGE_URL=storage_url,
+               GENQ_MODELS_FILE=str(registry), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def drop_stale_databases(admin: Any, prefix: str) -> None:
+    """Drop this benchmark's databases that nobody is connected to: left by a killed run. Call it
+    only while holding the benchmark's lock. `admin` is an autocommit psycopg connection."""
+    pattern = prefix.replace("_", r"\_") + "%"
+    for (stale,) in admin.execute("SELECT datname FROM pg_database d WHERE datname LIKE %s AND NOT EXISTS "
+                                  "(SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)",
+                                  (pattern,)).fetchall():
+        admin.execute(f'DROP DATABASE IF EXISTS "{stale}"')
+
+
+def start_api(procs: Procs, env: dict[str, str], timeout: float = 60) -> httpx.Client:
+    """`python -m genq api` on a free port; returns a client once /readyz answers (migrations done)."""
+    port = free_port()
+    procs.start("api", ["-m", "genq", "api", "--port", str(port), "--log-level", "warning"], env)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+
+    def ready() -> bool:
+        procs.check_alive()
+        return client.get("/readyz").status_code == 200
+
+    wait_for(ready, timeout, "genq API /readyz", 0.05)
+    return client
+
+
+def run_job(client: httpx.Client, procs: Procs, url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Submit one job and wait until it succeeded (a worker's warm-up); fail if it did not."""
+    resp = client.post("/v1/jobs", json={"url": url, "body": body})
+    resp.raise_for_status()
+    job_id = resp.json()["id"]
+
+    def done() -> dict[str, Any] | None:
+        procs.check_alive()
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("failed", "cancelled"):
+            raise RuntimeError(f"warm-up job for {body['model']} {job['status']}: {job['error']}")
+        return job if job["status"] == "succeeded" else None
+
+    return wait_for(done, timeout, f"warm-up job for {body['model']}", 0.05)
+
+
+def run_batch(client: httpx.Client, procs: Procs, url: str, bodies: list[dict[str, Any]],
+              timeout: float) -> dict[str, Any]:
+    """POST the bodies as one NDJSON batch and wait for it to end. Returns accept_s (the POST's round
+    trip), seconds (POST sent -> a poll sees `completed`), the final request_counts and the result
+    lines in input order. Fails if the batch ends otherwise or any request failed."""
+    lines = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url, "body": b}).encode() + b"\n"
+                     for i, b in enumerate(bodies))
+    started = time.perf_counter()
+    resp = client.post("/v1/batches", content=lines, headers=NDJSON)
+    accepted = time.perf_counter()
+    if resp.status_code != 202:
+        raise RuntimeError(f"batch refused: {resp.status_code} {resp.text[:2000]}")
+    batch_id = resp.json()["id"]
+
+    def completed() -> dict[str, Any] | None:
+        procs.check_alive()
+        batch: dict[str, Any] = client.get(f"/v1/batches/{batch_id}").json()
+        if batch["status"] in ("failed", "cancelled", "expired"):
+            raise RuntimeError(f"batch ended {batch['status']}: {batch['request_counts']}")
+        return batch if batch["status"] == "completed" else None
+
+    # Each poll costs the API and Postgres a few ms of CPU that the worker would otherwise use: poll
+    # about every 0.5% of the time elapsed so far (0.05-0.5 s), which bounds the timing error alike.
+    batch = wait_for(completed, timeout, f"batch of {len(bodies)} {bodies[0]['model']} requests",
+                     lambda: min(0.5, max(0.05, (time.perf_counter() - started) / 200)))
+    seconds = time.perf_counter() - started
+    results = [json.loads(line) for line in client.get(f"/v1/batches/{batch_id}/results").text.splitlines()]
+    order = {f"r{i}": i for i in range(len(bodies))}
+    results.sort(key=lambda line: order.get(line["custom_id"], len(order)))
+    failed = [r for r in results if r.get("error") or (r.get("response") or {}).get("status_code") != 200]
+    counts = batch["request_counts"]
+    if counts["completed"] != len(bodies) or failed or len(results) != len(bodies):
+        raise RuntimeError(f"batch {batch_id}: {counts}, {len(results)} result lines; first failure: "
+                           f"{failed[0] if failed else None}")
+    return {"batch_id": batch_id, "accept_s": accepted - started, "seconds": seconds, "request_counts": counts,
+            "results": results}
+
+
+def worker_metric_lines(client: httpx.Client) -> list[str]:
+    """The `genq_worker*` samples of the API's /metrics (the workers' batching counters), or []."""
+    resp = client.get("/metrics")
+    if resp.status_code != 200:
+        return []
+    return [line for line in resp.text.splitlines() if line.startswith("genq_worker")]
+
+
+def logged_batches(log_file: Path) -> dict[str, Any] | None:
+    """What a worker's log says about the batches it ran ("batch of N job(s), R row(s) on MODEL in
+    S s", logged at debug level): how many batches of each row count. None when it logged none."""
+    import re
+
+    sizes: dict[int, int] = {}
+    for match in re.finditer(r"batch of (\d+) job\(s\), (\d+) row\(s\)", log_file.read_text(errors="replace")):
+        rows = int(match.group(2))
+        sizes[rows] = sizes.get(rows, 0) + 1
+    if not sizes:
+        return None
+    return {"batches": sum(sizes.values()), "batches_by_rows": {str(k): sizes[k] for k in sorted(sizes)}}
+
+
+def start_stack(procs: Procs, env: dict[str, str], model: str, worker_flags: list[str], url: str,
+                warm_up: dict[str, Any]) -> tuple[httpx.Client, str]:
+    """The API and ONE `genq worker --models MODEL WORKER_FLAGS` (as `worker` in procs), warmed up
+    by one job `warm_up` to `url`, so loading and first calls are not measured. Returns a client and
+    the worker's command line."""
+    client = start_api(procs, env)
+    args = ["-m", "genq", "worker", "--models", model, *worker_flags]
+    procs.start("worker", args, env)
+    run_job(client, procs, url, warm_up, 600)
+    return client, " ".join(["genq", *args[2:]])
+
+
+def settled_worker_metrics(client: httpx.Client, procs: Procs, before: list[str], jobs: int,
+                           wait_s: float = 15) -> list[str] | None:
+    """The `genq_worker*` /metrics samples once the batching counters cover `jobs` more jobs than
+    `before` (read before the batch: workers report on a heartbeat, so the last batches show up a
+    few seconds late); after wait_s, whatever is there. None when the API exposes no genq_worker
+    metrics at all."""
+    if not worker_metric_lines(client) and not before:
+        return None
+
+    def settled() -> list[str] | None:
+        procs.check_alive()
+        now = worker_metric_lines(client)
+        counts = batch_counts(before, now)
+        return now if counts is not None and counts["jobs"] >= jobs else None
+
+    try:
+        return wait_for(settled, wait_s, "worker metrics", 0.5)
+    except TimeoutError:
+        return worker_metric_lines(client)
+
+
+def _metric_sums(lines: list[str]) -> dict[str, float]:
+    """Prometheus samples summed by metric name over their labels."""
+    sums: dict[str, float] = {}
+    for line in lines:
+        name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0]
+        try:
+            sums[name] = sums.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return sums
+
+
+def batch_counts(before: list[str], after: list[str] | None) -> dict[str, Any] | None:
+    """What the worker's batching counters (genq_worker_batch*_total) grew by between two reads of
+    /metrics: batches, jobs and rows run, and the mean rows per batch. None without those counters."""
+    if not after:
+        return None
+    old, new = _metric_sums(before), _metric_sums(after)
+    if "genq_worker_batches_total" not in new:
+        return None
+    grew = {key: new.get(f"genq_worker_{name}_total", 0.0) - old.get(f"genq_worker_{name}_total", 0.0)
+            for key, name in (("batches", "batches"), ("jobs", "batch_jobs"), ("rows", "batch_rows"),
+                              ("seconds", "batch_seconds"), ("splits", "batch_splits"))}
+    out: dict[str, Any] = {k: int(v) if k != "seconds" else round(v, 3) for k, v in grew.items()}
+    out["mean_rows_per_batch"] = round(grew["rows"] / grew["batches"], 2) if grew["batches"] else None
+    return out

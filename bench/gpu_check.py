@@ -1,8 +1,15 @@
 """GPU check: full-size random-weight gpt2 and SD 1.5 served by genq on one GPU, measured through the API.
 
 The measurement driver behind bench/gpu_check.sh (which adds a hard time limit and cleanup). In order:
-  1. models   bench/gpu_models.py writes gpt2-random and sd15-random (fp16) and their models.toml
-              into the work directory (skipped with --models-dir).
+  1. models   bench/gpu_models.py writes gpt2-random (its EOS muted: every completion runs to
+              max_tokens) and sd15-random (fp16) and their models.toml into the work directory
+              (skipped with --models-dir).
+  1b. baseline the in-process batched baselines, each in its own process on the GPU before any
+              worker starts: `bench/text_batching.py --in-process` runs the batched text requests
+              of step 5 through gpt2-random's `generate` in batches of its max_batch_size (64), and
+              `bench/image_batching.py --in-process` the batched images through sd15-random's
+              pipeline in calls of its max_batch_size (8), both loaded as genq's runners load them
+              and timed after a warm-up call.
   2. stack    the embedded defaults, no server needed: SQLite results DB, SQLite broker, file
               storage; `python -m genq api` and two workers, `--models gpt2-random --gpu G` and
               `--models sd15-random --gpu G`, both on the same GPU. One warm-up job per model
@@ -12,17 +19,24 @@ The measurement driver behind bench/gpu_check.sh (which adds a hard time limit a
               the results report (usage), requests_per_s the requests.
   4. image    one batch of --image-requests images (--size, --steps, guidance 7.5, fp16, seed i);
               images_per_s, and it_per_s = steps x images / seconds.
-  5. memory   while 2-4 run, `nvidia-smi` is sampled every 0.5 s: the largest memory.used of the GPU
+  5. batching --batch-text-requests completions (max_tokens --batch-max-tokens, temperature 0.8,
+              seed i) and --batch-image-requests images (--size, --steps) through genq, each as one
+              batch, against the same requests in step 1b: `batching` reports both sides and
+              ratio_genq_to_in_process (tokens/s, images/s; goal 0.85). Skipped with --no-batching.
+  6. memory   while 2-5 run, `nvidia-smi` is sampled every 0.5 s: the largest memory.used of the GPU
               (MiB, every process on it) and, where nvidia-smi can see them, each worker's own
               figure (--query-compute-apps; includes its CUDA context and the caching allocator's
               reserve, which is what the GPU can no longer give to others).
 It prints one JSON object; every wait has a deadline inside --budget-s, so it never hangs.
+On a GPU, 1b and 5 run at the sizes the issue asks for: gpt2-small at batch 64, the SD 1.5 UNet at
+batch 8, 512x512, fp16.
 
 --cpu runs the same steps with the workers on the CPU (registry dtype auto: fp32) and no GPU
 sampling; --small uses tiny models of the same formats and few, small requests. `--cpu --small`
 is the path the tests run, in about a minute on 2 cores.
 
-Run: python bench/gpu_check.py [--cpu] [--small] [--gpu N] [--workdir DIR] [--models-dir DIR] [--out FILE]
+Run: python bench/gpu_check.py [--cpu] [--small] [--gpu N] [--workdir DIR] [--models-dir DIR] [--no-batching]
+     [--out FILE]
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +221,60 @@ def run_batch(client: httpx.Client, procs: Procs, url: str, bodies: list[dict[st
     return seconds, results
 
 
+# --- batching: genq against the in-process batched baselines ---------------------------------------
+
+BATCH_GOAL = 0.85  # genq's share of the in-process batched throughput
+
+
+def registry_entry(registry: Path, model: str) -> dict[str, Any]:
+    """A model's table in a models.toml, its relative source resolved as genq resolves it."""
+    entry: dict[str, Any] = dict(tomllib.loads(registry.read_text())["models"][model])
+    if entry["source"].startswith(("./", "../")):
+        entry["source"] = str((registry.parent / entry["source"]).resolve())
+    return entry
+
+
+def in_process(script: str, spec: dict[str, Any], workdir: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """`bench/SCRIPT --in-process SPEC` in its own process (this one never imports torch): the
+    batched in-process baseline of those requests; its JSON."""
+    name = script.removesuffix(".py")
+    spec_file, log_path = workdir / f"{name}-spec.json", workdir / f"{name}-in-process.log"
+    spec_file.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--in-process", str(spec_file)]
+    try:
+        with log_path.open("wb") as log:
+            out = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, timeout=timeout,
+                                 check=True).stdout
+    except subprocess.SubprocessError as exc:
+        raise RuntimeError(f"the in-process baseline {script} failed ({exc}):\n"
+                           f"{log_path.read_text(errors='replace')[-3000:]}") from None
+    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def compared(genq: dict[str, Any], base: dict[str, Any], unit: str) -> dict[str, Any]:
+    ratio = genq[unit] / base[unit]
+    return {"genq": genq, "in_process": base, "ratio_genq_to_in_process": round(ratio, 4), "unit": unit,
+            "goal": BATCH_GOAL, "met": ratio >= BATCH_GOAL}
+
+
+def batched_text(client: httpx.Client, procs: Procs, bodies: list[dict[str, Any]], base: dict[str, Any],
+                 deadline: Deadline) -> dict[str, Any]:
+    seconds, lines = run_batch(client, procs, TEXT_URL, bodies, deadline.left(300))
+    tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines)
+    genq = {"requests": len(lines), "completion_tokens": tokens, "seconds": round(seconds, 3),
+            "requests_per_s": round(len(lines) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+    return {"model": TEXT_MODEL, "max_tokens": bodies[0]["max_tokens"], **compared(genq, base, "tokens_per_s")}
+
+
+def batched_images(client: httpx.Client, procs: Procs, bodies: list[dict[str, Any]], base: dict[str, Any],
+                   deadline: Deadline, args: argparse.Namespace) -> dict[str, Any]:
+    seconds, lines = run_batch(client, procs, IMAGE_URL, bodies, deadline.left(300))
+    images = sum(len(line["response"]["body"]["data"]) for line in lines)
+    genq = {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
+            "it_per_s": round(args.steps * images / seconds, 2)}
+    return {"model": IMAGE_MODEL, "size": args.size, "steps": args.steps, **compared(genq, base, "images_per_s")}
+
+
 def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict[str, Any]:
     t0 = time.perf_counter()
     env = {**os.environ, **OFFLINE}
@@ -226,7 +295,8 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
         registry = Path(args.models_dir) / "models.toml"
     else:
         build = [sys.executable, str(ROOT / "bench" / "gpu_models.py"), "--out", str(workdir / "models"),
-                 "--dtype", "auto" if args.cpu else "float16", "--device", "cpu" if args.cpu else "cuda"]
+                 "--dtype", "auto" if args.cpu else "float16", "--device", "cpu" if args.cpu else "cuda",
+                 "--mute-eos"]
         started = time.perf_counter()
         build_env = env if args.cpu else {**env, "CUDA_VISIBLE_DEVICES": str(args.gpu)}
         log_path = workdir / "build-models.log"
@@ -239,6 +309,20 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
                                f"{log_path.read_text(errors='replace')[-3000:]}") from None
         result["build_models_s"] = round(time.perf_counter() - started, 2)
         registry = workdir / "models" / "models.toml"
+
+    # 1b. The in-process batched baselines, alone on the GPU.
+    text_batch = [text_body(i, args.batch_max_tokens) for i in range(args.batch_text_requests)]
+    image_batch = [image_body(i, args.size, args.steps) for i in range(args.batch_image_requests)]
+    baselines: dict[str, dict[str, Any]] = {}
+    if not args.no_batching:
+        base_env = env if args.cpu else {**env, "CUDA_VISIBLE_DEVICES": str(args.gpu)}
+        for script, model, bodies in (("text_batching.py", TEXT_MODEL, text_batch),
+                                      ("image_batching.py", IMAGE_MODEL, image_batch)):
+            entry = registry_entry(registry, model)
+            spec = {"source": entry["source"], "device": "cpu" if args.cpu else "cuda",
+                    "dtype": entry.get("dtype", "auto"), "batch_size": entry.get("max_batch_size", 8),
+                    "bodies": bodies}
+            baselines[model] = in_process(script, spec, workdir, base_env, deadline.left(300))
 
     # 2. The stack, then one warm-up job per model.
     sampler = None if args.cpu else MemorySampler(args.gpu).start()
@@ -287,13 +371,20 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
             result["image"] = {"model": IMAGE_MODEL, "images": images, "size": args.size, "steps": args.steps,
                                "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
                                "it_per_s": round(args.steps * images / seconds, 2)}
+
+            # 5. Batching: the baselines' requests through genq.
+            if baselines:
+                result["batching"] = {
+                    "text": batched_text(client, procs, text_batch, baselines[TEXT_MODEL], deadline),
+                    "image": batched_images(client, procs, image_batch, baselines[IMAGE_MODEL], deadline, args),
+                }
             client.close()
         finally:
             if sampler:
                 sampler.stop()
             worker_pids = {p.pid: name.removeprefix("worker-") for name, p in procs.procs.items()}
 
-    # 5. Memory.
+    # 6. Memory.
     if sampler:
         result["memory"] = {
             "peak_gpu_memory_used_mib": sampler.peak_mib, "samples": sampler.samples, "interval_s": sampler.interval,
@@ -318,12 +409,19 @@ def main() -> None:
     parser.add_argument("--image-requests", type=int, default=None, help="default 8 (--small: 2)")
     parser.add_argument("--size", default=None, help="default 512x512 (--small: 64x64)")
     parser.add_argument("--steps", type=int, default=None, help="default 30 (--small: 4)")
-    parser.add_argument("--budget-s", type=float, default=280.0, help="fail rather than run longer than this")
+    parser.add_argument("--batch-text-requests", type=int, default=None,
+                        help="batched text comparison: completions (default 256; --small: 16)")
+    parser.add_argument("--batch-max-tokens", type=int, default=None, help="their max_tokens (default 32; --small: 8)")
+    parser.add_argument("--batch-image-requests", type=int, default=None,
+                        help="batched image comparison: images at --size and --steps (default 16; --small: 4)")
+    parser.add_argument("--no-batching", action="store_true", help="skip the batched comparisons (1b and 5)")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="fail rather than run longer than this")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     small = args.small
     for name, full, tiny in (("text_requests", 64, 8), ("max_tokens", 64, 16), ("image_requests", 8, 2),
-                             ("size", "512x512", "64x64"), ("steps", 30, 4)):
+                             ("size", "512x512", "64x64"), ("steps", 30, 4), ("batch_text_requests", 256, 16),
+                             ("batch_max_tokens", 32, 8), ("batch_image_requests", 16, 4)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if small else full)
     # Turn SIGTERM (gpu_check.sh's time limit) into SystemExit so the cleanup still runs.

@@ -2,19 +2,26 @@
 # genq GPU check: full-size random-weight gpt2 (124M) and Stable Diffusion 1.5 served by genq on one
 # NVIDIA GPU, measured through the API; prints one JSON object. For a GPU machine with NO internet.
 #
-#   bash bench/gpu_check.sh                  # GPU 0: 64 completions x 64 tokens, 8 images 512x512 x 30 steps
+#   bash bench/gpu_check.sh                  # GPU 0: 64 completions x 64 tokens, 8 images 512x512 x 30 steps,
+#                                            # then batching: 256 completions x 32 tokens (batch 64) and
+#                                            # 16 images 512x512 fp16 (batch 8), genq vs in-process
 #   bash bench/gpu_check.sh --gpu 1          # another GPU (both workers share it)
 #   bash bench/gpu_check.sh --cpu --small    # the same code path on a CPU with tiny models (~1 min)
 #   bash bench/gpu_check.sh --out result.json
 # Other flags go to bench/gpu_check.py (see its --help): --text-requests, --max-tokens,
-# --image-requests, --size, --steps, --models-dir, --budget-s.
+# --image-requests, --size, --steps, --batch-text-requests, --batch-max-tokens, --batch-image-requests,
+# --no-batching, --models-dir, --budget-s.
 #
 # What it does (bench/gpu_check.py has the details): writes the models with bench/gpu_models.py into
-# a temporary directory; starts `python3 -m genq api` and two workers (`--models gpt2-random --gpu N`,
+# a temporary directory (gpt2's EOS muted, so every completion runs to max_tokens); runs the in-process
+# batched baselines (gpt2 `generate` at batch 64, the SD pipeline at batch 8), each in its own process
+# on the idle GPU; starts `python3 -m genq api` and two workers (`--models gpt2-random --gpu N`,
 # `--models sd15-random --gpu N`) on the embedded defaults (SQLite DB and broker, file storage: no
 # server needed); runs a text batch and an image batch through the API; reports tokens/s, requests/s,
-# images/s, it/s, the peak GPU memory (nvidia-smi every 0.5 s), the GPU and the torch/CUDA versions.
-# It stops by itself within GENQ_CHECK_TIMEOUT seconds (default 300) and stops every process it
+# images/s, it/s, the peak GPU memory (nvidia-smi every 0.5 s), the GPU and the torch/CUDA versions;
+# then sends the baselines' requests through genq and reports `batching`: both sides and genq's share
+# of the in-process throughput (goal 0.85).
+# It stops by itself within GENQ_CHECK_TIMEOUT seconds (default 420) and stops every process it
 # started on exit, even when killed by the limit.
 #
 # Python: $PYTHON if set, else ./.venv/bin/python if present, else python3. It needs torch with CUDA
@@ -77,7 +84,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-limit=${GENQ_CHECK_TIMEOUT:-300}
+limit=${GENQ_CHECK_TIMEOUT:-420}
 # The driver's own budget ends before the hard limit, so it can report what failed and clean up.
 timeout --signal=TERM --kill-after=15 "$limit" \
     "$PY" bench/gpu_check.py --workdir "$work" --budget-s "$((limit - 20))" "$@" &

@@ -23,12 +23,13 @@ CPU), for checking this script and the code paths that use its output without a 
 The weights are initialised on `--device` (default: cuda when a GPU is visible), which takes
 seconds on a GPU instead of about a minute for the full UNet on a CPU.
 
-Run: python bench/gpu_models.py --out DIR [--small] [--dtype float16|auto|float32] [--device cpu|cuda]
+Run: python bench/gpu_models.py --out DIR [--small] [--dtype float16|auto|float32] [--device cpu|cuda] [--mute-eos]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -83,7 +84,8 @@ def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB) -> Any:
                                                  model_max_length=1024)
 
 
-def build_gpt2(model_dir: Path, *, small: bool, device: str, seed: int = 0) -> Path:
+def build_gpt2(model_dir: Path, *, small: bool, device: str, seed: int = 0, mute_eos: bool = False) -> Path:
+    """gpt2-small (or `small`: 2 layers, 64 wide) with random weights; `mute_eos`: see mute_token."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -95,11 +97,35 @@ def build_gpt2(model_dir: Path, *, small: bool, device: str, seed: int = 0) -> P
     torch.manual_seed(seed)
     with torch.device(device):
         model = GPT2LMHeadModel(config)
+    if mute_eos:
+        mute_token(model, eos_id)
     model = model.half().cpu()
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     return model_dir
+
+
+def mute_token(model: Any, token_id: int, margin: float = 60.0) -> None:
+    """Make a GPT-2 LM practically never sample `token_id` (its EOS), at no change in compute.
+
+    With random weights EOS is as likely as any token (1 in 50257 per step), so some rows of a
+    benchmark would stop early and the arms would generate different amounts of text. Here the last
+    hidden unit of the final layer norm is pinned to 1 (weight 0, bias 1) and the LM head reads it
+    only for `token_id`, with weight -margin: that token's logit drops by `margin` (e^-60 ~ 1e-26
+    relative odds), every other logit is unchanged apart from that unit's small share. The head is
+    tied to the input embeddings, so that unit of every input embedding becomes 0 (-margin for the
+    muted token, which only ever appears as left padding, masked out).
+    """
+    import torch
+
+    unit = model.config.n_embd - 1
+    with torch.no_grad():
+        model.transformer.ln_f.weight[unit] = 0.0
+        model.transformer.ln_f.bias[unit] = 1.0
+        head = model.get_output_embeddings().weight
+        head[:, unit] = 0.0
+        head[token_id, unit] = -margin
 
 
 # --- image: Stable Diffusion 1.5 ---------------------------------------------------------------
@@ -168,8 +194,10 @@ def build_sd15(model_dir: Path, *, small: bool, device: str, seed: int = 0) -> P
 
 # --- all of it ---------------------------------------------------------------------------------
 
-def build_all(out: Path, *, small: bool = False, dtype: str = "float16", device: str | None = None) -> dict[str, Any]:
-    """Write both models and `out/models.toml`; return what was written and how long it took."""
+def build_all(out: Path, *, small: bool = False, dtype: str = "float16", device: str | None = None,
+              mute_eos: bool = False) -> dict[str, Any]:
+    """Write both models and `out/models.toml`; return what was written and how long it took.
+    `mute_eos`: gpt2-random practically never samples EOS (every completion runs to max_tokens)."""
     import torch
 
     from workers.tiny import write_registry
@@ -177,7 +205,9 @@ def build_all(out: Path, *, small: bool = False, dtype: str = "float16", device:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    for name, build in ((GPT2_NAME, build_gpt2), (SD_NAME, build_sd15)):
+    builds: tuple[tuple[str, Any], ...] = ((GPT2_NAME, functools.partial(build_gpt2, mute_eos=mute_eos)),
+                                           (SD_NAME, build_sd15))
+    for name, build in builds:
         started = time.perf_counter()
         build(out / name, small=small, device=device)
         timings[name] = round(time.perf_counter() - started, 2)
@@ -187,8 +217,8 @@ def build_all(out: Path, *, small: bool = False, dtype: str = "float16", device:
     text = registry.read_text()
     registry.write_text(HEADER + text.split("\n", 1)[1])
     sizes = {name: sum(f.stat().st_size for f in (out / name).rglob("*") if f.is_file()) for name in timings}
-    return {"registry": str(registry), "small": small, "dtype": dtype, "device": device, "build_s": timings,
-            "bytes": sizes}
+    return {"registry": str(registry), "small": small, "dtype": dtype, "device": device, "mute_eos": mute_eos,
+            "build_s": timings, "bytes": sizes}
 
 
 def main() -> None:
@@ -198,8 +228,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32", "auto"),
                         help="the dtype models.toml asks workers to load in (weights are stored in fp16)")
     parser.add_argument("--device", default=None, help="where weights are initialised (default cuda if visible)")
+    parser.add_argument("--mute-eos", action="store_true",
+                        help="gpt2-random practically never samples EOS, so completions run to max_tokens")
     args = parser.parse_args()
-    print(json.dumps(build_all(args.out, small=args.small, dtype=args.dtype, device=args.device), indent=2))
+    print(json.dumps(build_all(args.out, small=args.small, dtype=args.dtype, device=args.device,
+                               mute_eos=args.mute_eos), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,319 @@
+"""Image batching: genq end to end against one pipeline call per image and against batched calls, in one run.
+
+With `tiny-sd` (workers.tiny.build_tiny's random-weight Stable Diffusion, max_batch_size --batch-size)
+the same --images requests (one image each, prompt i, seed i, --size, --steps, guidance 7.5, PNDM)
+go through, one after another on this machine, never overlapping:
+  a_naive_loop   in this process, one StableDiffusionPipeline call per image (one CPU generator
+                 seeded with the request's seed, as genq's image runner makes it), the pipeline loaded
+                 as the runner loads it. With --naive-sample N only N requests (spread evenly) are
+                 timed and the time per image is extrapolated (`extrapolated` says so).
+  b_batched      in this process, the requests in input order in calls of --batch-size images: a
+                 list of prompts and a list of one generator per image.
+  c_genq         the genq API and ONE `genq worker --models tiny-sd` (Postgres, Redis, file://
+                 storage), warmed up by one job; the requests go in as one NDJSON batch to
+                 /v1/images/generations; seconds = POST sent -> batch `completed` (generating, PNG
+                 encoding and storing, recording, finalizing). Every request must succeed. The
+                 worker's `genq_worker*` /metrics samples are reported when present.
+a and b run twice, before c and after it, and report their faster run (`runs` has both): other
+work on a shared machine can only slow a run down, so the faster run is the better estimate, and the
+stricter baseline for genq.
+How to read it: images/s per arm; c_over_b (goal >= 0.85) is the share of in-process batched
+throughput that genq keeps, c_over_a and b_over_a the gains over one call per image.
+pixels_identical_to_b says whether each genq image (downloaded as a PNG) has exactly the pixels of
+b's image for the same request; max_abs_diff is the largest difference of one channel (0-255).
+Absolute rates depend on the machine and its load: compare numbers only within one output.
+
+Run: .venv/bin/python bench/image_batching.py [--images 64] [--batch-size 8] [--steps 10] [--size 64x64] [--out FILE]
+Needs Redis (GENQ_BENCH_REDIS; flushes db GENQ_BENCH_IMAGE_BATCHING_REDIS_DB, default 7, and refuses
+it while other clients use it) and Postgres (GENQ_BENCH_PG_ADMIN; a temporary database is dropped at
+the end). Runs of this and bench/text_batching.py take turns on one file lock; exit status 75:
+waited too long for it. `--in-process SPEC.json` runs only arm b for gpu_check.py (see in_process_main).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, however this file is run
+from common import (
+    ROOT,
+    Procs,
+    batch_counts,
+    check_redis_dbs_unused,
+    drop_stale_databases,
+    logged_batches,
+    package_versions,
+    print_result,
+    run_batch,
+    server_versions,
+    settled_worker_metrics,
+    stack_env,
+    start_stack,
+    take_turn,
+)
+
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import genq's own modules
+
+REDIS_HOST = os.environ.get("GENQ_BENCH_REDIS", "redis://127.0.0.1:6379")
+PG_ADMIN = os.environ.get("GENQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_DB = int(os.environ.get("GENQ_BENCH_IMAGE_BATCHING_REDIS_DB", "7"))
+BROKER = f"{REDIS_HOST}/{REDIS_DB}"
+LOCK_FILE = Path(tempfile.gettempdir()) / "genq-batching-bench.lock"  # shared with text_batching.py
+DB_PREFIX = "genq_imgbatch_"
+MODEL = "tiny-sd"
+URL = "/v1/images/generations"
+GUIDANCE = 7.5
+GOALS = {"c_over_b": 0.85}
+SUBJECTS = ["a lighthouse at dusk", "a red cube on a table", "a cat in the snow", "an old map of a city",
+            "a bowl of cherries", "a train crossing a bridge", "a forest after rain", "a robot reading a book"]
+
+
+def request_bodies(n: int, model: str, size: str, steps: int) -> list[dict[str, Any]]:
+    """The genq /v1/images/generations bodies; the in-process arms read the same fields."""
+    return [{"model": model, "prompt": f"{SUBJECTS[i % len(SUBJECTS)]}, picture {i}", "n": 1, "size": size,
+             "num_inference_steps": steps, "guidance_scale": GUIDANCE, "seed": i} for i in range(n)]
+
+
+class Pipeline:
+    """The pipeline loaded as genq's ImageRunner loads it (registry dtype resolved for the device,
+    no safety checker), called with one CPU generator per image as the runner calls it."""
+
+    def __init__(self, source: Path, device: str = "auto", dtype: str = "auto") -> None:
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        from workers.runners.device import resolve_device, resolve_dtype
+
+        self.torch = torch
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=self.dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+
+    def call(self, bodies: list[dict[str, Any]]) -> list[Any]:
+        """One pipeline call for these requests (equal size, steps and guidance), one image each."""
+        first = bodies[0]
+        width, height = (int(v) for v in first["size"].split("x"))
+        out = self.pipe(prompt=[b["prompt"] for b in bodies], height=height, width=width, num_images_per_prompt=1,
+                        num_inference_steps=first["num_inference_steps"], guidance_scale=first["guidance_scale"],
+                        generator=[self.torch.Generator(device="cpu").manual_seed(b["seed"]) for b in bodies])
+        return list(out.images)
+
+    def naive(self, bodies: list[dict[str, Any]]) -> float:
+        started = time.perf_counter()
+        for body in bodies:
+            self.call([body])
+        return time.perf_counter() - started
+
+    def batched(self, bodies: list[dict[str, Any]], batch_size: int) -> tuple[float, list[Any]]:
+        images: list[Any] = []
+        started = time.perf_counter()
+        for at in range(0, len(bodies), batch_size):
+            images += self.call(bodies[at:at + batch_size])
+        return time.perf_counter() - started, images
+
+    def warm_up(self, bodies: list[dict[str, Any]], batch_size: int) -> None:
+        """One 1-step call of full width and one single image: first-call costs are not timed."""
+        short = [{**b, "num_inference_steps": 1} for b in bodies[:batch_size]]
+        self.call(short)
+        self.call(short[:1])
+
+
+def rates(seconds: float, images: int) -> dict[str, Any]:
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3)}
+
+
+# --- arms --------------------------------------------------------------------------------------------
+
+def naive_sample(bodies: list[dict[str, Any]], sample: int) -> list[dict[str, Any]]:
+    """The requests arm a times: `sample` of them spread evenly over the set (all if sample <= 0)."""
+    if sample <= 0 or sample >= len(bodies):
+        return bodies
+    return [bodies[i * len(bodies) // sample] for i in range(sample)]
+
+
+def arm_naive(runs: list[float], timed: int, images: int) -> dict[str, Any]:
+    """Arm a from its runs over `timed` images (seconds), the faster extrapolated to all."""
+    seconds, scale = min(runs), images / timed
+    return {**rates(seconds * scale, images), "extrapolated": scale != 1, "images_timed": timed,
+            "seconds_timed": round(seconds, 3), "runs": [rates(s, timed) for s in runs]}
+
+
+def arm_batched(runs: list[float], images: int, batch_size: int) -> dict[str, Any]:
+    """Arm b from its runs (seconds): the faster one."""
+    return {**rates(min(runs), images), "batch_size": batch_size, "calls": -(-images // batch_size),
+            "runs": [rates(s, images) for s in runs]}
+
+
+def arm_genq(procs: Procs, tmp: Path, db_url: str, registry: Path, bodies: list[dict[str, Any]],
+             args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Arm c; also returns genq's images by custom_id, downloaded through the API."""
+    import redis
+    from PIL import Image
+
+    env = stack_env(db_url=db_url, broker_url=BROKER, storage_url=f"file://{tmp / 'objects'}", registry=registry)
+    redis.Redis.from_url(BROKER).flushdb()
+    flags = ["--log-level", args.worker_log_level]
+    if args.worker_concurrency is not None:
+        flags += ["--concurrency", str(args.worker_concurrency)]
+    client, worker = start_stack(procs, env, MODEL, flags, URL, {**bodies[0], "seed": 10**9})
+    before = settled_worker_metrics(client, procs, [], 1) or []  # counting the warm-up job
+    got = run_batch(client, procs, URL, bodies, 3600)
+    images = sum(len(line["response"]["body"]["data"]) for line in got["results"])
+    result = {**rates(got["seconds"], images), "accept_s": round(got["accept_s"], 3),
+              "succeeded": got["request_counts"]["completed"], "failed": got["request_counts"]["failed"],
+              "stack": {"database": "postgres (temporary database)", "broker": f"redis db {REDIS_DB}",
+                        "storage": "file://", "worker": worker}}
+    result["worker_metrics"] = settled_worker_metrics(client, procs, before, len(bodies))
+    if counts := batch_counts(before, result["worker_metrics"]):
+        result["worker_batches"] = counts  # this batch's share of the worker's batching counters
+    if batches := logged_batches(tmp / "worker.log"):
+        result["worker_logged_batches"] = batches
+    pictures: dict[str, Any] = {}
+    for line in got["results"]:
+        img = Image.open(io.BytesIO(client.get(line["response"]["body"]["data"][0]["url"]).content))
+        img.load()
+        pictures[line["custom_id"]] = img
+    client.close()
+    return result, pictures
+
+
+def compare(ours: list[Any], genq: dict[str, Any]) -> dict[str, Any]:
+    """Pixel equality of genq's image for request i against b's."""
+    import numpy as np
+
+    diffs = []
+    for i, want in enumerate(ours):
+        a = np.asarray(want.convert("RGB"), dtype=np.int16)
+        b = np.asarray(genq[f"r{i}"].convert("RGB"), dtype=np.int16)
+        diffs.append(int(np.abs(a - b).max()) if a.shape == b.shape else 255)
+    return {"pixels_identical_to_b": all(d == 0 for d in diffs), "images_differing": sum(d > 0 for d in diffs),
+            "max_abs_diff": max(diffs, default=0)}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            # Other work on the machine slows the arms unevenly: a high load makes the ratios noisy.
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+            "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+            **server_versions(REDIS_HOST, PG_ADMIN),
+            **package_versions("torch", "diffusers", "transformers", "celery", "sqlalchemy")}
+
+
+def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> dict[str, Any]:
+    from workers.tiny import TINY_SD_ENTRY, build_tiny_sd, write_registry
+
+    facts = machine()  # before anything of ours runs: the load average is the machine's own
+    source = build_tiny_sd(tmp / "models" / MODEL)
+    registry = write_registry(tmp, {MODEL: {**TINY_SD_ENTRY, "source": str(source),
+                                            "max_batch_size": args.batch_size}})
+    pipe = Pipeline(source)
+    bodies = request_bodies(args.images, MODEL, args.size, args.steps)
+    result: dict[str, Any] = {
+        "model": {"name": MODEL, "dtype": str(pipe.dtype).removeprefix("torch."), "device": pipe.device},
+        "images": args.images, "max_batch_size": args.batch_size, "size": args.size, "steps": args.steps,
+        "guidance_scale": GUIDANCE, "machine": facts,
+    }
+    # 1. a and b in this process, before anything else of ours runs.
+    pipe.warm_up(bodies, args.batch_size)
+    timed = naive_sample(bodies, args.naive_sample)
+    a_runs = [pipe.naive(timed)]
+    first_s, ours = pipe.batched(bodies, args.batch_size)
+    # 2. genq end to end, with this process idle apart from polling.
+    with Procs(tmp) as procs:  # on an error, the logs' tails to stderr; then the processes are stopped
+        admin.execute(f'CREATE DATABASE "{db_name}"')
+        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+        c, pictures = arm_genq(procs, tmp, f"{base}/{db_name}", registry, bodies, args)
+    # 3. b and a again, after the stack is gone.
+    again_s, _ = pipe.batched(bodies, args.batch_size)
+    a_runs.append(pipe.naive(timed))
+    a, b = arm_naive(a_runs, len(timed), len(bodies)), arm_batched([first_s, again_s], len(bodies), args.batch_size)
+    result.update(a_naive_loop=a, b_batched=b, c_genq=c)
+    unit = "images_per_s"
+    result["ratios"] = {"unit": unit, "c_over_a": round(c[unit] / a[unit], 4),
+                        "c_over_b": round(c[unit] / b[unit], 4), "b_over_a": round(b[unit] / a[unit], 4)}
+    result["goals"] = {k: {"goal": g, "value": result["ratios"][k], "met": result["ratios"][k] >= g}
+                       for k, g in GOALS.items()}
+    result.update(compare(ours, pictures))
+    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+# --- gpu_check's in-process baseline -----------------------------------------------------------------
+
+def in_process_main(spec_file: Path) -> None:
+    """Arm b alone, for bench/gpu_check.py: SPEC is {"source", "device", "dtype", "batch_size",
+    "bodies"} (the bodies gpu_check sends to genq). Prints the arm's JSON after one warm-up."""
+    spec = json.loads(spec_file.read_text())
+    started = time.perf_counter()
+    pipe = Pipeline(Path(spec["source"]), spec.get("device", "auto"), spec.get("dtype", "auto"))
+    load_s = time.perf_counter() - started
+    bodies, size = spec["bodies"], int(spec["batch_size"])
+    pipe.warm_up(bodies, size)
+    seconds, _ = pipe.batched(bodies, size)
+    result = arm_batched([seconds], len(bodies), size)
+    steps = bodies[0]["num_inference_steps"]
+    result.update(it_per_s=round(steps * len(bodies) / seconds, 2), load_s=round(load_s, 2), device=pipe.device,
+                  dtype=str(pipe.dtype).removeprefix("torch."))
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=64, help="requests (one image each) in every arm")
+    parser.add_argument("--batch-size", type=int, default=8, help="max_batch_size in the registry; b's batch")
+    parser.add_argument("--steps", type=int, default=10, help="num_inference_steps of every request")
+    parser.add_argument("--size", default="64x64", help="WIDTHxHEIGHT (multiples of 8, at most 256)")
+    parser.add_argument("--naive-sample", type=int, default=0,
+                        help="images a times, extrapolated to --images (0: all of them)")
+    parser.add_argument("--worker-concurrency", type=int, default=None,
+                        help="pass --concurrency to the worker (default: the worker's own default)")
+    parser.add_argument("--worker-log-level", default="info",
+                        help="the worker's log level (debug also logs each batch's size)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--lock-wait", type=float, default=900, help="seconds to wait for another run")
+    parser.add_argument("--in-process", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.in_process:
+        return in_process_main(args.in_process)
+    if min(args.images, args.batch_size, args.steps) < 1:
+        parser.error("--images, --batch-size and --steps must be at least 1")
+    # Turn SIGTERM into SystemExit so the cleanup below still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    lock = take_turn(LOCK_FILE, args.lock_wait, "batching benchmark")
+    check_redis_dbs_unused(REDIS_HOST, (REDIS_DB,), "GENQ_BENCH_IMAGE_BATCHING_REDIS_DB")
+
+    import psycopg
+    import redis
+
+    db_name = f"{DB_PREFIX}{uuid.uuid4().hex[:10]}"
+    with tempfile.TemporaryDirectory(prefix="genq-imgbatch-") as tmpdir, \
+            psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        drop_stale_databases(admin, DB_PREFIX)  # holding the lock: unused ones were left by a killed run
+        try:
+            result = measure(args, Path(tmpdir), admin, db_name)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+            redis.Redis.from_url(BROKER).flushdb()
+    lock.close()
+    print_result(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

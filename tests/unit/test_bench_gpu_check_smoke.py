@@ -1,0 +1,36 @@
+"""The GPU check still runs end to end (tiny sizes, CPU), so it cannot rot unnoticed on machines
+without a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.mark.integration
+def test_gpu_check_cpu_small_path_reports_rates(tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--cpu", "--small", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert result == json.loads(out.read_text())
+    assert result["mode"] == "cpu" and result["small"] is True
+    text, image = result["text"], result["image"]
+    assert text["requests"] == 8 and text["completion_tokens"] > 0
+    assert text["tokens_per_s"] > 0 and text["requests_per_s"] > 0
+    assert image["images"] == 2 and image["images_per_s"] > 0 and image["it_per_s"] > 0
+    assert result["device"]["torch"] and result["total_s"] > 0
+    b = result["batching"]
+    assert b["text"]["genq"]["requests"] == 16 and b["text"]["genq"]["completion_tokens"] == 16 * 8
+    assert b["text"]["in_process"]["completion_tokens"] == 16 * 8 and b["image"]["genq"]["images"] == 4
+    assert all(v["ratio_genq_to_in_process"] > 0 and v["met"] == (v["ratio_genq_to_in_process"] >= 0.85)
+               for v in b.values())
