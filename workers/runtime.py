@@ -38,6 +38,7 @@ from workers.watch import JobWatch
 
 log = logging.getLogger("genq.worker")
 CHECK_EVERY_S = 0.25  # progress reports and cancel checks, for all held jobs at once
+REPORT_EVERY_S = 2.0  # worker state for /metrics, while jobs are finishing
 
 
 def output_key(job_id: str, attempt: int, name: str) -> str:
@@ -71,6 +72,7 @@ class WorkerRuntime:
         self.stopping = threading.Event()  # set by a cold shutdown: errors now mean "interrupted"
         self.watch = JobWatch(self.sessions, self.worker_id, period_s=CHECK_EVERY_S, stopping=self.stopping)
         self._thread: threading.Thread | None = None
+        self._reported = 0.0
 
     # --- models --------------------------------------------------------------------------
 
@@ -176,7 +178,18 @@ class WorkerRuntime:
                     raise
                 log.warning("batch %s not finalized yet (database unavailable); upkeep will", job.batch_id)
         log.info("job %s %s (model %s, attempt %d)", job_id, outcome, job.model, job.attempts)
+        self._report_soon()
         return outcome
+
+    def _report_soon(self) -> None:
+        """Report the worker's counters for /metrics at most every REPORT_EVERY_S while jobs end
+        (the lease loop reports too, every lease/3 seconds, when the worker is idle)."""
+        now = time.monotonic()
+        with self._running_lock:
+            if now - self._reported < REPORT_EVERY_S:
+                return
+            self._reported = now
+        report_state(self)
 
     def _abandon(self, job: Job, written: list[str]) -> None:
         """Hand a job back to the queue and drop this attempt's outputs, when the process stops

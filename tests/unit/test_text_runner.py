@@ -12,7 +12,8 @@ from shared.schemas import CompletionBody
 from workers.runners import make_runner
 from workers.runners import text as text_module
 from workers.runners.base import InvalidRequest, JobCancelled, RunContext
-from workers.runners.text import TextRunner, _Params, _RowSampler
+from workers.runners.sampling import RowParams, RowSampler
+from workers.runners.text import TextRunner
 
 PROMPT = "The train left the station"
 
@@ -198,12 +199,12 @@ def test_cancel_stops_generation(text_runner: TextRunner, monkeypatch: pytest.Mo
 
 
 def test_presence_and_frequency_penalties(text_runner: TextRunner) -> None:
-    def params(presence: float, frequency: float) -> _Params:
-        return _Params(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition=1.0, presence=presence,
+    def params(presence: float, frequency: float) -> RowParams:
+        return RowParams(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition=1.0, presence=presence,
                        frequency=frequency, max_tokens=4, seed=0, logprobs=-1, stops=[])
 
     # Row 0 penalized (presence 0.5, frequency 0.25), row 1 not; column 0 is the prompt.
-    sampler = _RowSampler([params(0.5, 0.25), params(0.0, 0.0)], pad=[0, 0], width=1, device="cpu")
+    sampler = RowSampler([params(0.5, 0.25), params(0.0, 0.0)], pad=[0, 0], width=1, device="cpu")
     scores = sampler._penalize(torch.tensor([[3, 1, 1, 2], [3, 0, 0, 0]]), torch.zeros(2, 4))
     assert scores.tolist() == [[0.0, -1.0, -0.75, 0.0], [0.0, 0.0, 0.0, 0.0]]
 

@@ -2,7 +2,7 @@
 
 The worker's batcher hands `run_batch` any number of requests at once; their prompts x n rows go
 through one left-padded `generate` call. Rows differ freely in sampling parameters: one logits
-processor (`_RowSampler`) applies each row's penalties, temperature, top-k and top-p and draws
+processor (`RowSampler`) applies each row's penalties, temperature, top-k and top-p and draws
 the row's token from the row's own random generator, then hands generate a distribution with all
 its mass on that token, so generate's greedy step takes it. Per-row stopping criteria end a row
 at its own max_tokens, at one of its stop strings, or when its job is cancelled.
@@ -37,7 +37,6 @@ from pydantic import BaseModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -52,138 +51,22 @@ from workers.runners.base import (
     LocalAdapter,
     Outcome,
     RunContext,
-    derive_seed,
     module_bytes,
     text_completion,
 )
 from workers.runners.device import resolve_device, resolve_dtype
+from workers.runners.sampling import RowParams, RowSampler, row_params
 
 POLL_SECONDS = 0.2  # how often generation reports progress and asks whether jobs were cancelled
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 MAX_RANDOM_SEED = 2**63 - 1
 
 
-@dataclass
-class _Params:
-    """One row's decoding parameters."""
-
-    greedy: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition: float
-    presence: float
-    frequency: float
-    max_tokens: int
-    seed: int
-    logprobs: int  # top logprobs to keep; -1: none asked
-    stops: list[str]
-
-
-def _row_params(body: CompletionBody, seed: int, index: int) -> _Params:
-    greedy = not (body.sampling and body.temperature > 0)
-    return _Params(greedy=greedy, temperature=body.temperature or 1.0, top_k=body.top_k, top_p=body.top_p,
-                   repetition=body.repetition_penalty, presence=body.presence_penalty,
-                   frequency=body.frequency_penalty, max_tokens=body.max_tokens,
-                   seed=derive_seed(seed, index), logprobs=-1 if body.logprobs is None else body.logprobs,
-                   stops=body.stop_list)
-
-
-class _RowSampler(LogitsProcessor):
-    """Decode each row by its own parameters; return scores where only the chosen token is finite.
-
-    Penalties: HF-style repetition penalty over the row's real tokens (never its left padding, so
-    padding does not change a row), and OpenAI presence/frequency penalties over generated tokens.
-    Logprobs are recorded from the raw scores, before any penalty or temperature.
-    """
-
-    def __init__(self, rows: list[_Params], pad: list[int], width: int, device: str) -> None:
-        self.rows, self.width = rows, width
-        t = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-        self.pad = t(pad, torch.long)
-        self.greedy = t([r.greedy for r in rows], torch.bool)
-        self.sampled = [i for i, r in enumerate(rows) if not r.greedy]
-        self.temperature = t([r.temperature for r in rows])
-        self.top_k = t([r.top_k for r in rows], torch.long)
-        self.top_p = t([r.top_p for r in rows])
-        self.repetition = t([r.repetition for r in rows])
-        self.presence = t([r.presence for r in rows])
-        self.frequency = t([r.frequency for r in rows])
-        self.any_repetition = any(r.repetition != 1.0 for r in rows)
-        self.any_openai = any(r.presence or r.frequency for r in rows)
-        self.generators = {i: torch.Generator().manual_seed(rows[i].seed) for i in self.sampled}
-        self.lp_rows = [i for i, r in enumerate(rows) if r.logprobs >= 0]
-        self.lp_k = max((rows[i].logprobs for i in self.lp_rows), default=0)
-        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step: chosen, top values, ids
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        raw = scores.float()
-        s = self._penalize(input_ids, raw)
-        chosen = s.argmax(dim=-1)
-        if self.sampled:
-            chosen[self.sampled] = self._sample(s[self.sampled], self.sampled)
-        if self.lp_rows:
-            self._record(raw, chosen)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, chosen[:, None], 0.0)
-
-    def _penalize(self, input_ids: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        batch, vocab = s.shape
-        if self.any_repetition:
-            real = torch.arange(input_ids.shape[1], device=s.device)[None, :] >= self.pad[:, None]
-            ids = torch.where(real, input_ids, vocab)  # padding goes to a spare column, dropped below
-            seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=s.device).scatter_(1, ids, True)[:, :vocab]
-            p = self.repetition[:, None]
-            s = torch.where(seen, torch.where(s < 0, s * p, s / p), s)
-        if self.any_openai and input_ids.shape[1] > self.width:
-            generated = input_ids[:, self.width:]
-            counts = torch.zeros_like(s).scatter_add_(1, generated, torch.ones_like(generated, dtype=s.dtype))
-            s = s - counts * self.frequency[:, None] - (counts > 0).to(s.dtype) * self.presence[:, None]
-        return s
-
-    def _sample(self, s: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Temperature, then top-k, then top-p, then one draw per row from the row's generator.
-
-        The draw inverts the row's CDF in vocabulary order whatever filters the row or its batch
-        mates use, so a row's token depends only on its own logits and its own generator."""
-        s = s / self.temperature[rows, None]
-        u = torch.cat([torch.rand(1, generator=self.generators[i]) for i in rows]).to(s.device)
-        filtered = [n for n, i in enumerate(rows) if self.top_k[i] > 0 or self.top_p[i] < 1.0]
-        if filtered:
-            s[filtered] = self._filter(s[filtered], [rows[n] for n in filtered])
-        cdf = torch.softmax(s, dim=-1).cumsum(dim=-1)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-        return pick.clamp_(max=s.shape[1] - 1)
-
-    def _filter(self, s: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Mask tokens outside each row's top-k and top-p nucleus (ties with the last kept token stay)."""
-        k = torch.where(self.top_k[rows] > 0, self.top_k[rows], s.shape[1]).clamp(max=s.shape[1])
-        top_p = self.top_p[rows]
-        if bool((top_p >= 1.0).all()):  # top-k only: a partial sort is enough
-            values = s.topk(int(k.max()), dim=-1).values
-            threshold = values.gather(1, (k - 1)[:, None])
-        else:
-            ordered = s.sort(dim=-1, descending=True).values
-            rank = torch.arange(s.shape[1], device=s.device)[None, :]
-            ordered = ordered.masked_fill(rank >= k[:, None], float("-inf"))
-            probs = torch.softmax(ordered, dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-            keep = ((before < top_p[:, None]) | (rank == 0)) & (rank < k[:, None])
-            threshold = ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
-        return s.masked_fill(s < threshold, float("-inf"))
-
-    def _record(self, raw: torch.Tensor, chosen: torch.Tensor) -> None:
-        lp = torch.log_softmax(raw[self.lp_rows], dim=-1)
-        picked = lp.gather(1, chosen[self.lp_rows, None]).squeeze(1)
-        values, ids = lp.topk(self.lp_k, dim=-1) if self.lp_k else (lp[:, :0], lp[:, :0].long())
-        self.records.append((picked, values, ids))
-
-
 class _RowWatch(StoppingCriteria):
     """Between tokens, per row: its max_tokens, its stop strings, and its job's cancellation.
     Progress is reported and cancellation asked at most every POLL_SECONDS."""
 
-    def __init__(self, runner: TextRunner, items: list[BatchItem], owner: list[int], rows: list[_Params],
+    def __init__(self, runner: TextRunner, items: list[BatchItem], owner: list[int], rows: list[RowParams],
                  width: int) -> None:
         self.runner, self.items, self.owner, self.rows, self.width = runner, items, owner, rows, width
         self.cancelled: set[int] = set()  # item indexes
@@ -221,7 +104,7 @@ class _RowWatch(StoppingCriteria):
 @dataclass
 class _Prepared:
     prompt_ids: list[list[int]]
-    rows: list[_Params] = field(default_factory=list)
+    rows: list[RowParams] = field(default_factory=list)
     row_prompt: list[int] = field(default_factory=list)  # the prompt index of each row
 
 
@@ -314,7 +197,7 @@ class TextRunner:
         prepared = _Prepared(prompt_ids)
         for p in range(len(prompt_ids)):
             for k in range(body.n):
-                prepared.rows.append(_row_params(body, seed, p * body.n + k))
+                prepared.rows.append(row_params(body, seed, p * body.n + k))
                 prepared.row_prompt.append(p)
         item.prepared = prepared
 
@@ -346,7 +229,7 @@ class TextRunner:
             width = batch["input_ids"].shape[1]
             pad = [width - len(r) for r in ids]
             # 3. Generate, each row decoded and stopped by its own parameters.
-            sampler = _RowSampler(rows, pad, width, self.device)
+            sampler = RowSampler(rows, pad, width, self.device)
             watch = _RowWatch(self, items, owner, rows, width)
             names = [self._adapter_name(items[j]) for j in owner]
             with self._adapter_scope(names) as extra:
@@ -370,7 +253,7 @@ class TextRunner:
                     outcomes[j] = exc
         return outcomes  # type: ignore[return-value]
 
-    def respond(self, item: BatchItem, generated: list[list[int]], sampler: _RowSampler,
+    def respond(self, item: BatchItem, generated: list[list[int]], sampler: RowSampler,
                 span: range) -> dict[str, Any]:
         body, prepared = item.body, item.prepared
         assert isinstance(body, CompletionBody)
@@ -498,7 +381,7 @@ class TextRunner:
             return _Row(text, "stop", ids[:end], end + 1)
         return _Row(text, "length", ids, len(ids))
 
-    def completion_logprobs(self, sampler: _RowSampler, rows: list[int], cut: list[_Row],
+    def completion_logprobs(self, sampler: RowSampler, rows: list[int], cut: list[_Row],
                             k: int) -> list[dict[str, Any]]:
         """Logprobs the sampler recorded for these batch rows, for each row's kept tokens."""
         where = {r: i for i, r in enumerate(sampler.lp_rows)}
