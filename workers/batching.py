@@ -6,9 +6,11 @@ records it, so acknowledgement stays per job. One executor thread per worker own
 takes the oldest waiting item, gathers items with the same model and batch key up to the model's
 `max_batch_size` rows, and runs them in one call.
 
-When to start a batch: at once when the batch is full; at once when no other job is on its way
-in (claimed or being prepared by another thread), so a lone job is never held back; otherwise
-when the oldest item has waited `max_wait_ms` (registry option, default 50 ms).
+When to start a batch: at once when the batch is full; when no other job is on its way in
+(claimed or being prepared by another thread) and none has joined for GRACE_S, so a lone job is
+held back by a few milliseconds at most; otherwise when the oldest item has waited `max_wait_ms`
+(registry option, default 50 ms). The grace keeps a burst that is still being delivered by the
+broker, one message at a time, from starting with its first few jobs.
 
 If a batched call raises, nobody fails yet: the items are retried in two halves, recursively, so
 only an item that fails on its own gets the error (an out-of-memory batch also halves this way).
@@ -23,10 +25,11 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.runners.base import BatchItem, Outcome
+from workers.runners.base import BatchItem, Outcome, finish
 
 log = logging.getLogger("genq.worker")
 DEFAULT_MAX_WAIT_MS = 50.0
+GRACE_S = 0.005
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._waiting: list[_Waiting] = []  # arrival order
         self._arriving = 0
+        self._joined = 0.0  # when the last item joined
         self._stop = False
         self._on_batch = on_batch
         self.stats: dict[str, BatchStats] = {}
@@ -98,14 +102,16 @@ class Batcher:
             if self._stop:
                 raise RuntimeError("the worker's batcher has stopped")
             self._waiting.append(waiting)
+            self._joined = waiting.arrived
             if arrival is not None:
                 arrival._leave()
             self._cond.notify_all()
         waiting.done.wait()
-        if isinstance(waiting.outcome, BaseException):
-            raise waiting.outcome
         assert waiting.outcome is not None
-        return waiting.outcome
+        outcome = finish(waiting.outcome)  # here, in the job's thread: the device has moved on
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def stop(self) -> None:
         with self._cond:
@@ -136,11 +142,13 @@ class Batcher:
                 deadline = first.arrived + float(spec.options.get("max_wait_ms", DEFAULT_MAX_WAIT_MS)) / 1000
                 group, rows = self._gather(first, limit)
                 now = time.monotonic()
-                if rows >= limit or self._arriving == 0 or now >= deadline or self._stop:
+                settled = self._arriving == 0 and now - self._joined >= min(GRACE_S, deadline - first.arrived)
+                if rows >= limit or settled or now >= deadline or self._stop:
                     for w in group:
                         self._waiting.remove(w)
                     return group
-                self._cond.wait(deadline - now)
+                wake = deadline if self._arriving else min(deadline, self._joined + GRACE_S)
+                self._cond.wait(max(0.0, wake - now))
 
     def _gather(self, first: _Waiting, limit: int) -> tuple[list[_Waiting], int]:
         group, rows = [first], first.rows

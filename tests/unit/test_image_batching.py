@@ -17,10 +17,15 @@ from safetensors.torch import load_file, save_file
 
 from shared.registry import ModelSpec, load_registry
 from shared.schemas import ImageBody
-from workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, RunContext
+from workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, Outcome, RunContext, finish
 from workers.runners.image import ImageRunner
 from workers.runners.png import read_png_parameters
 from workers.tiny_lora import build_image_lora
+
+
+def run_batch(runner: ImageRunner, items: list[BatchItem]) -> list[Outcome]:
+    """The runner's batch with each outcome finished, as the worker's job threads finish them."""
+    return [finish(o) for o in runner.run_batch(items)]
 
 # Measured (see the workers/runners/image.py docstring): alone vs in a batch, at most one level
 # of 255 in a small share of the pixel values for every scheduler but ddim.
@@ -79,7 +84,7 @@ def served(runner: ImageRunner, *items: BatchItem) -> list[BatchItem]:
     """Prepare and run the items as one batch; fail unless every outcome is a response."""
     for it in items:
         runner.prepare(it)
-    outcomes = runner.run_batch(list(items))
+    outcomes = run_batch(runner, list(items))
     assert all(isinstance(o, dict) for o in outcomes), outcomes
     return list(items)
 
@@ -163,7 +168,7 @@ def test_batch_key_groups_only_what_can_share_a_call(runner: ImageRunner, loras:
 def test_prepare_chooses_the_seeds_once(runner: ImageRunner) -> None:
     chosen = item(seed=None, n=3)
     runner.prepare(chosen)
-    [result] = runner.run_batch([chosen])
+    [result] = run_batch(runner, [chosen])
     assert isinstance(result, dict)
     seed = result["parameters"]["seed"]
     assert [d["seed"] for d in result["data"]] == [seed, seed + 1, seed + 2]
@@ -171,7 +176,7 @@ def test_prepare_chooses_the_seeds_once(runner: ImageRunner) -> None:
 
 def test_one_bad_request_fails_alone(runner: ImageRunner) -> None:
     good, bad = item(), item(num_inference_steps=151)
-    outcomes = runner.run_batch([good, bad])  # run_batch prepares what was not prepared
+    outcomes = run_batch(runner, [good, bad])  # run_batch prepares what was not prepared
     assert isinstance(outcomes[0], dict) and good.ctx.outputs
     assert isinstance(outcomes[1], InvalidRequest) and outcomes[1].param == "body.num_inference_steps"
 
@@ -183,7 +188,7 @@ def test_a_storage_error_fails_only_its_item(runner: ImageRunner) -> None:
     ok, failing = item(seed=1), item(seed=2, ctx=RunContext(put_output=broken))
     for it in (ok, failing):
         runner.prepare(it)
-    outcomes = runner.run_batch([ok, failing])
+    outcomes = run_batch(runner, [ok, failing])
     assert isinstance(outcomes[0], dict) and ok.ctx.outputs
     assert isinstance(outcomes[1], OSError)
 
@@ -202,7 +207,7 @@ def test_a_cancelled_item_stores_nothing_and_its_mates_finish(runner: ImageRunne
     items = [item(ctx=ctx, seed=i, n=2, num_inference_steps=6) for i, ctx in enumerate(ctxs)]
     for it in items:
         runner.prepare(it)
-    outcomes = runner.run_batch(items)
+    outcomes = run_batch(runner, items)
     assert isinstance(outcomes[1], JobCancelled) and str(outcomes[1]) == "job1"
     assert ctxs[1].outputs == {} and len(progress[1]) == 2  # no progress once cancelled
     for i in (0, 2):
@@ -221,7 +226,7 @@ def test_when_every_item_is_cancelled_the_call_stops_early(runner: ImageRunner) 
     unet_calls: list[int] = []
     hook = runner.pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
     try:
-        outcomes = runner.run_batch(items)
+        outcomes = run_batch(runner, items)
     finally:
         hook.remove()
     assert all(isinstance(o, JobCancelled) for o in outcomes)
@@ -235,7 +240,7 @@ def test_items_cancelled_before_their_call_take_no_rows(runner: ImageRunner, pip
     kept = item(n=2)
     for it in (gone, kept):
         runner.prepare(it)
-    outcomes = runner.run_batch([gone, kept])
+    outcomes = run_batch(runner, [gone, kept])
     assert isinstance(outcomes[0], JobCancelled) and isinstance(outcomes[1], dict)
     assert pipeline_calls == [2]
 
@@ -300,7 +305,7 @@ def test_an_adapter_that_cannot_load_fails_only_its_items(
              item(adapter=loras["A"])]
     for it in items:
         runner.prepare(it)
-    outcomes = runner.run_batch(items)
+    outcomes = run_batch(runner, items)
     for failed in outcomes[1:3]:
         assert isinstance(failed, InvalidRequest) and failed.param == "body.adapter"
         assert f"adapter-{broken}" in str(failed)

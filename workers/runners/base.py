@@ -99,7 +99,25 @@ class BatchItem:
     prepared: Any = None  # whatever the runner's prepare() kept (token ids, seeds, ...)
 
 
-Outcome = dict[str, Any] | BaseException  # a response body, or what went wrong for that item alone
+class Deferred:
+    """An outcome whose last step (encoding and storing outputs) is left to the job's own thread,
+    so the device thread can start the next batch meanwhile. `finish()` gives the response body."""
+
+    def __init__(self, finish: Callable[[], dict[str, Any]]) -> None:
+        self.finish = finish
+
+
+Outcome = dict[str, Any] | BaseException | Deferred  # a response body, or what went wrong for that item
+
+
+def finish(outcome: Outcome) -> dict[str, Any] | BaseException:
+    """Complete a deferred outcome here; an error while doing so is that item's outcome."""
+    if not isinstance(outcome, Deferred):
+        return outcome
+    try:
+        return outcome.finish()
+    except Exception as exc:  # noqa: BLE001 - the outcome of this item alone
+        return exc
 
 
 class Runner(Protocol):
@@ -131,8 +149,9 @@ class Runner(Protocol):
         """How many batch rows the item takes (sequences or images); bounded by max_batch_size."""
 
     def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
-        """Serve the items together: one outcome per item, in order. Raising fails nobody yet:
-        the batcher retries the items in smaller groups, so only a culprit fails."""
+        """Serve the items together: one outcome per item, in order (a Deferred one is finished
+        in the job's thread). Raising fails nobody yet: the batcher retries the items in smaller
+        groups, so only a culprit fails."""
 
 
 class SerialRunner:

@@ -33,6 +33,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,12 +54,14 @@ from shared.registry import ModelSpec
 from shared.schemas import ImageBody
 from workers.runners.base import (
     BatchItem,
+    Deferred,
     InvalidRequest,
     JobCancelled,
     LocalAdapter,
     Outcome,
     RunContext,
     derive_seed,
+    finish,
     module_bytes,
 )
 from workers.runners.device import resolve_device, resolve_dtype
@@ -210,7 +213,7 @@ class ImageRunner:
         """One request on its own (tests, direct callers): its result, or its error raised."""
         item = BatchItem(body=body, ctx=ctx, adapter=adapter)
         self.prepare(item)
-        outcome = self.run_batch([item])[0]
+        outcome = finish(self.run_batch([item])[0])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
@@ -266,10 +269,8 @@ class ImageRunner:
             if cancelled[i] or item.ctx.is_cancelled():
                 outcomes.append(JobCancelled(item.ctx.job_id))
                 continue
-            try:
-                outcomes.append(self._respond(item, [images[i][k] for k in range(totals[i])]))
-            except Exception as exc:  # noqa: BLE001 - the outcome of this item alone
-                outcomes.append(exc)
+            # PNG encoding and storage run later in the job's own thread (base.Deferred).
+            outcomes.append(Deferred(partial(self._respond, item, [images[i][k] for k in range(totals[i])])))
         return outcomes
 
     def _respond(self, item: BatchItem, images: list[tuple[Any, bool]]) -> dict[str, Any]:
