@@ -362,3 +362,53 @@ def batch_counts(before: list[str], after: list[str] | None) -> dict[str, Any] |
     out: dict[str, Any] = {k: int(v) if k != "seconds" else round(v, 3) for k, v in grew.items()}
     out["mean_rows_per_batch"] = round(grew["rows"] / grew["batches"], 2) if grew["batches"] else None
     return out
+
+
+# --- the batching benchmarks (text_batching, image_batching) -------------------------------------------
+
+def naive_sample(bodies: list[dict[str, Any]], sample: int) -> list[dict[str, Any]]:
+    """The requests arm a times: `sample` of them spread evenly over the set (all if sample <= 0)."""
+    if sample <= 0 or sample >= len(bodies):
+        return bodies
+    return [bodies[i * len(bodies) // sample] for i in range(sample)]
+
+
+def bench_machine(redis_url: str, pg_admin: str, *packages: str) -> dict[str, Any]:
+    """Facts about the machine and versions, recorded with each result."""
+    import platform
+
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            # Other work on the machine slows the arms unevenly: a high load makes the ratios noisy.
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+            "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+            **server_versions(redis_url, pg_admin), **package_versions("torch", *packages)}
+
+
+def run_on_services(*, lock_file: Path, lock_wait: float, redis_host: str, redis_db: int, redis_env_hint: str,
+                    pg_admin: str, db_prefix: str, measure: Callable[[Path, Any, str], dict[str, Any]],
+                    out: Path | None) -> None:
+    """Take this benchmark family's turn, then measure in a temporary directory with a throwaway
+    Postgres database and a Redis db of its own (both emptied afterwards), and print the result."""
+    import tempfile
+    import uuid
+
+    import psycopg
+    import redis
+
+    # Turn SIGTERM into SystemExit so the cleanup below still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    lock = take_turn(lock_file, lock_wait, "batching benchmark")
+    check_redis_dbs_unused(redis_host, (redis_db,), redis_env_hint)
+    db_name = f"{db_prefix}{uuid.uuid4().hex[:10]}"
+    with tempfile.TemporaryDirectory(prefix=db_prefix.replace("_", "-")) as tmpdir, \
+            psycopg.connect(pg_admin, autocommit=True) as admin:
+        drop_stale_databases(admin, db_prefix)  # holding the lock: unused ones were left by a killed run
+        try:
+            result = measure(Path(tmpdir), admin, db_name)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+            redis.Redis.from_url(f"{redis_host}/{redis_db}").flushdb()
+    lock.close()
+    print_result(result, out)

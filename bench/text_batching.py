@@ -37,15 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +51,14 @@ from common import (
     ROOT,
     Procs,
     batch_counts,
-    check_redis_dbs_unused,
-    drop_stale_databases,
+    bench_machine,
     logged_batches,
-    package_versions,
-    print_result,
+    naive_sample,
     run_batch,
-    server_versions,
+    run_on_services,
     settled_worker_metrics,
     stack_env,
     start_stack,
-    take_turn,
 )
 
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import genq's own modules
@@ -201,13 +195,6 @@ def rates(seconds: float, requests: int, tokens: int) -> dict[str, Any]:
 
 # --- arms --------------------------------------------------------------------------------------------
 
-def naive_sample(bodies: list[dict[str, Any]], sample: int) -> list[dict[str, Any]]:
-    """The requests arm a times: `sample` of them spread evenly over the set (all if sample <= 0)."""
-    if sample <= 0 or sample >= len(bodies):
-        return bodies
-    return [bodies[i * len(bodies) // sample] for i in range(sample)]
-
-
 def arm_naive(runs: list[tuple[float, int]], timed: int, requests: int) -> dict[str, Any]:
     """Arm a from its runs over `timed` requests (seconds, tokens), the faster extrapolated to all."""
     seconds, tokens = min(runs)
@@ -251,14 +238,7 @@ def arm_genq(procs: Procs, tmp: Path, db_url: str, registry: Path, bodies: list[
 
 
 def machine() -> dict[str, Any]:
-    import torch
-
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            # Other work on the machine slows the arms unevenly: a high load makes the ratios noisy.
-            "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform(),
-            "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
-            **server_versions(REDIS_HOST, PG_ADMIN),
-            **package_versions("torch", "transformers", "tokenizers", "celery", "sqlalchemy")}
+    return bench_machine(REDIS_HOST, PG_ADMIN, "transformers", "tokenizers", "celery", "sqlalchemy")
 
 
 def ratios(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any], unit: str) -> dict[str, Any]:
@@ -354,25 +334,9 @@ def main() -> None:
         return in_process_main(args.in_process)
     if min(args.requests, args.batch_size, args.max_tokens) < 1:
         parser.error("--requests, --batch-size and --max-tokens must be at least 1")
-    # Turn SIGTERM into SystemExit so the cleanup below still runs.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    lock = take_turn(LOCK_FILE, args.lock_wait, "batching benchmark")
-    check_redis_dbs_unused(REDIS_HOST, (REDIS_DB,), "GENQ_BENCH_TEXT_BATCHING_REDIS_DB")
-
-    import psycopg
-    import redis
-
-    db_name = f"{DB_PREFIX}{uuid.uuid4().hex[:10]}"
-    with tempfile.TemporaryDirectory(prefix="genq-textbatch-") as tmpdir, \
-            psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        drop_stale_databases(admin, DB_PREFIX)  # holding the lock: unused ones were left by a killed run
-        try:
-            result = measure(args, Path(tmpdir), admin, db_name)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-            redis.Redis.from_url(BROKER).flushdb()
-    lock.close()
-    print_result(result, args.out)
+    run_on_services(lock_file=LOCK_FILE, lock_wait=args.lock_wait, redis_host=REDIS_HOST, redis_db=REDIS_DB,
+                    redis_env_hint="GENQ_BENCH_TEXT_BATCHING_REDIS_DB", pg_admin=PG_ADMIN, db_prefix=DB_PREFIX,
+                    measure=lambda tmp, admin, db_name: measure(args, tmp, admin, db_name), out=args.out)
 
 
 if __name__ == "__main__":
