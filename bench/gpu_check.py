@@ -58,7 +58,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, however this file is run
-from common import ROOT, Procs, free_port, print_result, wait_for
+from common import ROOT, Procs, free_port, print_result, run_job, wait_for
+from common import run_batch as common_run_batch
 
 TEXT_MODEL, IMAGE_MODEL = "gpt2-random", "sd15-random"
 TEXT_URL, IMAGE_URL = "/v1/completions", "/v1/images/generations"
@@ -177,48 +178,11 @@ def image_body(i: int, size: str, steps: int) -> dict[str, Any]:
             "num_inference_steps": steps, "guidance_scale": 7.5, "seed": i}
 
 
-def run_job(client: httpx.Client, procs: Procs, url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Submit one job and wait for it to succeed (the warm-up of a worker)."""
-    resp = client.post("/v1/jobs", json={"url": url, "body": body})
-    resp.raise_for_status()
-    job_id = resp.json()["id"]
-
-    def done() -> dict[str, Any] | None:
-        procs.check_alive()
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("failed", "cancelled"):
-            raise RuntimeError(f"warm-up job for {body['model']} {job['status']}: {job['error']}")
-        return job if job["status"] == "succeeded" else None
-
-    return wait_for(done, timeout, f"warm-up job for {body['model']}", 0.1)
-
-
 def run_batch(client: httpx.Client, procs: Procs, url: str, bodies: list[dict[str, Any]],
               timeout: float) -> tuple[float, list[dict[str, Any]]]:
-    """Submit one NDJSON batch; return seconds from POST to `completed` and the result lines."""
-    lines = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url, "body": b}).encode() + b"\n"
-                     for i, b in enumerate(bodies))
-    started = time.perf_counter()
-    resp = client.post("/v1/batches", content=lines, headers=NDJSON)
-    if resp.status_code != 202:
-        raise RuntimeError(f"batch refused: {resp.status_code} {resp.text[:2000]}")
-    batch_id = resp.json()["id"]
-
-    def completed() -> dict[str, Any] | None:
-        procs.check_alive()
-        batch = client.get(f"/v1/batches/{batch_id}").json()
-        if batch["status"] in ("failed", "cancelled", "expired"):
-            raise RuntimeError(f"batch ended {batch['status']}: {batch['request_counts']}")
-        return batch if batch["status"] == "completed" else None
-
-    batch = wait_for(completed, timeout, f"batch of {len(bodies)} {bodies[0]['model']} requests", 0.05)
-    seconds = time.perf_counter() - started
-    results = [json.loads(line) for line in client.get(f"/v1/batches/{batch_id}/results").text.splitlines()]
-    failed = [r for r in results if r.get("error")]
-    if batch["request_counts"]["completed"] != len(bodies) or failed:
-        raise RuntimeError(f"batch {batch_id}: {batch['request_counts']}; first error: "
-                           f"{failed[0]['error'] if failed else None}")
-    return seconds, results
+    """One NDJSON batch (common.run_batch): seconds from POST to `completed`, and the result lines."""
+    done = common_run_batch(client, procs, url, bodies, timeout)
+    return done["seconds"], done["results"]
 
 
 # --- batching: genq against the in-process batched baselines ---------------------------------------
