@@ -169,7 +169,7 @@ source = "none"
 batch = true
 max_batch_size = 8
 max_wait_ms = 300
-delay_s = 0.3
+delay_s = 1.0
 fail_on_prompt = "boom"
 
 [models.lru-a]
