@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -109,6 +111,9 @@ def test_cancel_queued_batch_never_runs_its_jobs(stack: Stack) -> None:
         assert all(j["status"] == "cancelled" and j["attempts"] == 0 and j["started_at"] is None for j in jobs)
         results = [json.loads(x) for x in c.get(f"/v1/batches/{batch['id']}/results").text.splitlines()]
         assert [r["error"]["code"] for r in results] == ["batch_cancelled"] * 10
+    # Other tests count on no worker serving tiny-gpt2-idle.
+    os.killpg(w.pid, signal.SIGTERM)
+    w.wait(30)
 
 
 def test_cancel_running_job(stack: Stack) -> None:

@@ -10,8 +10,13 @@ import pytest
 
 from shared.registry import load_registry
 from shared.schemas import CompletionBody
-from workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, RunContext
+from workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, Outcome, RunContext, finish
 from workers.runners.text import TextRunner
+
+
+def run_batch(runner: TextRunner, items: list[BatchItem]) -> list[Outcome]:
+    """The runner's batch with each outcome finished, as the worker's job threads finish them."""
+    return [finish(o) for o in runner.run_batch(items)]
 
 # Mixed parameters on purpose: greedy and sampled rows, filters, penalties, stops, n and lists.
 REQUESTS: list[dict[str, Any]] = [
@@ -64,9 +69,9 @@ def logprob_values(outcome: dict[str, Any]) -> list[float]:
 
 
 def test_every_request_gets_the_same_answer_alone_and_in_a_mixed_batch(runner: TextRunner) -> None:
-    alone = [runner.run_batch([item(runner, **q)])[0] for q in REQUESTS]
-    together = runner.run_batch([item(runner, **q) for q in REQUESTS])
-    reversed_ = runner.run_batch([item(runner, **q) for q in reversed(REQUESTS)])[::-1]
+    alone = [run_batch(runner, [item(runner, **q)])[0] for q in REQUESTS]
+    together = run_batch(runner, [item(runner, **q) for q in REQUESTS])
+    reversed_ = run_batch(runner, [item(runner, **q) for q in reversed(REQUESTS)])[::-1]
     for a, b, c in zip(alone, together, reversed_, strict=True):
         assert choices(a) == choices(b) == choices(c)
         assert a["usage"] == b["usage"] == c["usage"]
@@ -76,16 +81,16 @@ def test_every_request_gets_the_same_answer_alone_and_in_a_mixed_batch(runner: T
 
 
 def test_choice_i_is_the_single_request_with_seed_plus_i(runner: TextRunner) -> None:
-    many = runner.run_batch([item(runner, prompt="Seeds", seed=40, n=3, max_tokens=10)])[0]
-    singles = runner.run_batch([item(runner, prompt="Seeds", seed=40 + i, max_tokens=10) for i in range(3)])
+    many = run_batch(runner, [item(runner, prompt="Seeds", seed=40, n=3, max_tokens=10)])[0]
+    singles = run_batch(runner, [item(runner, prompt="Seeds", seed=40 + i, max_tokens=10) for i in range(3)])
     assert [c[0] for c in choices(many)] == [choices(s)[0][0] for s in singles]
     assert len({c[0] for c in choices(many)}) == 3
 
 
 def test_rows_stop_at_their_own_max_tokens_and_stop_strings(runner: TextRunner) -> None:
-    full = runner.run_batch([item(runner, temperature=0, max_tokens=20)])[0]["choices"][0]["text"]
+    full = run_batch(runner, [item(runner, temperature=0, max_tokens=20)])[0]["choices"][0]["text"]
     stop = full[6:8]
-    short, long_, stopped = runner.run_batch([
+    short, long_, stopped = run_batch(runner, [
         item(runner, temperature=0, max_tokens=3), item(runner, temperature=0, max_tokens=20),
         item(runner, temperature=0, max_tokens=20, stop=[stop])])
     assert short["usage"]["completion_tokens"] == 3 and short["choices"][0]["finish_reason"] == "length"
@@ -109,19 +114,19 @@ def test_a_cancelled_job_stops_alone_inside_a_batch(runner: TextRunner, monkeypa
     cancelled = item(runner, ctx=RunContext(job_id="job_c", is_cancelled=cancelled_after_three_polls),
                      temperature=0, max_tokens=40)
     kept = item(runner, temperature=0, max_tokens=40)
-    out_cancelled, out_kept = runner.run_batch([cancelled, kept])
+    out_cancelled, out_kept = run_batch(runner, [cancelled, kept])
     assert isinstance(out_cancelled, JobCancelled)
     assert out_kept["usage"]["completion_tokens"] == 40
-    assert choices(out_kept) == choices(runner.run_batch([item(runner, temperature=0, max_tokens=40)])[0])
+    assert choices(out_kept) == choices(run_batch(runner, [item(runner, temperature=0, max_tokens=40)])[0])
 
 
 def test_an_adapter_changes_the_output_and_plain_requests_are_unaffected(
         runner: TextRunner, adapters: dict[str, LocalAdapter]) -> None:
     plain = {"prompt": "The station", "temperature": 0, "max_tokens": 12}
-    before = choices(runner.run_batch([item(runner, **plain)])[0])
-    with_a = choices(runner.run_batch([item(runner, adapters["lora-a"], **plain)])[0])
+    before = choices(run_batch(runner, [item(runner, **plain)])[0])
+    with_a = choices(run_batch(runner, [item(runner, adapters["lora-a"], **plain)])[0])
     assert with_a != before
-    after = choices(runner.run_batch([item(runner, **plain)])[0])  # adapter now resident
+    after = choices(run_batch(runner, [item(runner, **plain)])[0])  # adapter now resident
     assert after == before
 
 
@@ -129,10 +134,10 @@ def test_adapters_stay_isolated_inside_a_mixed_batch(runner: TextRunner, adapter
     a, b = adapters["lora-a"], adapters["lora-b"]
     plain = {"prompt": "The station", "temperature": 0, "max_tokens": 12}
     sampled = {"prompt": "Queues and workers", "seed": 3, "max_tokens": 12}
-    alone = [choices(runner.run_batch([item(runner, adapter, **q)])[0])
+    alone = [choices(run_batch(runner, [item(runner, adapter, **q)])[0])
              for adapter, q in ((a, plain), (b, plain), (None, plain), (a, sampled), (b, sampled))]
     assert alone[0] != alone[1] != alone[2]
-    mixed = runner.run_batch([item(runner, adapter, **q)
+    mixed = run_batch(runner, [item(runner, adapter, **q)
                               for adapter, q in ((a, plain), (b, plain), (None, plain), (a, sampled), (b, sampled))])
     assert [choices(m) for m in mixed] == alone  # request A never sees adapter B, and plain sees neither
 
@@ -144,13 +149,13 @@ def test_adapter_lru_evicts_and_reloads(tiny_dir: Path, adapters: dict[str, Loca
                         device="cpu")
     runner.load()
     q = {"prompt": "The station", "temperature": 0, "max_tokens": 10}
-    first_a = choices(runner.run_batch([item(runner, adapters["lora-a"], **q)])[0])
-    runner.run_batch([item(runner, adapters["lora-b"], **q)])
+    first_a = choices(run_batch(runner, [item(runner, adapters["lora-a"], **q)])[0])
+    run_batch(runner, [item(runner, adapters["lora-b"], **q)])
     assert runner.loaded_adapters() == ["lora-b"]
-    assert choices(runner.run_batch([item(runner, adapters["lora-a"], **q)])[0]) == first_a
+    assert choices(run_batch(runner, [item(runner, adapters["lora-a"], **q)])[0]) == first_a
     assert runner.adapter_stats["loads"] == 3 and runner.adapter_stats["evictions"] == 2
     # A batch needing both adapters keeps both for its duration, then trims back on the next load.
-    both = runner.run_batch([item(runner, adapters["lora-a"], **q), item(runner, adapters["lora-b"], **q)])
+    both = run_batch(runner, [item(runner, adapters["lora-a"], **q), item(runner, adapters["lora-b"], **q)])
     assert choices(both[0]) == first_a and set(runner.loaded_adapters()) == {"lora-a", "lora-b"}
 
 
@@ -164,9 +169,9 @@ def test_a_broken_adapter_fails_only_its_own_job(runner: TextRunner, adapters: d
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     good = item(runner, temperature=0, max_tokens=5)
     bad = item(runner, LocalAdapter("broken", broken), temperature=0, max_tokens=5)
-    out_good, out_bad = runner.run_batch([good, bad])
+    out_good, out_bad = run_batch(runner, [good, bad])
     assert isinstance(out_bad, InvalidRequest) and out_bad.param == "body.adapter"
-    assert choices(out_good) == choices(runner.run_batch([item(runner, temperature=0, max_tokens=5)])[0])
+    assert choices(out_good) == choices(run_batch(runner, [item(runner, temperature=0, max_tokens=5)])[0])
 
 
 def test_unload_frees_the_model_and_load_brings_it_back(tiny_dir: Path) -> None:
@@ -175,8 +180,8 @@ def test_unload_frees_the_model_and_load_brings_it_back(tiny_dir: Path) -> None:
     runner = TextRunner(spec, device="cpu")
     runner.load()
     size = runner.memory_bytes()
-    first = choices(runner.run_batch([item(runner, temperature=0)])[0])
+    first = choices(run_batch(runner, [item(runner, temperature=0)])[0])
     runner.unload()
     assert size > 0 and runner.memory_bytes() == 0
     runner.load()
-    assert choices(runner.run_batch([item(runner, temperature=0)])[0]) == first
+    assert choices(run_batch(runner, [item(runner, temperature=0)])[0]) == first

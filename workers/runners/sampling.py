@@ -127,6 +127,15 @@ class RowSampler(LogitsProcessor):
             threshold = ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
         return s.masked_fill(s < threshold, float("-inf"))
 
+    def cpu_records(self) -> list[tuple[list[float], list[list[float]], list[list[int]]]]:
+        """Per step: each logprob row's chosen-token logprob, top values and top ids, as lists."""
+        if not self.records:
+            return []
+        picked = torch.stack([p for p, _, _ in self.records]).tolist()
+        values = torch.stack([v for _, v, _ in self.records]).tolist()
+        ids = torch.stack([i for _, _, i in self.records]).tolist()
+        return list(zip(picked, values, ids, strict=True))
+
     def _record(self, raw: torch.Tensor, chosen: torch.Tensor) -> None:
         lp = torch.log_softmax(raw[self.lp_rows], dim=-1)
         picked = lp.gather(1, chosen[self.lp_rows, None]).squeeze(1)

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -46,11 +47,13 @@ from shared.registry import ModelSpec
 from shared.schemas import CompletionBody
 from workers.runners.base import (
     BatchItem,
+    Deferred,
     InvalidRequest,
     JobCancelled,
     LocalAdapter,
     Outcome,
     RunContext,
+    finish,
     module_bytes,
     text_completion,
 )
@@ -179,7 +182,7 @@ class TextRunner:
         """Serve one request on its own (tests and direct use)."""
         item = BatchItem(body, ctx, adapter)
         self.prepare(item)
-        (outcome,) = self.run_batch([item])
+        outcome = finish(self.run_batch([item])[0])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
@@ -238,23 +241,38 @@ class TextRunner:
                     pad_token_id=self.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([sampler]),
                     stopping_criteria=StoppingCriteriaList([watch]), return_dict_in_generate=True)
             generated = out.sequences[:, width:].tolist()
-            # 4. Each request's response from its own rows.
+            steps = sampler.cpu_records()  # logprobs, copied off the device once for the batch
+            # 4. Each request's rows and logprobs; the echoed prompts' logprobs need the model here.
             start = 0
             for j in live:
-                count = len(items[j].prepared.rows)
+                item, count = items[j], len(items[j].prepared.rows)
                 span = range(start, start + count)
                 start += count
                 if j in watch.cancelled:
-                    outcomes[j] = JobCancelled(items[j].ctx.job_id)
+                    outcomes[j] = JobCancelled(item.ctx.job_id)
                     continue
                 try:
-                    outcomes[j] = self.respond(items[j], [generated[r] for r in span], sampler, span)
+                    prompt_lp = self.echo_logprobs(item)
                 except Exception as exc:  # noqa: BLE001 - this request's failure only
                     outcomes[j] = exc
+                    continue
+                where = {r: i for i, r in enumerate(sampler.lp_rows)}
+                row_lp = [[(c[where[r]], v[where[r]], t[where[r]]) for c, v, t in steps] if r in where else []
+                          for r in span]
+                # 5. Cutting, decoding and the response: in the job's own thread (base.Deferred).
+                outcomes[j] = Deferred(partial(self.respond, item, [generated[r] for r in span], row_lp, prompt_lp))
         return outcomes  # type: ignore[return-value]
 
-    def respond(self, item: BatchItem, generated: list[list[int]], sampler: RowSampler,
-                span: range) -> dict[str, Any]:
+    def echo_logprobs(self, item: BatchItem) -> list[dict[str, Any]] | None:
+        body, prepared = item.body, item.prepared
+        assert isinstance(body, CompletionBody)
+        if body.logprobs is None or not body.echo:
+            return None
+        with self._adapter_scope([self._adapter_name(item)]) as extra:
+            return [self.prompt_logprobs(ids, body.logprobs, extra) for ids in prepared.prompt_ids]
+
+    def respond(self, item: BatchItem, generated: list[list[int]], row_lp: list[list[tuple[float, Any, Any]]],
+                prompt_lp: list[dict[str, Any]] | None) -> dict[str, Any]:
         body, prepared = item.body, item.prepared
         assert isinstance(body, CompletionBody)
         # 1. Cut each row at its max_tokens, EOS or first stop string.
@@ -263,11 +281,10 @@ class TextRunner:
         # 2. Logprobs of the kept tokens, from the raw logits.
         logprobs: list[dict[str, Any] | None] = [None] * len(cut)
         if body.logprobs is not None:
-            logprobs = self.completion_logprobs(sampler, list(span), cut, body.logprobs)
-            if body.echo:
-                with self._adapter_scope([self._adapter_name(item)]) as extra:
-                    prompt_lp = [self.prompt_logprobs(ids, body.logprobs, extra) for ids in prepared.prompt_ids]
-                logprobs = [_join_logprobs(prompt_lp[prepared.row_prompt[i]], lp, len(prompts[i]))
+            logprobs = [self.completion_logprobs(steps, row, body.logprobs) for steps, row in zip(row_lp, cut,
+                                                                                                  strict=True)]
+            if prompt_lp is not None:
+                logprobs = [_join_logprobs(prompt_lp[prepared.row_prompt[i]], lp, len(prompts[i]))  # type: ignore[arg-type]
                             for i, lp in enumerate(logprobs)]
         # 3. The OpenAI text_completion.
         choices = [
@@ -381,18 +398,11 @@ class TextRunner:
             return _Row(text, "stop", ids[:end], end + 1)
         return _Row(text, "length", ids, len(ids))
 
-    def completion_logprobs(self, sampler: RowSampler, rows: list[int], cut: list[_Row],
-                            k: int) -> list[dict[str, Any]]:
-        """Logprobs the sampler recorded for these batch rows, for each row's kept tokens."""
-        where = {r: i for i, r in enumerate(sampler.lp_rows)}
-        result = []
-        for row_index, row in zip(rows, cut, strict=True):
-            i = where[row_index]
-            steps = sampler.records[:len(row.kept)]
-            chosen = [float(picked[i]) for picked, _, _ in steps]
-            tops = [self._top(ids[i, :k].tolist(), values[i, :k].tolist()) for _, values, ids in steps]
-            result.append(self._format_logprobs(row.kept, chosen, tops))
-        return result
+    def completion_logprobs(self, steps: list[tuple[float, Any, Any]], row: _Row, k: int) -> dict[str, Any]:
+        """One row's logprobs for its kept tokens, from what the sampler recorded at each step."""
+        kept = steps[:len(row.kept)]
+        return self._format_logprobs(row.kept, [chosen for chosen, _, _ in kept],
+                                     [self._top(ids[:k], values[:k]) for _, values, ids in kept])
 
     def prompt_logprobs(self, ids: list[int], k: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """One forward pass over the prompt: token t is scored by the logits at t - 1."""
