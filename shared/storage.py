@@ -31,6 +31,7 @@ class Storage(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> int: ...
     def presigned_url(self, key: str, expires_s: int = PRESIGN_SECONDS) -> str | None: ...
     def ping(self) -> None: ...
 
@@ -64,6 +65,14 @@ class FileStorage:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object whose key starts with `prefix` (a folder, ending in '/')."""
+        folder = self._path(prefix.rstrip("/"))
+        files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        for path in files:
+            path.unlink(missing_ok=True)
+        return len(files)
 
     def presigned_url(self, key: str, expires_s: int = PRESIGN_SECONDS) -> str | None:
         return None  # the API serves file-backed objects itself
@@ -136,6 +145,14 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, self._name(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object whose key starts with `prefix` (a folder, ending in '/')."""
+        names = [o.object_name for o in self.client.list_objects(self.bucket, prefix=self._name(prefix),
+                                                                 recursive=True)]
+        for name in names:
+            self.client.remove_object(self.bucket, name)
+        return len(names)
 
     def presigned_url(self, key: str, expires_s: int = PRESIGN_SECONDS) -> str | None:
         # minio-py defaults to 7 days; genq always asks for a short life.

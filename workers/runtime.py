@@ -191,6 +191,18 @@ class WorkerRuntime:
             self._reported = now
         report_state(self)
 
+    def _drop_earlier_attempts(self, job: Job) -> None:
+        """After a retried job succeeded: remove what earlier attempts stored before their worker
+        died (a live earlier attempt removes its own outputs when its guarded finish fails)."""
+        for attempt in range(1, job.attempts):
+            try:
+                dropped = self.storage.delete_prefix(f"jobs/{job.id}/{attempt}/")
+            except Exception:  # leftovers are untidy, not wrong: the job names its own key
+                log.warning("could not remove the outputs of job %s attempt %d", job.id, attempt, exc_info=True)
+                continue
+            if dropped:
+                log.info("removed %d output(s) left by job %s attempt %d", dropped, job.id, attempt)
+
     def _abandon(self, job: Job, written: list[str]) -> None:
         """Hand a job back to the queue and drop this attempt's outputs, when the process stops
         before the job ends. If this fails too, the job's lease runs out and it is recovered."""
@@ -263,6 +275,7 @@ class WorkerRuntime:
         else:
             outcome, values = "succeeded", {"result": result, "output_key": key}
         if values is not None and self._finish(job, outcome, **values) and outcome == "succeeded":
+            self._drop_earlier_attempts(job)
             return outcome
         # Failed, cancelled meanwhile, or the lease passed to another worker: leave nothing behind.
         for k in written:

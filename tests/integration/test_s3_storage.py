@@ -48,3 +48,12 @@ def test_presigned_url_downloads_and_expires_soon(s3_endpoint: str) -> None:
     assert httpx.get(url).content == b"line\n"
     default = st.presigned_url("files/file_1.jsonl")
     assert parse_qs(urlsplit(default).query)["X-Amz-Expires"] == ["3600"]
+
+
+def test_a_folder_of_keys_is_deleted_and_nothing_beside_it(s3_endpoint: str) -> None:
+    st = _storage(s3_endpoint, f"genq-{uuid.uuid4().hex[:8]}")
+    for key in ("jobs/a/1/result.json", "jobs/a/1/0.png", "jobs/a/2/result.json", "jobs/ab/1/result.json"):
+        st.put(key, b"x")
+    assert st.delete_prefix("jobs/a/1/") == 2
+    assert not st.exists("jobs/a/1/0.png") and st.exists("jobs/a/2/result.json")
+    assert st.exists("jobs/ab/1/result.json") and st.delete_prefix("jobs/none/") == 0

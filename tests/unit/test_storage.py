@@ -35,3 +35,12 @@ def test_file_url_relative_and_absolute(tmp_path: Path, monkeypatch: pytest.Monk
     assert rel.root == (tmp_path / "var/objects").resolve()  # type: ignore[attr-defined]
     absolute = storage_from_settings(build_settings(storage_url=f"file://{tmp_path}/abs"))
     assert absolute.root == tmp_path / "abs"  # type: ignore[attr-defined]
+
+
+def test_file_storage_deletes_a_folder_of_keys(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path)
+    for key in ("jobs/a/1/result.json", "jobs/a/1/0.png", "jobs/a/2/result.json", "jobs/ab/1/result.json"):
+        store.put(key, b"x")
+    assert store.delete_prefix("jobs/a/1/") == 2
+    assert not store.exists("jobs/a/1/0.png") and store.exists("jobs/a/2/result.json")
+    assert store.exists("jobs/ab/1/result.json") and store.delete_prefix("jobs/none/") == 0
