@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,13 +81,12 @@ class Arrival:
 
 
 class Batcher:
-    def __init__(self, *, on_batch: Callable[[str, int, int, float], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._waiting: list[_Waiting] = []  # arrival order
         self._arriving = 0
         self._joined = 0.0  # when the last item joined
         self._stop = False
-        self._on_batch = on_batch
         self.stats: dict[str, BatchStats] = {}
         self._thread = threading.Thread(target=self._loop, name="genq-batcher", daemon=True)
         self._thread.start()
@@ -173,8 +172,6 @@ class Batcher:
         stats.seconds += seconds
         stats.largest = max(stats.largest, rows)
         log.debug("batch of %d job(s), %d row(s) on %s in %.2fs", len(group), rows, model, seconds)
-        if self._on_batch is not None:
-            self._on_batch(model, len(group), rows, seconds)
         for w, outcome in zip(group, outcomes, strict=True):
             w.outcome = outcome
             w.done.set()

@@ -124,6 +124,11 @@ class ModelCache:
         with self._cond:
             return not self.budget or self._used() + self._estimate(model) <= self.budget
 
+    def loaded(self, model: str) -> Any | None:
+        """The model's runner if it is loaded now (not pinned: for reports)."""
+        with self._cond:
+            return self._runners.get(model)
+
     def resident(self) -> list[str]:
         with self._cond:
             return list(self._runners)

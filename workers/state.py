@@ -17,13 +17,11 @@ log = logging.getLogger("genq.worker")
 
 def worker_stats(runtime: Any) -> dict[str, Any]:
     models: dict[str, Any] = {}
-    resident = set(runtime.cache.resident())
     for name, stats in runtime.cache.stats.items():
-        entry = asdict(stats)
-        entry["resident"] = name in resident
+        entry = asdict(stats)  # loads, load_seconds, evictions, bytes, resident
         batches = runtime.batcher.stats.get(name)
         entry["batches"] = asdict(batches) if batches else {}
-        runner = runtime.cache._runners.get(name)
+        runner = runtime.cache.loaded(name)
         adapter_stats = getattr(runner, "adapter_stats", None)
         if adapter_stats is not None:
             entry["adapters"] = {**adapter_stats, "resident": len(runner.loaded_adapters())}

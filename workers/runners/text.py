@@ -71,7 +71,7 @@ class _RowWatch(StoppingCriteria):
 
     def __init__(self, runner: TextRunner, items: list[BatchItem], owner: list[int], rows: list[RowParams],
                  width: int) -> None:
-        self.runner, self.items, self.owner, self.rows, self.width = runner, items, owner, rows, width
+        self.runner, self.items, self.rows, self.width = runner, items, rows, width
         self.cancelled: set[int] = set()  # item indexes
         self._next_poll = 0.0
         device = runner.device
@@ -242,6 +242,7 @@ class TextRunner:
                     stopping_criteria=StoppingCriteriaList([watch]), return_dict_in_generate=True)
             generated = out.sequences[:, width:].tolist()
             steps = sampler.cpu_records()  # logprobs, copied off the device once for the batch
+            where = {r: i for i, r in enumerate(sampler.lp_rows)}  # batch row -> its place in `steps`
             # 4. Each request's rows and logprobs; the echoed prompts' logprobs need the model here.
             start = 0
             for j in live:
@@ -256,7 +257,6 @@ class TextRunner:
                 except Exception as exc:  # noqa: BLE001 - this request's failure only
                     outcomes[j] = exc
                     continue
-                where = {r: i for i, r in enumerate(sampler.lp_rows)}
                 row_lp = [[(c[where[r]], v[where[r]], t[where[r]]) for c, v, t in steps] if r in where else []
                           for r in span]
                 # 5. Cutting, decoding and the response: in the job's own thread (base.Deferred).
