@@ -65,7 +65,7 @@ def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB) -> Any:
     """
     from transformers import GPT2TokenizerFast
 
-    from workers import tiny
+    from genq.workers import tiny
 
     assert tiny.EOS == EOS
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +167,7 @@ def build_sd15(model_dir: Path, *, small: bool, device: str, seed: int = 0) -> P
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from workers.tiny import CLIP_BOS, CLIP_EOS, write_clip_tokenizer_files
+    from genq.workers.tiny import CLIP_BOS, CLIP_EOS, write_clip_tokenizer_files
 
     tokenizer_dir = write_clip_tokenizer_files(model_dir / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
@@ -200,7 +200,7 @@ def build_all(out: Path, *, small: bool = False, dtype: str = "float16", device:
     `mute_eos`: gpt2-random practically never samples EOS (every completion runs to max_tokens)."""
     import torch
 
-    from workers.tiny import write_registry
+    from genq.workers.tiny import write_registry
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ class Pipeline:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        from workers.runners.device import resolve_device, resolve_dtype
+        from genq.workers.runners.device import resolve_device, resolve_dtype
 
         self.torch = torch
         self.device = resolve_device(device)
@@ -196,7 +196,7 @@ def machine() -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> dict[str, Any]:
-    from workers.tiny import TINY_SD_ENTRY, build_tiny_sd, write_registry
+    from genq.workers.tiny import TINY_SD_ENTRY, build_tiny_sd, write_registry
 
     facts = machine()  # before anything of ours runs: the load average is the machine's own
     source = build_tiny_sd(tmp / "models" / MODEL)

@@ -99,7 +99,7 @@ def cached_model(models_dir: Path, small: bool) -> tuple[Path, bool]:
 def make_prompts(tokenizer: Any, n: int, shortest: int = 5, longest: int = 40, seed: int = 0) -> list[str]:
     """n prompts of running English text (workers.tiny.CORPUS), each cut to a length drawn evenly
     from shortest..longest tokens of this tokenizer."""
-    from workers.tiny import CORPUS
+    from genq.workers.tiny import CORPUS
 
     words = CORPUS.split()
     rng = random.Random(seed)
@@ -131,7 +131,7 @@ class TextModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from workers.runners.device import resolve_device, resolve_dtype
+        from genq.workers.runners.device import resolve_device, resolve_dtype
 
         self.torch = torch
         self.device = resolve_device(device)
@@ -247,7 +247,7 @@ def ratios(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any], unit: str) -
 
 
 def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> dict[str, Any]:
-    from workers.tiny import write_registry
+    from genq.workers.tiny import write_registry
 
     facts = machine()  # before anything of ours runs: the load average is the machine's own
     source, built = cached_model(args.models_dir, args.small)

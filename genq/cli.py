@@ -18,7 +18,7 @@ DEFAULT_API = "http://127.0.0.1:8000"
 
 
 def _settings() -> Any:
-    from shared.config import ConfigError, get_settings
+    from genq.shared.config import ConfigError, get_settings
 
     try:
         return get_settings()
@@ -46,7 +46,7 @@ def api(host: str, port: int, log_level: str) -> None:
     """Run the HTTP API service (applies database migrations first)."""
     import uvicorn
 
-    from services.app import create_app
+    from genq.services.app import create_app
 
     _logging(log_level)
     uvicorn.run(create_app(_settings()), host=host, port=port, log_level=log_level)
@@ -73,9 +73,9 @@ def worker(models: str, gpu: int | None, concurrency: int | None, memory_budget:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     assert "torch" not in sys.modules, "torch was imported before the GPU was pinned"
-    from shared.registry import RegistryError
-    from workers.app import run_worker
-    from workers.cache import parse_bytes
+    from genq.shared.registry import RegistryError
+    from genq.workers.app import run_worker
+    from genq.workers.cache import parse_bytes
 
     _logging(log_level)
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -107,8 +107,8 @@ def _child(args: list[str]) -> subprocess.Popen[bytes]:
 @click.option("--models", default=None, help="Models to start workers for (default: every registered model).")
 def up(host: str, port: int, models: str | None) -> None:
     """Run the whole stack on this machine: the API plus one worker per model."""
-    from shared.migrate import upgrade
-    from shared.registry import load_registry
+    from genq.shared.migrate import upgrade
+    from genq.shared.registry import load_registry
 
     settings = _settings()
     names = models.split(",") if models else load_registry(settings.models_file).names()
@@ -266,8 +266,8 @@ def models() -> None:
               show_default=True)
 def build_tiny(out: Path) -> None:
     """Write small random-weight models and LoRA adapters in Hugging Face format, plus DIR/models.toml."""
-    from workers.tiny import build_tiny as build
-    from workers.tiny_lora import build_tiny_adapters
+    from genq.workers.tiny import build_tiny as build
+    from genq.workers.tiny_lora import build_tiny_adapters
 
     started = time.perf_counter()
     build(out)
@@ -278,7 +278,7 @@ def build_tiny(out: Path) -> None:
 @models.command("list")
 def list_models() -> None:
     """Print the configured registry."""
-    from shared.registry import load_registry
+    from genq.shared.registry import load_registry
 
     for spec in load_registry(_settings().models_file).models.values():
         click.echo(f"{spec.name}\t{spec.kind}\t{spec.queue}\t{spec.source}")
@@ -292,7 +292,7 @@ def db() -> None:
 @db.command("upgrade")
 def db_upgrade() -> None:
     """Apply the database migrations."""
-    from shared.migrate import upgrade
+    from genq.shared.migrate import upgrade
 
     settings = _settings()
     upgrade(settings.database_url)
@@ -307,8 +307,8 @@ def keys() -> None:
 
 
 def _key_session() -> Any:
-    from shared.db import session_factory, session_scope
-    from shared.migrate import upgrade
+    from genq.shared.db import session_factory, session_scope
+    from genq.shared.migrate import upgrade
 
     settings = _settings()
     upgrade(settings.database_url)  # the keys table may be the first thing a new install needs
@@ -323,7 +323,7 @@ def _when(ts: float | None) -> str:
 @click.option("--tenant", required=True, help="The tenant the key acts for; it sees only that tenant's work.")
 def keys_create(tenant: str) -> None:
     """Make an API key for TENANT; the key is the last word printed and is not shown again."""
-    from shared.auth import create_key
+    from genq.shared.auth import create_key
 
     with _key_session() as session:
         try:
@@ -339,7 +339,7 @@ def keys_create(tenant: str) -> None:
 @click.option("--tenant", default=None, help="Only this tenant's keys.")
 def keys_list(tenant: str | None) -> None:
     """List keys: id, prefix, tenant, created and revoked times (never the keys themselves)."""
-    from shared.auth import list_keys
+    from genq.shared.auth import list_keys
 
     with _key_session() as session:
         rows = [(k.id, k.prefix, k.tenant, _when(k.created_at), _when(k.revoked_at))
@@ -353,7 +353,7 @@ def keys_list(tenant: str | None) -> None:
 @click.argument("ident", metavar="PREFIX_OR_ID")
 def keys_revoke(ident: str) -> None:
     """Revoke a key by its id or prefix. API processes may accept it for up to 30 s more (their cache)."""
-    from shared.auth import revoke_key
+    from genq.shared.auth import revoke_key
 
     with _key_session() as session:
         try:

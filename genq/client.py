@@ -73,7 +73,7 @@ class Client:
     def create_adapter(self, name: str, model: str, path: Path) -> dict[str, Any]:
         """Upload a LoRA adapter: `path` is its directory (packed here as tar.gz) or an archive."""
         if path.is_dir():
-            from workers.tiny_lora import archive_adapter  # stdlib only until a model is built
+            from genq.workers.tiny_lora import archive_adapter  # stdlib only until a model is built
 
             data, filename = archive_adapter(path, "tar.gz"), f"{path.name}.tar.gz"
         else:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from services import (
+from genq.services import (
     routes_adapters,
     routes_batches,
     routes_events,
@@ -19,16 +19,16 @@ from services import (
     routes_system,
     routes_webhooks,
 )
-from services.db_errors import install_db_error_handler
-from services.deps import guard
-from services.errors import install_handlers
-from services.guards import install_guard_handler
-from services.maintenance import Maintenance
-from services.metrics import Metrics
-from services.state import AppState, Limits, build_state
-from shared.config import Settings, get_settings
-from shared.migrate import upgrade
-from shared.webhooks import Dispatcher
+from genq.services.db_errors import install_db_error_handler
+from genq.services.deps import guard
+from genq.services.errors import install_handlers
+from genq.services.guards import install_guard_handler
+from genq.services.maintenance import Maintenance
+from genq.services.metrics import Metrics
+from genq.services.state import AppState, Limits, build_state
+from genq.shared.config import Settings, get_settings
+from genq.shared.migrate import upgrade
+from genq.shared.webhooks import Dispatcher
 
 log = logging.getLogger("genq.api")
 

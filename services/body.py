@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel
 
-from services.errors import APIError
-from shared.schemas import BODY_MODELS, URL_KINDS, RequestLine
-from shared.validation import LineError, parse_json_line
-from shared.webhooks import EVENTS
+from genq.services.errors import APIError
+from genq.shared.schemas import BODY_MODELS, URL_KINDS, RequestLine
+from genq.shared.validation import LineError, parse_json_line
+from genq.shared.webhooks import EVENTS
 
 BOM = codecs.BOM_UTF8
 NUL_MESSAGE = "must not contain NUL (\\u0000) characters"

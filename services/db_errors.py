@@ -12,8 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
-from services.errors import error_body
-from shared.db import is_unavailable
+from genq.services.errors import error_body
+from genq.shared.db import is_unavailable
 
 log = logging.getLogger("genq.api")
 RETRY_AFTER_S = 5

@@ -9,10 +9,10 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from services.guards import check_rate, unauthorized
-from services.state import AppState
-from shared.auth import hash_key, resolve_key
-from shared.results import ResultRenderer
+from genq.services.guards import check_rate, unauthorized
+from genq.services.state import AppState
+from genq.shared.auth import hash_key, resolve_key
+from genq.shared.results import ResultRenderer
 
 # Paths open without a key when GENQ_AUTH=required (probes must work without secrets).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from services.errors import APIError, error_body
-from shared.db import Job
+from genq.services.errors import APIError, error_body
+from genq.shared.db import Job
 
 # A full queue drains at the workers' pace, which the API cannot predict; this is a polite hint.
 QUEUE_FULL_RETRY_AFTER_S = 30

@@ -9,8 +9,8 @@ import time
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from services.errors import APIError
-from shared.db import IdempotencyKey
+from genq.services.errors import APIError
+from genq.shared.db import IdempotencyKey
 
 HEADER = "idempotency-key"
 

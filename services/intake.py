@@ -9,14 +9,14 @@ import time
 
 from sqlalchemy import select
 
-from services import submit
-from services.body import ndjson_lines
-from services.errors import APIError
-from services.state import AppState
-from shared import jobs as jobs_data
-from shared.db import Batch, File, session_scope
-from shared.validation import MAX_ERRORS_REPORTED, validate_batch
-from shared.webhooks import notify_batch
+from genq.services import submit
+from genq.services.body import ndjson_lines
+from genq.services.errors import APIError
+from genq.services.state import AppState
+from genq.shared import jobs as jobs_data
+from genq.shared.db import Batch, File, session_scope
+from genq.shared.validation import MAX_ERRORS_REPORTED, validate_batch
+from genq.shared.webhooks import notify_batch
 
 log = logging.getLogger("genq.api")
 STALE_VALIDATING_S = 300.0

@@ -12,10 +12,10 @@ import logging
 import threading
 from collections.abc import Callable
 
-from services.intake import resume_stale_validations
-from services.state import AppState
-from shared import outbox
-from shared.finalize import expire_batches, finalize_stale_batches
+from genq.services.intake import resume_stale_validations
+from genq.services.state import AppState
+from genq.shared import outbox
+from genq.shared.finalize import expire_batches, finalize_stale_batches
 
 log = logging.getLogger("genq.api")
 

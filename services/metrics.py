@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import Job, WorkerState
+from genq.shared.db import Job, WorkerState
 
 WORKER_STALE_S = 300.0
 # (metric name, help, stats path under a model's entry, counter?)

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from services import idempotency, submit
-from services.body import (
+from genq.services import idempotency, submit
+from genq.services.body import (
     NUL_MESSAGE,
     batch_error,
     body_schema,
@@ -27,16 +27,16 @@ from services.body import (
     request_body_doc,
     request_line_schema,
 )
-from services.deps import RendererDep, SessionDep, StateDep, TenantDep
-from services.errors import APIError, not_found
-from services.intake import validate_file_batch
-from shared import jobs as jobs_data
-from shared.db import Batch, File, Job
-from shared.finalize import maybe_finalize_batch
-from shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES, BatchCreate
-from shared.validation import validate_batch
-from shared.views import batch_object, job_object, output_line
-from shared.webhooks import validate_subscription
+from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
+from genq.services.errors import APIError, not_found
+from genq.services.intake import validate_file_batch
+from genq.shared import jobs as jobs_data
+from genq.shared.db import Batch, File, Job
+from genq.shared.finalize import maybe_finalize_batch
+from genq.shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES, BatchCreate
+from genq.shared.validation import validate_batch
+from genq.shared.views import batch_object, job_object, output_line
+from genq.shared.webhooks import validate_subscription
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(refuse_nul_params)])
 

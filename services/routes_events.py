@@ -30,13 +30,13 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.body import refuse_nul_params
-from services.deps import StateDep, TenantDep
-from services.routes_batches import load_batch
-from shared import jobs as jobs_data
-from shared.db import Batch, Job
-from shared.schemas import TERMINAL_BATCH_STATUSES
-from shared.views import batch_object
+from genq.services.body import refuse_nul_params
+from genq.services.deps import StateDep, TenantDep
+from genq.services.routes_batches import load_batch
+from genq.shared import jobs as jobs_data
+from genq.shared.db import Batch, Job
+from genq.shared.schemas import TERMINAL_BATCH_STATUSES
+from genq.shared.views import batch_object
 
 router = APIRouter(tags=["batches"], dependencies=[Depends(refuse_nul_params)])
 

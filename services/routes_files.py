@@ -11,13 +11,13 @@ from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from services import idempotency
-from services.body import NUL_MESSAGE, has_nul, refuse_nul_params
-from services.deps import SessionDep, StateDep, TenantDep
-from services.errors import APIError, not_found
-from shared.db import File as FileRow
-from shared.db import new_id
-from shared.views import file_object
+from genq.services import idempotency
+from genq.services.body import NUL_MESSAGE, has_nul, refuse_nul_params
+from genq.services.deps import SessionDep, StateDep, TenantDep
+from genq.services.errors import APIError, not_found
+from genq.shared.db import File as FileRow
+from genq.shared.db import new_id
+from genq.shared.views import file_object
 
 router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Depends(refuse_nul_params)])
 UPLOAD_PURPOSES = ("batch",)

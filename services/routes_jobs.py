@@ -9,8 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy.exc import IntegrityError
 
-from services import idempotency, submit
-from services.body import (
+from genq.services import idempotency, submit
+from genq.services.body import (
     batch_error,
     parse_json_body,
     read_body,
@@ -18,14 +18,14 @@ from services.body import (
     request_body_doc,
     request_line_schema,
 )
-from services.deps import RendererDep, SessionDep, StateDep, TenantDep
-from services.errors import APIError, not_found
-from shared import jobs as jobs_data
-from shared.db import Job
-from shared.finalize import maybe_finalize_batch
-from shared.validation import validate_line
-from shared.views import job_object
-from shared.webhooks import notify_job
+from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
+from genq.services.errors import APIError, not_found
+from genq.shared import jobs as jobs_data
+from genq.shared.db import Job
+from genq.shared.finalize import maybe_finalize_batch
+from genq.shared.validation import validate_line
+from genq.shared.views import job_object
+from genq.shared.webhooks import notify_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(refuse_nul_params)])
 

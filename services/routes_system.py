@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from services.deps import StateDep
+from genq.services.deps import StateDep
 
 router = APIRouter(tags=["system"])
 

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 
-from services.body import refuse_nul_params
-from services.deps import SessionDep, TenantDep
-from shared.db import WebhookAttempt, WebhookDelivery
-from shared.webhooks import tenant_secret
+from genq.services.body import refuse_nul_params
+from genq.services.deps import SessionDep, TenantDep
+from genq.shared.db import WebhookAttempt, WebhookDelivery
+from genq.shared.webhooks import tenant_secret
 
 router = APIRouter(tags=["webhooks"], dependencies=[Depends(refuse_nul_params)])
 

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.guards import TokenBuckets
-from shared.auth import KeyCache
-from shared.broker import CeleryPublisher, Publisher, make_celery
-from shared.config import Settings
-from shared.db import session_factory
-from shared.registry import Registry, load_registry
-from shared.storage import Storage, storage_from_settings
+from genq.services.guards import TokenBuckets
+from genq.shared.auth import KeyCache
+from genq.shared.broker import CeleryPublisher, Publisher, make_celery
+from genq.shared.config import Settings
+from genq.shared.db import session_factory
+from genq.shared.registry import Registry, load_registry
+from genq.shared.storage import Storage, storage_from_settings
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from services.guards import check_queue_ceiling
-from services.state import AppState
-from shared import outbox
-from shared.adapters import AdapterCatalog
-from shared.broker import Publish
+from genq.services.guards import check_queue_ceiling
+from genq.services.state import AppState
+from genq.shared import outbox
+from genq.shared.adapters import AdapterCatalog
+from genq.shared.broker import Publish
 
 
 def adapters(state: AppState, session: Session, tenant: str | None) -> AdapterCatalog:

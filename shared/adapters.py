@@ -21,11 +21,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.adapter_archive import CONFIG_NAME, AdapterError, CheckedAdapter
-from shared.adapter_archive import AdapterTooLarge as AdapterTooLarge  # re-exported: the routes catch it here
-from shared.db import Adapter, new_id
-from shared.registry import ADAPTER_KINDS, ModelSpec, Registry
-from shared.storage import Storage
+from genq.shared.adapter_archive import CONFIG_NAME, AdapterError, CheckedAdapter
+from genq.shared.adapter_archive import AdapterTooLarge as AdapterTooLarge  # re-exported: the routes catch it here
+from genq.shared.db import Adapter, new_id
+from genq.shared.registry import ADAPTER_KINDS, ModelSpec, Registry
+from genq.shared.storage import Storage
 
 log = logging.getLogger("genq.adapters")
 

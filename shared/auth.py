@@ -18,7 +18,7 @@ from collections.abc import Callable
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from shared.db import ApiKey, new_id
+from genq.shared.db import ApiKey, new_id
 
 KEY_PREFIX = "gq_"
 PREFIX_CHARS = 11  # "gq_" and 8 characters of the random part: shown in listings, never the secret

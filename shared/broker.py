@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 from kombu.exceptions import ChannelError
 
-from shared.config import Settings
+from genq.shared.config import Settings
 
 RUN_JOB_TASK = "genq.run_job"
 # Above the longest job we expect to run; genq's own job leases recover crashed work much sooner.

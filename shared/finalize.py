@@ -9,12 +9,12 @@ import time
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import Batch, File, Job, new_id, session_scope
-from shared.jobs import has_active_jobs
-from shared.results import ResultRenderer
-from shared.storage import Storage
-from shared.views import output_line
-from shared.webhooks import notify_batch
+from genq.shared.db import Batch, File, Job, new_id, session_scope
+from genq.shared.jobs import has_active_jobs
+from genq.shared.results import ResultRenderer
+from genq.shared.storage import Storage
+from genq.shared.views import output_line
+from genq.shared.webhooks import notify_batch
 
 STALE_FINALIZE_S = 120.0
 

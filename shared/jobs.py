@@ -9,10 +9,10 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from shared.broker import Publish
-from shared.db import Batch, Job, new_id
-from shared.schemas import TERMINAL_JOB_STATUSES, window_seconds
-from shared.validation import ValidLine
+from genq.shared.broker import Publish
+from genq.shared.db import Batch, Job, new_id
+from genq.shared.schemas import TERMINAL_JOB_STATUSES, window_seconds
+from genq.shared.validation import ValidLine
 
 ACTIVE = ("queued", "running")
 

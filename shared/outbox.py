@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.broker import Publish, Publisher
-from shared.db import Job, session_scope
+from genq.shared.broker import Publish, Publisher
+from genq.shared.db import Job, session_scope
 
 log = logging.getLogger("genq.outbox")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from shared.db import Job
-from shared.storage import PRESIGN_SECONDS, Storage
+from genq.shared.db import Job
+from genq.shared.storage import PRESIGN_SECONDS, Storage
 
 
 class ResultRenderer:

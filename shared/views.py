@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.db import Batch, File, Job
+from genq.shared.db import Batch, File, Job
 
 
 def _ts(value: float | None) -> int | None:

@@ -30,9 +30,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import Batch, Job, Tenant, WebhookAttempt, WebhookDelivery, new_id, session_scope
-from shared.jobs import batch_counts, request_counts
-from shared.views import batch_object, job_object
+from genq.shared.db import Batch, Job, Tenant, WebhookAttempt, WebhookDelivery, new_id, session_scope
+from genq.shared.jobs import batch_counts, request_counts
+from genq.shared.views import batch_object, job_object
 
 log = logging.getLogger("genq.webhooks")
 

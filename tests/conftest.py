@@ -58,7 +58,7 @@ def throwaway_database(name: str) -> Iterator[str]:
     """Create Postgres database `name` on the test server; yield its SQLAlchemy URL; drop it after."""
     import psycopg
 
-    from shared.db import engine_for
+    from genq.shared.db import engine_for
 
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -124,7 +124,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random-weight models plus a registry with extra test-only models."""
-    from workers.tiny import build_tiny
+    from genq.workers.tiny import build_tiny
 
     out = tmp_path_factory.mktemp("models")
     registry = build_tiny(out)
@@ -266,7 +266,7 @@ def stack(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture()
 def settings_for(stack_env: dict[str, str]) -> Callable[..., Any]:
     """Build genq Settings for the integration services (used to read storage and the DB directly)."""
-    from shared.config import build_settings
+    from genq.shared.config import build_settings
 
     def make(**overrides: Any) -> Any:
         values = {k.removeprefix("GENQ_").lower(): v for k, v in stack_env.items() if k.startswith("GENQ_")}

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import adapters
-from shared.db import session_scope
-from shared.registry import Registry
-from shared.storage import Storage
-from workers.runners.base import InvalidRequest, LocalAdapter
+from genq.shared import adapters
+from genq.shared.db import session_scope
+from genq.shared.registry import Registry
+from genq.shared.storage import Storage
+from genq.workers.runners.base import InvalidRequest, LocalAdapter
 
 
 class AdapterFiles:

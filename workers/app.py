@@ -10,15 +10,15 @@ from typing import Any
 from celery import Celery, signals
 from sqlalchemy.exc import OperationalError
 
-from shared.broker import RUN_JOB_TASK, CeleryPublisher, make_celery, queue_name
-from shared.config import Settings
-from shared.registry import Registry, load_registry
-from shared.storage import storage_from_settings
-from workers.cache import device_budget
-from workers.runners import runner_class
-from workers.runners.base import SerialRunner
-from workers.runners.device import resolve_device
-from workers.runtime import WorkerRuntime
+from genq.shared.broker import RUN_JOB_TASK, CeleryPublisher, make_celery, queue_name
+from genq.shared.config import Settings
+from genq.shared.registry import Registry, load_registry
+from genq.shared.storage import storage_from_settings
+from genq.workers.cache import device_budget
+from genq.workers.runners import runner_class
+from genq.workers.runners.base import SerialRunner
+from genq.workers.runners.device import resolve_device
+from genq.workers.runtime import WorkerRuntime
 
 log = logging.getLogger("genq.worker")
 

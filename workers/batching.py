@@ -25,7 +25,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.runners.base import BatchItem, Outcome, finish
+from genq.workers.runners.base import BatchItem, Outcome, finish
 
 log = logging.getLogger("genq.worker")
 DEFAULT_MAX_WAIT_MS = 50.0

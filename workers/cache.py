@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.registry import ModelSpec
+from genq.shared.registry import ModelSpec
 
 log = logging.getLogger("genq.worker")
 PIN_WAIT_S = 120.0

@@ -19,22 +19,22 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared import jobs as jobs_data
-from shared import outbox, webhooks
-from shared.broker import Publisher
-from shared.config import Settings
-from shared.db import Job, is_unavailable, retry_unavailable, session_factory, session_scope
-from shared.finalize import expire_batches, finalize_stale_batches, maybe_finalize_batch
-from shared.registry import Registry
-from shared.schemas import BODY_MODELS
-from shared.storage import Storage
-from workers.adapters import AdapterFiles
-from workers.batching import Arrival, Batcher
-from workers.cache import ModelCache
-from workers.runners import make_runner
-from workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext
-from workers.state import report_state
-from workers.watch import JobWatch
+from genq.shared import jobs as jobs_data
+from genq.shared import outbox, webhooks
+from genq.shared.broker import Publisher
+from genq.shared.config import Settings
+from genq.shared.db import Job, is_unavailable, retry_unavailable, session_factory, session_scope
+from genq.shared.finalize import expire_batches, finalize_stale_batches, maybe_finalize_batch
+from genq.shared.registry import Registry
+from genq.shared.schemas import BODY_MODELS
+from genq.shared.storage import Storage
+from genq.workers.adapters import AdapterFiles
+from genq.workers.batching import Arrival, Batcher
+from genq.workers.cache import ModelCache
+from genq.workers.runners import make_runner
+from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext
+from genq.workers.state import report_state
+from genq.workers.watch import JobWatch
 
 log = logging.getLogger("genq.worker")
 CHECK_EVERY_S = 0.25  # progress reports and cancel checks, for all held jobs at once

@@ -9,8 +9,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from shared.db import WorkerState, session_scope
-from workers.watch import tolerate_unavailable
+from genq.shared.db import WorkerState, session_scope
+from genq.workers.watch import tolerate_unavailable
 
 log = logging.getLogger("genq.worker")
 

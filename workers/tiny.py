@@ -177,7 +177,7 @@ def build_tiny_gan(model_dir: Path, seed: int = 0) -> Path:
     """
     import torch
 
-    from workers.gan import DCGANGenerator, GANConfig, save_generator
+    from genq.workers.gan import DCGANGenerator, GANConfig, save_generator
 
     config = GANConfig(z_dim=32, base_channels=16, image_size=32, channels=3,
                        num_classes=len(TINY_GAN_LABELS), class_labels=list(TINY_GAN_LABELS))

@@ -106,7 +106,7 @@ def archive_adapter(directory: Path, fmt: str = "tar.gz") -> bytes:
 def build_tiny_adapters(out_dir: Path) -> Path:
     """After `workers.tiny.build_tiny(out_dir)`: write the tiny adapters next to the tiny models and
     register them as `[adapters.<name>]` tables in `out_dir/models.toml`; return the registry path."""
-    from workers.tiny import TINY_SD_NAME, TINY_TEXT_NAME
+    from genq.workers.tiny import TINY_SD_NAME, TINY_TEXT_NAME
 
     out_dir = Path(out_dir)
     entries: dict[str, dict[str, str]] = {}

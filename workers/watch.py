@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import Job, is_unavailable, session_scope
+from genq.shared.db import Job, is_unavailable, session_scope
 
 log = logging.getLogger("genq.worker")
 

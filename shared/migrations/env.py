@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from alembic import context
 
-from shared.db import Base, engine_for
+from genq.shared.db import Base, engine_for
 
 config = context.config
 url = config.attributes.get("database_url")
 if not url:
-    from shared.config import get_settings
+    from genq.shared.config import get_settings
 
     url = get_settings().database_url
 

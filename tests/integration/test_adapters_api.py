@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from genq.workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora
 from tests.conftest import Stack, wait_for
-from workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +77,8 @@ source = "{loras['registry']}"
 @pytest.fixture(scope="module")
 def clients(api: Stack, pg_url: str) -> Iterator[dict[str, httpx.Client]]:
     """Clients for two tenants, with keys made as `genq keys create` makes them."""
-    from shared.auth import create_key
-    from shared.db import session_factory
+    from genq.shared.auth import create_key
+    from genq.shared.db import session_factory
 
     tag = uuid.uuid4().hex[:6]
     out: dict[str, httpx.Client] = {}
@@ -94,7 +94,7 @@ def clients(api: Stack, pg_url: str) -> Iterator[dict[str, httpx.Client]]:
 
 @pytest.fixture()
 def storage(settings_for: Callable[..., Any]) -> Any:
-    from shared.storage import storage_from_settings
+    from genq.shared.storage import storage_from_settings
 
     return storage_from_settings(settings_for())
 
@@ -123,7 +123,7 @@ def _text_line(adapter: str, model: str = TEXT, custom_id: str = "q") -> dict[st
 
 
 def _stored_bodies(pg_url: str, job_ids: list[str]) -> list[dict[str, Any]]:
-    from shared.db import Job, session_factory
+    from genq.shared.db import Job, session_factory
 
     with session_factory(pg_url)() as session:
         return [session.get(Job, j).body for j in job_ids]  # type: ignore[union-attr]

@@ -22,7 +22,7 @@ def _ok(i: int) -> dict[str, Any]:
 @pytest.fixture()
 def unchanged(stack: Stack, settings_for: Any) -> Iterator[None]:
     """Asserts that the test recorded no job and no batch."""
-    from shared.db import Batch, Job, session_factory
+    from genq.shared.db import Batch, Job, session_factory
 
     factory = session_factory(settings_for().database_url)
 

@@ -69,9 +69,9 @@ def fuzz_db() -> Iterator[str]:
 def fuzz_app(fuzz_db: str, tiny_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from schemathesis.python import asgi
 
-    from services.app import create_app
-    from services.state import Limits
-    from shared.config import build_settings
+    from genq.services.app import create_app
+    from genq.services.state import Limits
+    from genq.shared.config import build_settings
 
     settings = build_settings(database_url=fuzz_db, broker_url="memory://", models_file=str(tiny_registry),
                               storage_url=f"file://{tmp_path_factory.mktemp('fuzz-storage')}")
@@ -110,8 +110,8 @@ def _order(op: Any) -> tuple[int, str]:
 
 
 def test_openapi_fuzz_finds_no_server_error(fuzz_app: Any, tiny_registry: Path) -> None:
-    from shared.registry import load_registry
-    from shared.validation import URL_SERVED_BY
+    from genq.shared.registry import load_registry
+    from genq.shared.validation import URL_SERVED_BY
 
     registry = load_registry(tiny_registry)
     models = {url: sorted(m.name for m in registry.models.values() if m.kind in kinds)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from genq.workers.runners.png import read_png_parameters
 from tests.conftest import Stack, wait_for
-from workers.runners.png import read_png_parameters
 
 pytestmark = pytest.mark.integration
 

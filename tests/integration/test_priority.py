@@ -65,7 +65,7 @@ def _started(settings: Any, batch_id: str, job_id: str) -> tuple[float, list[flo
     """Start times at full precision (the API shows whole seconds)."""
     from sqlalchemy import select
 
-    from shared.db import Job, session_factory
+    from genq.shared.db import Job, session_factory
 
     with session_factory(settings.database_url)() as s:
         single = s.execute(select(Job.started_at).where(Job.id == job_id)).scalar_one()

@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from shared.config import build_settings
-from shared.storage import S3Storage, storage_from_settings
+from genq.shared.config import build_settings
+from genq.shared.storage import S3Storage, storage_from_settings
 
 pytestmark = pytest.mark.integration
 

@@ -91,8 +91,8 @@ def _done(c: httpx.Client, path: str, key: str, statuses: tuple[str, ...]) -> di
 
 def test_every_route_but_the_probes_needs_a_valid_key(auth_api: Stack, keys: dict[str, str],
                                                       tmp_path: Path) -> None:
-    from services.app import create_app
-    from shared.config import build_settings
+    from genq.services.app import create_app
+    from genq.shared.config import build_settings
 
     # With auth on, the API does not serve its own documents: read the route list offline.
     offline = build_settings(database_url=f"sqlite:///{tmp_path}/o.db", broker_url="memory://",

@@ -25,7 +25,7 @@ def _wait_terminal(client: Any, batch_id: str, timeout: float = 120) -> dict[str
 
 
 def test_bulk_batch_completes_with_every_output_in_storage(stack: Stack, settings_for: Any) -> None:
-    from shared.storage import storage_from_settings
+    from genq.shared.storage import storage_from_settings
 
     lines = [_line(i, seed=i, temperature=0.8) for i in range(40)]
     ndjson = "".join(json.dumps(x) + "\n" for x in lines).encode()
@@ -66,7 +66,7 @@ def test_bulk_batch_completes_with_every_output_in_storage(stack: Stack, setting
         stored = json.loads(storage.get(f"jobs/{job['id']}/1/result.json"))
         assert stored == body == job["result"]
     # The batch's output file was written to storage at finalization, in input order.
-    from shared.db import File, session_factory
+    from genq.shared.db import File, session_factory
 
     with session_factory(settings_for().database_url)() as s:
         f = s.get(File, final["output_file_id"])

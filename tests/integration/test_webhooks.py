@@ -23,9 +23,9 @@ import pytest
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, session_factory, session_scope
-from shared.migrate import upgrade
-from shared.webhooks import Dispatcher, enqueue_job_event, tenant_secret
+from genq.shared.db import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, session_factory, session_scope
+from genq.shared.migrate import upgrade
+from genq.shared.webhooks import Dispatcher, enqueue_job_event, tenant_secret
 from tests.conftest import free_port, throwaway_database, wait_for
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding `tiny-gpt2/` and `models.toml`, built offline once per session."""
-    from workers.tiny import build_tiny
+    from genq.workers.tiny import build_tiny
 
     out = tmp_path_factory.mktemp("tiny")
     build_tiny(out, seed=0)
@@ -20,8 +20,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def text_runner(tiny_dir: Path):
     """A loaded TextRunner for `tiny-gpt2` on the CPU, shared by the tests (it is thread-safe)."""
-    from shared.registry import load_registry
-    from workers.runners.text import TextRunner
+    from genq.shared.registry import load_registry
+    from genq.workers.runners.text import TextRunner
 
     spec = load_registry(tiny_dir / "models.toml").get("tiny-gpt2")
     runner = TextRunner(spec, device="cpu")
@@ -32,8 +32,8 @@ def text_runner(tiny_dir: Path):
 @pytest.fixture(scope="session")
 def image_runner(tiny_dir: Path):
     """A loaded ImageRunner for `tiny-sd` (built by build_tiny into tiny_dir) on the CPU."""
-    from shared.registry import load_registry
-    from workers.runners.image import ImageRunner
+    from genq.shared.registry import load_registry
+    from genq.workers.runners.image import ImageRunner
 
     spec = load_registry(tiny_dir / "models.toml").get("tiny-sd")
     runner = ImageRunner(spec, device="cpu")

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from shared.adapter_archive import AdapterError, AdapterTooLarge, check_archive, parse_safetensors, read_archive
-from shared.registry import ModelSpec
-from workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora
+from genq.shared.adapter_archive import AdapterError, AdapterTooLarge, check_archive, parse_safetensors, read_archive
+from genq.shared.registry import ModelSpec
+from genq.workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora
 
 TEXT = ModelSpec(name="t", kind="text", source="x")
 IMAGE = ModelSpec(name="img", kind="image", source="y")
@@ -314,7 +314,7 @@ source = "./loras/style"
 
 
 def test_registry_adapters_are_parsed_with_sources_resolved(tmp_path: Path) -> None:
-    from shared.registry import AdapterSpec, Registry, parse_registry
+    from genq.shared.registry import AdapterSpec, Registry, parse_registry
 
     registry = parse_registry(REGISTRY_TOML, tmp_path)
     assert registry.adapters == {"shared-style": AdapterSpec("shared-style", "t", str(tmp_path / "loras/style"))}
@@ -332,7 +332,7 @@ def test_registry_adapters_are_parsed_with_sources_resolved(tmp_path: Path) -> N
     ("[adapters]\nx = 3", "adapters.x must be a table with model and source"),
 ])
 def test_bad_registry_adapters_are_refused(table: str, words: str) -> None:
-    from shared.registry import RegistryError, parse_registry
+    from genq.shared.registry import RegistryError, parse_registry
 
     with pytest.raises(RegistryError, match=re.escape(words)):
         parse_registry('[models.t]\nkind = "text"\nsource = "x"\n[models.g]\nkind = "gan"\nsource = "z"\n'
@@ -341,8 +341,8 @@ def test_bad_registry_adapters_are_refused(table: str, words: str) -> None:
 
 @pytest.fixture()
 def db(tmp_path: Path) -> Any:
-    from shared.db import session_factory
-    from shared.migrate import upgrade
+    from genq.shared.db import session_factory
+    from genq.shared.migrate import upgrade
 
     url = f"sqlite:///{tmp_path}/adapters.db"
     upgrade(url)
@@ -350,7 +350,7 @@ def db(tmp_path: Path) -> Any:
 
 
 def _store(db: Any, storage: Any, tenant: str | None, name: str, model: ModelSpec) -> Any:
-    from shared import adapters
+    from genq.shared import adapters
 
     checked = check_archive(_tar(_peft()), model=model, max_bytes=BIG)
     with db() as session:
@@ -358,9 +358,9 @@ def _store(db: Any, storage: Any, tenant: str | None, name: str, model: ModelSpe
 
 
 def test_resolve_finds_own_uploads_and_registry_adapters_only(db: Any, tmp_path: Path) -> None:
-    from shared.adapters import resolve
-    from shared.registry import parse_registry
-    from shared.storage import FileStorage
+    from genq.shared.adapters import resolve
+    from genq.shared.registry import parse_registry
+    from genq.shared.storage import FileStorage
 
     registry = parse_registry(REGISTRY_TOML, tmp_path)
     storage = FileStorage(tmp_path / "objects")
@@ -387,9 +387,9 @@ def test_resolve_finds_own_uploads_and_registry_adapters_only(db: Any, tmp_path:
 
 
 def test_locate_gives_storage_keys_or_the_registry_directory(db: Any, tmp_path: Path) -> None:
-    from shared.adapters import AdapterSource, locate
-    from shared.registry import parse_registry
-    from shared.storage import FileStorage
+    from genq.shared.adapters import AdapterSource, locate
+    from genq.shared.registry import parse_registry
+    from genq.shared.storage import FileStorage
 
     registry = parse_registry(REGISTRY_TOML, tmp_path)
     storage = FileStorage(tmp_path / "objects")
@@ -408,9 +408,9 @@ def test_locate_gives_storage_keys_or_the_registry_directory(db: Any, tmp_path: 
 
 def test_a_second_upload_of_a_name_steps_back(db: Any, tmp_path: Path) -> None:
     """Two uploads racing past the name check: the later one removes its row and files again."""
-    from shared import adapters
-    from shared.registry import parse_registry
-    from shared.storage import FileStorage
+    from genq.shared import adapters
+    from genq.shared.registry import parse_registry
+    from genq.shared.storage import FileStorage
 
     registry = parse_registry(REGISTRY_TOML, tmp_path)
     storage = FileStorage(tmp_path / "objects")
@@ -427,10 +427,10 @@ def test_a_second_upload_of_a_name_steps_back(db: Any, tmp_path: Path) -> None:
 def test_a_batch_reads_the_tenants_adapters_once(db: Any, tmp_path: Path) -> None:
     from sqlalchemy import event
 
-    from shared.adapters import AdapterCatalog
-    from shared.registry import parse_registry
-    from shared.storage import FileStorage
-    from shared.validation import validate_batch
+    from genq.shared.adapters import AdapterCatalog
+    from genq.shared.registry import parse_registry
+    from genq.shared.storage import FileStorage
+    from genq.shared.validation import validate_batch
 
     registry = parse_registry(REGISTRY_TOML, tmp_path)
     row = _store(db, FileStorage(tmp_path / "objects"), "acme", "style", registry.models["t"])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from services.app import create_app
-from services.state import Limits
-from shared.config import build_settings
+from genq.services.app import create_app
+from genq.services.state import Limits
+from genq.shared.config import build_settings
 
 
 def _app(tmp_path: Path, broker: str = "memory://", **limits: int) -> TestClient:

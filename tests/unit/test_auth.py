@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.auth import KeyCache, check_tenant, create_key, hash_key, list_keys, resolve_key, revoke_key
-from shared.db import ApiKey, session_factory
-from shared.migrate import upgrade
+from genq.shared.auth import KeyCache, check_tenant, create_key, hash_key, list_keys, resolve_key, revoke_key
+from genq.shared.db import ApiKey, session_factory
+from genq.shared.migrate import upgrade
 
 
 @pytest.fixture()
@@ -113,7 +113,7 @@ def test_key_cache_stays_bounded() -> None:
 
 @pytest.fixture()
 def cli_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from shared.config import get_settings
+    from genq.shared.config import get_settings
 
     url = f"sqlite:///{tmp_path}/cli.db"
     for name in [k for k in os.environ if k.startswith("GENQ_")]:

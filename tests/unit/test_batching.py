@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from shared.registry import ModelSpec
-from workers.batching import Batcher
-from workers.cache import ModelCache, parse_bytes
-from workers.runners.base import BatchItem, Outcome, RunContext
+from genq.shared.registry import ModelSpec
+from genq.workers.batching import Batcher
+from genq.workers.cache import ModelCache, parse_bytes
+from genq.workers.runners.base import BatchItem, Outcome, RunContext
 
 
 class _Body:

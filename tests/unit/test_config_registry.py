@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import EMBEDDED_BROKER_URL, ConfigError, build_settings
-from shared.registry import RegistryError, load_registry, parse_registry
+from genq.shared.config import EMBEDDED_BROKER_URL, ConfigError, build_settings
+from genq.shared.registry import RegistryError, load_registry, parse_registry
 
 
 def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.registry import ModelSpec
-from shared.schemas import ImageBody
-from workers.gan import DCGANGenerator, GANConfig, GANFormatError, load_generator, save_generator
-from workers.runners import runner_class
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext
-from workers.runners.gan import GANRunner
-from workers.runners.png import read_png_parameters
-from workers.tiny import build_tiny_gan
+from genq.shared.registry import ModelSpec
+from genq.shared.schemas import ImageBody
+from genq.workers.gan import DCGANGenerator, GANConfig, GANFormatError, load_generator, save_generator
+from genq.workers.runners import runner_class
+from genq.workers.runners.base import InvalidRequest, JobCancelled, RunContext
+from genq.workers.runners.gan import GANRunner
+from genq.workers.runners.png import read_png_parameters
+from genq.workers.tiny import build_tiny_gan
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from shared.registry import ModelSpec, load_registry
-from shared.schemas import ImageBody
-from workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, Outcome, RunContext, finish
-from workers.runners.image import ImageRunner
-from workers.runners.png import read_png_parameters
-from workers.tiny_lora import build_image_lora
+from genq.shared.registry import ModelSpec, load_registry
+from genq.shared.schemas import ImageBody
+from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, Outcome, RunContext, finish
+from genq.workers.runners.image import ImageRunner
+from genq.workers.runners.png import read_png_parameters
+from genq.workers.tiny_lora import build_image_lora
 
 
 def run_batch(runner: ImageRunner, items: list[BatchItem]) -> list[Outcome]:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.schemas import ImageBody
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext
-from workers.runners.image import SCHEDULER_CLASSES, ImageRunner
-from workers.runners.png import read_png_parameters
+from genq.shared.schemas import ImageBody
+from genq.workers.runners.base import InvalidRequest, JobCancelled, RunContext
+from genq.workers.runners.image import SCHEDULER_CLASSES, ImageRunner
+from genq.workers.runners.png import read_png_parameters
 
 
 def body(**fields: Any) -> ImageBody:
@@ -170,7 +170,7 @@ class _FeatureExtractor:
 
 
 def test_flagged_images_are_kept_black_and_marked(tiny_dir: Any) -> None:
-    from shared.registry import load_registry
+    from genq.shared.registry import load_registry
 
     runner = ImageRunner(load_registry(tiny_dir / "models.toml").get("tiny-sd"), device="cpu")
     runner.load()

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs as jd
-from shared.db import Batch, Job, session_factory, session_scope
-from shared.finalize import maybe_finalize_batch
-from shared.migrate import upgrade
-from shared.registry import parse_registry
-from shared.storage import FileStorage
-from shared.validation import validate_batch
+from genq.shared import jobs as jd
+from genq.shared.db import Batch, Job, session_factory, session_scope
+from genq.shared.finalize import maybe_finalize_batch
+from genq.shared.migrate import upgrade
+from genq.shared.registry import parse_registry
+from genq.shared.storage import FileStorage
+from genq.shared.validation import validate_batch
 
 REG = parse_registry('[models.m]\nkind = "text"\nsource = "x"\n', Path("."))
 
@@ -106,7 +106,7 @@ def test_batch_finalizes_once_with_files_in_input_order(factory: sessionmaker[Se
     with session_scope(factory) as s:
         batch = s.get(Batch, batch_id)
         assert batch.status == "completed" and batch.completed_at >= batch.finalizing_at
-        from shared.db import File
+        from genq.shared.db import File
 
         out = storage.get(s.get(File, batch.output_file_id).key).decode().splitlines()
         err = storage.get(s.get(File, batch.error_file_id).key).decode().splitlines()

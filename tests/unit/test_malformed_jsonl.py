@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from services.app import create_app
-from services.state import Limits
-from shared.config import build_settings
-from shared.db import Batch, Job
+from genq.services.app import create_app
+from genq.services.state import Limits
+from genq.shared.config import build_settings
+from genq.shared.db import Batch, Job
 from tests.fuzz.malformed_corpus import BOM, CORPUS, Case, cases
 
 CASES = cases()

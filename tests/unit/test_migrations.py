@@ -8,8 +8,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from shared.db import Base, engine_for
-from shared.migrate import upgrade
+from genq.shared.db import Base, engine_for
+from genq.shared.migrate import upgrade
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

@@ -13,13 +13,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs as jd
-from shared import outbox
-from shared.broker import Publish
-from shared.db import Job, retry_unavailable, session_factory, session_scope
-from shared.migrate import upgrade
-from shared.registry import parse_registry
-from shared.validation import validate_batch
+from genq.shared import jobs as jd
+from genq.shared import outbox
+from genq.shared.broker import Publish
+from genq.shared.db import Job, retry_unavailable, session_factory, session_scope
+from genq.shared.migrate import upgrade
+from genq.shared.registry import parse_registry
+from genq.shared.validation import validate_batch
 
 REG = parse_registry('[models.m]\nkind = "text"\nsource = "x"\n', Path("."))
 
@@ -155,8 +155,8 @@ def test_retry_unavailable_rides_out_a_database_outage() -> None:
 
 
 def test_api_answers_503_when_the_database_is_down(tmp_path: Path) -> None:
-    from services.app import create_app
-    from shared.config import build_settings
+    from genq.services.app import create_app
+    from genq.shared.config import build_settings
 
     settings = build_settings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
                               broker_url="memory://", storage_url=f"file://{tmp_path}/obj")

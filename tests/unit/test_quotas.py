@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.app import create_app
-from services.guards import TokenBuckets
-from services.state import Limits
-from shared.auth import create_key
-from shared.config import ConfigError, build_settings
-from shared.validation import validate_line
+from genq.services.app import create_app
+from genq.services.guards import TokenBuckets
+from genq.services.state import Limits
+from genq.shared.auth import create_key
+from genq.shared.config import ConfigError, build_settings
+from genq.shared.validation import validate_line
 from tests.unit.test_validation import REG
 
 LINE = {"url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 2}}
@@ -58,7 +58,7 @@ def test_auth_off_ignores_keys(tmp_path: Path) -> None:
 
 
 def test_a_revoked_key_stops_after_the_cache_entry_expires(tmp_path: Path) -> None:
-    from shared.auth import revoke_key
+    from genq.shared.auth import revoke_key
 
     with _client(tmp_path) as c:
         headers = _key(c, "acme")

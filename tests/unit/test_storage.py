@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import build_settings
-from shared.storage import FileStorage, check_key, storage_from_settings
+from genq.shared.config import build_settings
+from genq.shared.storage import FileStorage, check_key, storage_from_settings
 
 
 def test_file_storage_round_trip(tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from shared.registry import load_registry
-from shared.schemas import CompletionBody
-from workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, Outcome, RunContext, finish
-from workers.runners.text import TextRunner
+from genq.shared.registry import load_registry
+from genq.shared.schemas import CompletionBody
+from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, Outcome, RunContext, finish
+from genq.workers.runners.text import TextRunner
 
 
 def run_batch(runner: TextRunner, items: list[BatchItem]) -> list[Outcome]:
@@ -41,7 +41,7 @@ def runner(tiny_dir: Path) -> TextRunner:
 
 @pytest.fixture(scope="module")
 def adapters(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, LocalAdapter]:
-    from workers.tiny_lora import build_text_lora
+    from genq.workers.tiny_lora import build_text_lora
 
     out = tmp_path_factory.mktemp("loras")
     return {name: LocalAdapter(name, build_text_lora(tiny_dir / "tiny-gpt2", out / name, seed=seed))
@@ -102,7 +102,7 @@ def test_rows_stop_at_their_own_max_tokens_and_stop_strings(runner: TextRunner) 
 
 
 def test_a_cancelled_job_stops_alone_inside_a_batch(runner: TextRunner, monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.runners import text as text_module
+    from genq.workers.runners import text as text_module
 
     monkeypatch.setattr(text_module, "POLL_SECONDS", 0.0)
     polls = {"n": 0}

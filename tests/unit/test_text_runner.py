@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 import torch
 
-from shared.registry import ModelSpec
-from shared.schemas import CompletionBody
-from workers.runners import make_runner
-from workers.runners import text as text_module
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext
-from workers.runners.sampling import RowParams, RowSampler
-from workers.runners.text import TextRunner
+from genq.shared.registry import ModelSpec
+from genq.shared.schemas import CompletionBody
+from genq.workers.runners import make_runner
+from genq.workers.runners import text as text_module
+from genq.workers.runners.base import InvalidRequest, JobCancelled, RunContext
+from genq.workers.runners.sampling import RowParams, RowSampler
+from genq.workers.runners.text import TextRunner
 
 PROMPT = "The train left the station"
 

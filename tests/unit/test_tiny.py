@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from shared.registry import load_registry
-from workers.tiny import build_tiny, write_registry
+from genq.shared.registry import load_registry
+from genq.workers.tiny import build_tiny, write_registry
 
 
 def test_registry_points_at_the_model(tiny_dir: Path) -> None:

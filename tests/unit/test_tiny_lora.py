@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.registry import load_registry
-from workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora, build_tiny_adapters
+from genq.shared.registry import load_registry
+from genq.workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora, build_tiny_adapters
 
 PROMPTS = ["The queue hands one job", "The weather was mild", "Numbers and dates"]
 
@@ -104,7 +104,7 @@ def test_build_tiny_adapters_registers_them(adapters: Path) -> None:
     }
     # Building again replaces the tables instead of repeating them.
     text = (adapters / "models.toml").read_text()
-    from workers.tiny_lora import write_adapter_tables
+    from genq.workers.tiny_lora import write_adapter_tables
 
     write_adapter_tables(adapters / "models.toml", {"tiny-sd-lora": {"model": "tiny-sd", "source": "./tiny-sd-lora"}})
     assert (adapters / "models.toml").read_text().count("[adapters.tiny-sd-lora]") == 1

@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import webhooks as wh
-from shared.db import Batch, Job, Tenant, WebhookDelivery, new_id, session_factory, session_scope
-from shared.migrate import upgrade
+from genq.shared import webhooks as wh
+from genq.shared.db import Batch, Job, Tenant, WebhookDelivery, new_id, session_factory, session_scope
+from genq.shared.migrate import upgrade
 
 # The published Standard Webhooks example (standard-webhooks spec and the svix libraries' tests).
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -160,8 +160,8 @@ def test_routes_show_the_secret_and_deliveries_with_attempts(factory: sessionmak
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from services import routes_webhooks
-    from shared.db import WebhookAttempt
+    from genq.services import routes_webhooks
+    from genq.shared.db import WebhookAttempt
 
     app = FastAPI()
     app.state.genq = SimpleNamespace(sessions=factory, settings=SimpleNamespace(auth="off"))  # no tenant

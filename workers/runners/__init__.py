@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from shared.registry import ModelSpec
+from genq.shared.registry import ModelSpec
 
 # kind -> "module:Class", imported lazily so that the API never pulls in torch.
 RUNNERS: dict[str, str] = {
-    "text": "workers.runners.text:TextRunner",
-    "image": "workers.runners.image:ImageRunner",
-    "echo": "workers.runners.echo:EchoRunner",
-    "gan": "workers.runners.gan:GANRunner",
+    "text": "genq.workers.runners.text:TextRunner",
+    "image": "genq.workers.runners.image:ImageRunner",
+    "echo": "genq.workers.runners.echo:EchoRunner",
+    "gan": "genq.workers.runners.gan:GANRunner",
 }
 
 

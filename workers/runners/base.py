@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from shared.registry import ModelSpec
+from genq.shared.registry import ModelSpec
 
 
 class JobCancelled(Exception):

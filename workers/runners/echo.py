@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from shared.registry import ModelSpec
-from shared.schemas import CompletionBody
-from workers.runners.base import BatchItem, JobCancelled, Outcome, RunContext, SerialRunner, text_completion
+from genq.shared.registry import ModelSpec
+from genq.shared.schemas import CompletionBody
+from genq.workers.runners.base import BatchItem, JobCancelled, Outcome, RunContext, SerialRunner, text_completion
 
 
 class EchoRunner(SerialRunner):

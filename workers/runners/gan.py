@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 from pydantic import BaseModel
 
-from shared.registry import ModelSpec
-from shared.schemas import ImageBody
-from workers.gan import DCGANGenerator, GANConfig, load_generator, to_pil
-from workers.runners.base import InvalidRequest, JobCancelled, RunContext, SerialRunner, derive_seed, module_bytes
-from workers.runners.device import resolve_device, resolve_dtype
-from workers.runners.png import encode_png
+from genq.shared.registry import ModelSpec
+from genq.shared.schemas import ImageBody
+from genq.workers.gan import DCGANGenerator, GANConfig, load_generator, to_pil
+from genq.workers.runners.base import InvalidRequest, JobCancelled, RunContext, SerialRunner, derive_seed, module_bytes
+from genq.workers.runners.device import resolve_device, resolve_dtype
+from genq.workers.runners.png import encode_png
 
 RANDOM_SEED_BOUND = 2**32  # random seeds stay exact in JSON numbers (and in JavaScript)
 

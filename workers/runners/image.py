@@ -50,9 +50,9 @@ from diffusers import (
 )
 from pydantic import BaseModel
 
-from shared.registry import ModelSpec
-from shared.schemas import ImageBody
-from workers.runners.base import (
+from genq.shared.registry import ModelSpec
+from genq.shared.schemas import ImageBody
+from genq.workers.runners.base import (
     BatchItem,
     Deferred,
     InvalidRequest,
@@ -64,8 +64,8 @@ from workers.runners.base import (
     finish,
     module_bytes,
 )
-from workers.runners.device import resolve_device, resolve_dtype
-from workers.runners.png import encode_png
+from genq.workers.runners.device import resolve_device, resolve_dtype
+from genq.workers.runners.png import encode_png
 
 # Request scheduler names -> diffusers classes, each built from the model's own scheduler config.
 # LMSDiscreteScheduler is left out: it needs scipy, which genq does not install.

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from shared.schemas import CompletionBody
-from workers.runners.base import derive_seed
+from genq.shared.schemas import CompletionBody
+from genq.workers.runners.base import derive_seed
 
 
 @dataclass

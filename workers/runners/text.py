@@ -43,9 +43,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from shared.registry import ModelSpec
-from shared.schemas import CompletionBody
-from workers.runners.base import (
+from genq.shared.registry import ModelSpec
+from genq.shared.schemas import CompletionBody
+from genq.workers.runners.base import (
     BatchItem,
     Deferred,
     InvalidRequest,
@@ -57,8 +57,8 @@ from workers.runners.base import (
     module_bytes,
     text_completion,
 )
-from workers.runners.device import resolve_device, resolve_dtype
-from workers.runners.sampling import RowParams, RowSampler, row_params
+from genq.workers.runners.device import resolve_device, resolve_dtype
+from genq.workers.runners.sampling import RowParams, RowSampler, row_params
 
 POLL_SECONDS = 0.2  # how often generation reports progress and asks whether jobs were cancelled
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
