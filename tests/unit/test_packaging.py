@@ -4,6 +4,7 @@ with the data files migrations need, and nothing claims the global names `shared
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,9 +18,13 @@ FOLDERS = {"genq": "genq", "shared": "genq/shared", "services": "genq/services",
 
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    out = tmp_path_factory.mktemp("wheel")
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):  # a copy, so the build leaves nothing in the checkout
+        shutil.copy(ROOT / name, src / name)
+    for folder in FOLDERS:
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(out), str(src)], check=True, capture_output=True)
     (wheel,) = out.glob("genq-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         return set(zf.namelist())
