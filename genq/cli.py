@@ -323,7 +323,7 @@ def _when(ts: float | None) -> str:
 @click.option("--tenant", required=True, help="The tenant the key acts for; it sees only that tenant's work.")
 def keys_create(tenant: str) -> None:
     """Make an API key for TENANT; the key is the last word printed and is not shown again."""
-    from genq.shared.auth import create_key
+    from genq.services.auth import create_key
 
     with _key_session() as session:
         try:
@@ -339,7 +339,7 @@ def keys_create(tenant: str) -> None:
 @click.option("--tenant", default=None, help="Only this tenant's keys.")
 def keys_list(tenant: str | None) -> None:
     """List keys: id, prefix, tenant, created and revoked times (never the keys themselves)."""
-    from genq.shared.auth import list_keys
+    from genq.services.auth import list_keys
 
     with _key_session() as session:
         rows = [(k.id, k.prefix, k.tenant, _when(k.created_at), _when(k.revoked_at))
@@ -353,7 +353,7 @@ def keys_list(tenant: str | None) -> None:
 @click.argument("ident", metavar="PREFIX_OR_ID")
 def keys_revoke(ident: str) -> None:
     """Revoke a key by its id or prefix. API processes may accept it for up to 30 s more (their cache)."""
-    from genq.shared.auth import revoke_key
+    from genq.services.auth import revoke_key
 
     with _key_session() as session:
         try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,8 +76,6 @@ class Client:
     def create_adapter(self, name: str, model: str, path: Path) -> dict[str, Any]:
         """Upload a LoRA adapter: `path` is its directory (packed here as tar.gz) or an archive."""
         if path.is_dir():
-            from genq.workers.tiny_lora import archive_adapter  # stdlib only until a model is built
-
             data, filename = archive_adapter(path, "tar.gz"), f"{path.name}.tar.gz"
         else:
             data, filename = path.read_bytes(), path.name
@@ -194,3 +195,20 @@ class Client:
 def _show(bar: Any, status: str, counts: dict[str, int]) -> None:
     bar.n = counts["completed"] + counts["failed"] + counts.get("cancelled", 0)
     bar.set_postfix_str(f"{status} ok={counts['completed']} failed={counts['failed']}", refresh=True)
+
+
+def archive_adapter(directory: Path, fmt: str = "tar.gz") -> bytes:
+    """Pack the regular files of `directory` (flat, sorted) into a tar.gz or zip archive."""
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file())
+    buf = io.BytesIO()
+    if fmt == "zip":
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path in files:
+                zf.write(path, arcname=path.name)
+    elif fmt in ("tar.gz", "tgz", "tar"):
+        with tarfile.open(fileobj=buf, mode="w:gz" if fmt != "tar" else "w") as tf:
+            for path in files:
+                tf.add(path, arcname=path.name, recursive=False)
+    else:
+        raise ValueError(f"unknown archive format {fmt!r}: use tar.gz, tar or zip")
+    return buf.getvalue()

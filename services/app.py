@@ -26,9 +26,9 @@ from genq.services.guards import install_guard_handler
 from genq.services.maintenance import Maintenance
 from genq.services.metrics import Metrics
 from genq.services.state import AppState, Limits, build_state
+from genq.services.webhooks import Dispatcher
 from genq.shared.config import Settings, get_settings
 from genq.shared.migrate import upgrade
-from genq.shared.webhooks import Dispatcher
 
 log = logging.getLogger("genq.api")
 

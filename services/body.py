@@ -10,8 +10,8 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from genq.services.errors import APIError
+from genq.services.validation import LineError, parse_json_line
 from genq.shared.schemas import BODY_MODELS, URL_KINDS, RequestLine
-from genq.shared.validation import LineError, parse_json_line
 from genq.shared.webhooks import EVENTS
 
 BOM = codecs.BOM_UTF8

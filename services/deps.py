@@ -9,9 +9,9 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from genq.services.auth import hash_key, resolve_key
 from genq.services.guards import check_rate, unauthorized
 from genq.services.state import AppState
-from genq.shared.auth import hash_key, resolve_key
 from genq.shared.results import ResultRenderer
 
 # Paths open without a key when GENQ_AUTH=required (probes must work without secrets).

@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from genq.services.errors import APIError, error_body
-from genq.shared.db import Job
+from genq.shared.db import Job, owned_by, tenant_key
+from genq.shared.jobs import ACTIVE
 
 # A full queue drains at the workers' pace, which the API cannot predict; this is a polite hint.
 QUEUE_FULL_RETRY_AFTER_S = 30
@@ -67,7 +68,7 @@ class TokenBuckets:
 
 def check_rate(buckets: TokenBuckets, tenant: str | None, per_minute: int) -> None:
     """Raise 429 with Retry-After when the tenant is over its request rate."""
-    wait = buckets.take(tenant or "", per_minute)
+    wait = buckets.take(tenant_key(tenant), per_minute)
     if wait > 0:
         seconds = max(1, math.ceil(wait))
         raise HeaderedAPIError(
@@ -79,8 +80,7 @@ def check_rate(buckets: TokenBuckets, tenant: str | None, per_minute: int) -> No
 def active_jobs(session: Session, tenant: str | None, *, up_to: int) -> int:
     """The tenant's queued and running jobs, counted up to `up_to` (so the count stays cheap when
     the queue is deep)."""
-    owner = Job.tenant == tenant if tenant is not None else Job.tenant.is_(None)
-    rows = select(Job.id).where(Job.status.in_(("queued", "running")), owner).limit(up_to).subquery()
+    rows = select(Job.id).where(Job.status.in_(ACTIVE), owned_by(Job.tenant, tenant)).limit(up_to).subquery()
     return int(session.execute(select(func.count()).select_from(rows)).scalar_one())
 
 

@@ -10,7 +10,7 @@ from fastapi import Request
 from sqlalchemy.orm import Session
 
 from genq.services.errors import APIError
-from genq.shared.db import IdempotencyKey
+from genq.shared.db import IdempotencyKey, tenant_key
 
 HEADER = "idempotency-key"
 
@@ -34,7 +34,7 @@ def replayed(session: Session, tenant: str | None, key: str | None, fp: str, obj
     """The id of the object an earlier request with this key created, if any."""
     if key is None:
         return None
-    row = session.get(IdempotencyKey, (tenant or "", key))
+    row = session.get(IdempotencyKey, (tenant_key(tenant), key))
     if row is None:
         return None
     if row.request_hash != fp or row.object_type != object_type:
@@ -58,5 +58,5 @@ def remember(session: Session, tenant: str | None, key: str | None, fp: str, obj
              object_id: str) -> None:
     """Record the key in the same transaction that creates the object."""
     if key is not None:
-        session.add(IdempotencyKey(tenant=tenant or "", key=key, request_hash=fp, object_type=object_type,
+        session.add(IdempotencyKey(tenant=tenant_key(tenant), key=key, request_hash=fp, object_type=object_type,
                                    object_id=object_id, created_at=time.time()))

@@ -9,13 +9,13 @@ import time
 
 from sqlalchemy import select
 
+from genq.services import jobs as jobs_data
 from genq.services import submit
 from genq.services.body import ndjson_lines
 from genq.services.errors import APIError
 from genq.services.state import AppState
-from genq.shared import jobs as jobs_data
+from genq.services.validation import MAX_ERRORS_REPORTED, validate_batch
 from genq.shared.db import Batch, File, session_scope
-from genq.shared.validation import MAX_ERRORS_REPORTED, validate_batch
 from genq.shared.webhooks import notify_batch
 
 log = logging.getLogger("genq.api")

@@ -1,9 +1,8 @@
 """Background upkeep in the API process: work that must happen even when no request arrives.
 
-Every few seconds: re-run validations an earlier API process left unfinished, publish jobs the
-broker did not get (outbox), expire batches whose completion window closed, and finish batches
-whose finalizer died. Every run is guarded in the database, so several API replicas can run it
-side by side.
+Every few seconds: re-run validations an earlier API process left unfinished, then the upkeep the
+workers run too (genq.shared.upkeep: outbox, lost messages, expiry, stale finalization). Every
+run is guarded in the database, so several API replicas can run it side by side.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from collections.abc import Callable
 
 from genq.services.intake import resume_stale_validations
 from genq.services.state import AppState
-from genq.shared import outbox
-from genq.shared.finalize import expire_batches, finalize_stale_batches
+from genq.shared.upkeep import Task, run_tasks, upkeep_tasks
 
 log = logging.getLogger("genq.api")
 
@@ -31,15 +29,9 @@ class Maintenance:
 
     def run_once(self) -> None:
         state = self.state
-        for task in (lambda: resume_stale_validations(state),
-                     lambda: outbox.sweep_unpublished(state.sessions, state.publisher),
-                     lambda: outbox.republish_lost(state.sessions, state.publisher, state.registry.names()),
-                     lambda: expire_batches(state.sessions, state.storage),
-                     lambda: finalize_stale_batches(state.sessions, state.storage), *self.extra):
-            try:
-                task()
-            except Exception:
-                log.exception("maintenance task failed; will retry")
+        run_tasks([Task("resume stale validations", lambda: resume_stale_validations(state)),
+                   *upkeep_tasks(state.sessions, state.storage, state.publisher, state.registry.names()),
+                   *(Task("extra", task) for task in self.extra)])
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):

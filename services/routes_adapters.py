@@ -11,12 +11,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
+from genq.services import adapters as adapters_data
+from genq.services.adapter_archive import check_archive
+from genq.services.adapters import AdapterError, AdapterTooLarge
 from genq.services.body import refuse_nul_params
 from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, not_found
-from genq.shared import adapters as adapters_data
-from genq.shared.adapter_archive import check_archive
-from genq.shared.adapters import AdapterError, AdapterTooLarge
 from genq.shared.registry import ADAPTER_KINDS
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(refuse_nul_params)])

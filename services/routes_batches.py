@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from genq.services import idempotency, submit
+from genq.services import jobs as jobs_data
 from genq.services.body import (
     NUL_MESSAGE,
     batch_error,
@@ -30,13 +31,13 @@ from genq.services.body import (
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, not_found
 from genq.services.intake import validate_file_batch
-from genq.shared import jobs as jobs_data
-from genq.shared.db import Batch, File, Job
+from genq.services.validation import validate_batch
+from genq.services.webhooks import validate_subscription
+from genq.shared import jobs as job_state
+from genq.shared.db import Batch, File, Job, owned_by
 from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES, BatchCreate
-from genq.shared.validation import validate_batch
 from genq.shared.views import batch_object, job_object, output_line
-from genq.shared.webhooks import validate_subscription
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(refuse_nul_params)])
 
@@ -51,7 +52,7 @@ def load_batch(session: SessionDep, batch_id: str, tenant: str | None) -> Batch:
 
 
 def batch_view(session: SessionDep, batch: Batch) -> dict[str, Any]:
-    return batch_object(batch, jobs_data.request_counts(jobs_data.batch_counts(session, batch.id)))
+    return batch_object(batch, job_state.request_counts(job_state.batch_counts(session, batch.id)))
 
 
 def _parse_submission(raw: bytes, content_type: str) -> BatchCreate:
@@ -128,7 +129,7 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
             idempotency.remember(session, tenant, key, fp, "batch", batch.id)
             session.commit()
             background.add_task(validate_file_batch, state, batch.id)
-            return batch_object(batch, jobs_data.request_counts({}))
+            return batch_object(batch, job_state.request_counts({}))
         lines, errors = validate_batch(spec.requests or [], state.registry, max_lines=state.limits.max_batch_lines,
                                        endpoint=spec.endpoint, max_prompt_chars=state.limits.max_prompt_chars,
                                        adapters=submit.adapters(state, session, tenant))
@@ -142,7 +143,7 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
         idempotency.remember(session, tenant, key, fp, "batch", batch.id)
         session.commit()
         submit.publish(state, to_publish)
-        return batch_object(batch, jobs_data.request_counts({"queued": len(lines)}))
+        return batch_object(batch, job_state.request_counts({"queued": len(lines)}))
 
     try:
         return await run_in_threadpool(_create)
@@ -155,7 +156,7 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
 def list_batches(session: SessionDep, tenant: TenantDep, limit: Limit = 20,
                  after: str | None = None) -> dict[str, Any]:
     """Newest first; `after` is the last id of the previous page."""
-    q = select(Batch).where(Batch.tenant == tenant if tenant else Batch.tenant.is_(None))
+    q = select(Batch).where(owned_by(Batch.tenant, tenant))
     if after:
         q = q.where(Batch.id < after)
     rows = session.execute(q.order_by(Batch.id.desc()).limit(limit + 1)).scalars().all()
@@ -266,6 +267,6 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
             webhook_events=original.webhook_events, retry_of=original.id, input_file_id=original.input_file_id)
         session.commit()
         submit.publish(state, to_publish)
-        return batch_object(batch, jobs_data.request_counts({"queued": len(lines)}))
+        return batch_object(batch, job_state.request_counts({"queued": len(lines)}))
 
     return await run_in_threadpool(_retry)

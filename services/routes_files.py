@@ -16,7 +16,7 @@ from genq.services.body import NUL_MESSAGE, has_nul, refuse_nul_params
 from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, not_found
 from genq.shared.db import File as FileRow
-from genq.shared.db import new_id
+from genq.shared.db import new_id, owned_by
 from genq.shared.views import file_object
 
 router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Depends(refuse_nul_params)])
@@ -84,7 +84,7 @@ async def upload_file(request: Request, state: StateDep, session: SessionDep, te
 @router.get("")
 def list_files(session: SessionDep, tenant: TenantDep, purpose: str | None = None, limit: int = 100,
                after: str | None = None) -> dict[str, Any]:
-    q = select(FileRow).where(FileRow.tenant == tenant if tenant else FileRow.tenant.is_(None))
+    q = select(FileRow).where(owned_by(FileRow.tenant, tenant))
     if purpose:
         q = q.where(FileRow.purpose == purpose)
     if after:

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from sqlalchemy.exc import IntegrityError
 
 from genq.services import idempotency, submit
+from genq.services import jobs as jobs_data
 from genq.services.body import (
     batch_error,
     parse_json_body,
@@ -20,10 +21,9 @@ from genq.services.body import (
 )
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, not_found
-from genq.shared import jobs as jobs_data
+from genq.services.validation import validate_line
 from genq.shared.db import Job
 from genq.shared.finalize import maybe_finalize_batch
-from genq.shared.validation import validate_line
 from genq.shared.views import job_object
 from genq.shared.webhooks import notify_job
 

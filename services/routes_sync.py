@@ -9,14 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
+from genq.services import jobs as jobs_data
 from genq.services import submit
 from genq.services.body import batch_error, body_schema, parse_json_body, read_body, request_body_doc
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, error_response
-from genq.shared import jobs as jobs_data
+from genq.services.validation import validate_line
 from genq.shared.db import Job
 from genq.shared.schemas import IMAGE_URL, TERMINAL_JOB_STATUSES, TEXT_URL, CompletionBody, ImageBody
-from genq.shared.validation import validate_line
 
 router = APIRouter(tags=["synchronous"])
 Seconds = Annotated[float | None, Query(gt=0, le=3600)]

@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from genq.services.body import refuse_nul_params
 from genq.services.deps import SessionDep, TenantDep
-from genq.shared.db import WebhookAttempt, WebhookDelivery
-from genq.shared.webhooks import tenant_secret
+from genq.services.webhooks import tenant_secret
+from genq.shared.db import WebhookAttempt, WebhookDelivery, owned_by
 
 router = APIRouter(tags=["webhooks"], dependencies=[Depends(refuse_nul_params)])
 
@@ -43,7 +43,7 @@ def list_deliveries(session: SessionDep, tenant: TenantDep, object_id: str | Non
                     limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     """This tenant's deliveries, newest first, optionally for one job or batch."""
     q = select(WebhookDelivery).where(
-        WebhookDelivery.tenant == tenant if tenant else WebhookDelivery.tenant.is_(None))
+        owned_by(WebhookDelivery.tenant, tenant))
     if object_id:
         q = q.where(WebhookDelivery.object_id == object_id)
     rows = session.execute(q.order_by(WebhookDelivery.id.desc()).limit(limit + 1)).scalars().all()

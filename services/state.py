@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq.services.auth import KeyCache
 from genq.services.guards import TokenBuckets
-from genq.shared.auth import KeyCache
 from genq.shared.broker import CeleryPublisher, Publisher, make_celery
 from genq.shared.config import Settings
 from genq.shared.db import session_factory
@@ -20,7 +20,6 @@ class Limits:
     max_batch_lines: int = 50_000  # OpenAI's limit per batch
     max_body_bytes: int = 200 * 1024 * 1024  # OpenAI's input file limit
     max_file_bytes: int = 200 * 1024 * 1024
-    max_page: int = 1000
     sync_start_timeout_s: float = 30.0  # synchronous endpoints: how long a job may wait for a worker
     sync_timeout_s: float = 600.0  # ... and how long in all before answering 504 with the job id
     max_queued_jobs: int = 1_000_000  # per tenant, queued plus running

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from genq.services.adapters import AdapterCatalog
 from genq.services.guards import check_queue_ceiling
 from genq.services.state import AppState
 from genq.shared import outbox
-from genq.shared.adapters import AdapterCatalog
 from genq.shared.broker import Publish
 
 

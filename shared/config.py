@@ -100,10 +100,6 @@ class Settings(BaseSettings):
         if urlsplit(self.storage_url).scheme == "s3" and not self.s3_endpoint:
             raise ConfigError("GENQ_S3_ENDPOINT: required when GENQ_STORAGE_URL is s3://")
 
-    @property
-    def embedded_broker(self) -> bool:
-        return self.broker_url.startswith("sqla+")
-
 
 def build_settings(**overrides: object) -> Settings:
     """Build settings, turning pydantic's report into one line per variable."""

@@ -26,6 +26,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{time.time_ns() // 1000:014x}{secrets.token_hex(6)}"
 
 
+# Rows made while GENQ_AUTH is off belong to no tenant: NULL in tenant columns, and this name where
+# a key cannot be NULL (idempotency keys, signing secrets, rate buckets). `genq keys` refuses it.
+NO_TENANT = "default"
+
+
+def tenant_key(tenant: str | None) -> str:
+    """The tenant's name where one is needed as a key: NO_TENANT for no tenant."""
+    return NO_TENANT if tenant is None else tenant
+
+
+def owned_by(column: Any, tenant: str | None) -> Any:
+    """A WHERE clause for rows of `tenant` (NULL for no tenant)."""
+    return column.is_(None) if tenant is None else column == tenant
+
+
 class Base(DeclarativeBase):
     pass
 

@@ -1,87 +1,20 @@
-"""Data functions over jobs and batches. Every state change is a guarded UPDATE, so a duplicated
-or redelivered message, or two racing processes, cannot move a finished job or run it twice."""
+"""Job state both processes change: counts, and the worker's claim, lease, progress and outcome.
+Every state change is a guarded UPDATE, so a duplicated or redelivered message, or two racing
+processes, cannot move a finished job or run it twice."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from genq.shared.broker import Publish
-from genq.shared.db import Batch, Job, new_id
-from genq.shared.schemas import TERMINAL_JOB_STATUSES, window_seconds
-from genq.shared.validation import ValidLine
+from genq.shared.db import Job
+from genq.shared.schemas import TERMINAL_JOB_STATUSES
 
 ACTIVE = ("queued", "running")
-
-
-def _job_row(v: ValidLine, *, tenant: str | None, batch_id: str | None, seq: int, now: float,
-             priority: int | None) -> dict[str, Any]:
-    return {
-        "id": new_id("job"), "batch_id": batch_id, "seq": seq, "tenant": tenant,
-        "custom_id": v.request.custom_id, "url": v.request.url, "model": v.body.model,  # type: ignore[attr-defined]
-        "body": v.body.model_dump(exclude_unset=True),
-        "priority": v.request.priority if v.request.priority is not None else priority,
-        "webhook_url": v.request.webhook_url, "webhook_events": v.request.webhook_events,
-        "status": "queued", "progress": 0.0, "attempts": 0, "created_at": now,
-    }
-
-
-def create_job(session: Session, *, line: ValidLine, tenant: str | None) -> tuple[Job, Publish]:
-    row = _job_row(line, tenant=tenant, batch_id=None, seq=0, now=time.time(), priority=None)
-    job = Job(**row)
-    session.add(job)
-    session.flush()
-    return job, Publish(job.id, job.model, job.priority)
-
-
-def new_batch(session: Session, *, endpoint: str, tenant: str | None, completion_window: str = "24h",
-              status: str = "in_progress", **fields: Any) -> Batch:
-    """A batch row without jobs (`validating` ones get theirs once their input file checks out)."""
-    now = time.time()
-    batch = Batch(id=new_id("batch"), tenant=tenant, endpoint=endpoint, completion_window=completion_window,
-                  status=status, total=0, created_at=now,
-                  expires_at=now + window_seconds(completion_window), **fields)
-    if status == "in_progress":
-        batch.in_progress_at = now
-    session.add(batch)
-    session.flush()
-    return batch
-
-
-def _insert_jobs(session: Session, batch: Batch, lines: list[ValidLine], now: float) -> list[Publish]:
-    rows = [_job_row(v, tenant=batch.tenant, batch_id=batch.id, seq=i, now=now, priority=batch.priority)
-            for i, v in enumerate(lines)]
-    for start in range(0, len(rows), 5000):
-        session.execute(insert(Job), rows[start:start + 5000])
-    return [Publish(r["id"], r["model"], r["priority"]) for r in rows]
-
-
-def create_batch(session: Session, *, lines: list[ValidLine], endpoint: str, tenant: str | None,
-                 **fields: Any) -> tuple[Batch, list[Publish]]:
-    """Insert a batch and its jobs in bulk; returns what to publish once committed."""
-    batch = new_batch(session, endpoint=endpoint, tenant=tenant, **fields)
-    batch.total = len(lines)
-    return batch, _insert_jobs(session, batch, lines, batch.created_at)
-
-
-def start_validated_batch(session: Session, batch: Batch, lines: list[ValidLine]) -> list[Publish] | None:
-    """`validating` -> `in_progress` with its jobs, or None if another process got there first."""
-    now = time.time()
-    res = session.execute(update(Batch).where(Batch.id == batch.id, Batch.status == "validating")
-                          .values(status="in_progress", in_progress_at=now, total=len(lines)))
-    if res.rowcount == 0:  # type: ignore[attr-defined]
-        return None
-    return _insert_jobs(session, batch, lines, now)
-
-
-def fail_validation(session: Session, batch_id: str, errors: list[dict[str, Any]]) -> bool:
-    """OpenAI's behaviour: a batch with invalid input fails whole, listing each line's problem."""
-    res = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "validating").values(
-        status="failed", failed_at=time.time(), errors={"object": "list", "data": errors}))
-    return res.rowcount > 0  # type: ignore[attr-defined]
 
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
@@ -106,42 +39,10 @@ def request_counts(counts: dict[str, int]) -> dict[str, int]:
     }
 
 
-# --- cancellation ---------------------------------------------------------------------------
-
-def _cancel_values(now: float, code: str, message: str) -> dict[str, Any]:
-    return {"status": "cancelled", "finished_at": now, "lease_expires_at": None,
-            "error": {"code": code, "message": message}}
-
-
-def cancel_job(session: Session, job_id: str) -> bool:
-    """Cancel a queued or running job; a running worker notices and discards its work."""
-    res = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-        .values(**_cancel_values(time.time(), "cancelled", "cancelled by request"))
-    )
-    return res.rowcount > 0  # type: ignore[attr-defined]
-
-
-def cancel_batch(session: Session, batch_id: str) -> bool:
-    now = time.time()
-    res = session.execute(
-        update(Batch).where(Batch.id == batch_id, Batch.status.in_(("validating", "in_progress")))
-        .values(status="cancelling", cancelling_at=now)
-    )
-    session.execute(
-        update(Job).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE))
-        .values(**_cancel_values(now, "batch_cancelled", "the batch was cancelled before this request finished"))
-    )
-    return res.rowcount > 0  # type: ignore[attr-defined]
-
-
 def has_active_jobs(session: Session, batch_id: str) -> bool:
     q = select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE)).limit(1)
     return session.execute(q).first() is not None
 
-
-def is_cancelled(session: Session, job_id: str) -> bool:
-    return session.execute(select(Job.status).where(Job.id == job_id)).scalar() == "cancelled"
 
 
 # --- worker side ----------------------------------------------------------------------------

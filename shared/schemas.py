@@ -165,9 +165,6 @@ class RequestLine(_Strict):
             raise ValueError(f"must be one of {', '.join(URL_KINDS)}")
         return v
 
-    def parsed_body(self) -> BaseModel:
-        return BODY_MODELS[self.url].model_validate(self.body)
-
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -24,10 +24,11 @@ from genq.shared import outbox, webhooks
 from genq.shared.broker import Publisher
 from genq.shared.config import Settings
 from genq.shared.db import Job, is_unavailable, retry_unavailable, session_factory, session_scope
-from genq.shared.finalize import expire_batches, finalize_stale_batches, maybe_finalize_batch
+from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.registry import Registry
 from genq.shared.schemas import BODY_MODELS
 from genq.shared.storage import Storage
+from genq.shared.upkeep import run_tasks, upkeep_tasks
 from genq.workers.adapters import AdapterFiles
 from genq.workers.batching import Arrival, Batcher
 from genq.workers.cache import ModelCache
@@ -73,6 +74,7 @@ class WorkerRuntime:
         self.watch = JobWatch(self.sessions, self.worker_id, period_s=CHECK_EVERY_S, stopping=self.stopping)
         self._thread: threading.Thread | None = None
         self._reported = 0.0
+        self.upkeep = upkeep_tasks(self.sessions, storage, publisher, models)
 
     # --- models --------------------------------------------------------------------------
 
@@ -303,11 +305,8 @@ class WorkerRuntime:
                 batch_id = s.get(Job, job_id).batch_id  # type: ignore[union-attr]
             if batch_id:
                 maybe_finalize_batch(self.sessions, self.storage, batch_id)
-        expire_batches(self.sessions, self.storage)
-        finalize_stale_batches(self.sessions, self.storage)
-        # The outbox for these models too, so queued work moves even with no API process running.
-        outbox.sweep_unpublished(self.sessions, self.publisher, models=self.models)
-        outbox.republish_lost(self.sessions, self.publisher, self.models)
+        # The upkeep the API runs too, for these models, so queued work moves with no API process up.
+        run_tasks(self.upkeep)
         report_state(self)
 
     def _loop(self) -> None:

@@ -8,11 +8,8 @@ differs from the base model's, so a test can tell whether an adapter was applied
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import tarfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,23 +81,6 @@ def _keep_only(out_dir: Path, names: set[str]) -> None:
     missing = names - {p.name for p in out_dir.iterdir()}
     if missing:
         raise RuntimeError(f"adapter writer did not produce {sorted(missing)} in {out_dir}")
-
-
-def archive_adapter(directory: Path, fmt: str = "tar.gz") -> bytes:
-    """Pack the regular files of `directory` (flat, sorted) into a tar.gz or zip archive."""
-    files = sorted(p for p in Path(directory).iterdir() if p.is_file())
-    buf = io.BytesIO()
-    if fmt == "zip":
-        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in files:
-                zf.write(path, arcname=path.name)
-    elif fmt in ("tar.gz", "tgz", "tar"):
-        with tarfile.open(fileobj=buf, mode="w:gz" if fmt != "tar" else "w") as tf:
-            for path in files:
-                tf.add(path, arcname=path.name, recursive=False)
-    else:
-        raise ValueError(f"unknown archive format {fmt!r}: use tar.gz, tar or zip")
-    return buf.getvalue()
 
 
 def build_tiny_adapters(out_dir: Path) -> Path:

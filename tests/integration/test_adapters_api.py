@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from genq.workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora
+from genq.client import archive_adapter
+from genq.workers.tiny_lora import build_image_lora, build_text_lora
 from tests.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -77,7 +78,7 @@ source = "{loras['registry']}"
 @pytest.fixture(scope="module")
 def clients(api: Stack, pg_url: str) -> Iterator[dict[str, httpx.Client]]:
     """Clients for two tenants, with keys made as `genq keys create` makes them."""
-    from genq.shared.auth import create_key
+    from genq.services.auth import create_key
     from genq.shared.db import session_factory
 
     tag = uuid.uuid4().hex[:6]

@@ -123,11 +123,12 @@ def test_adapters_end_to_end_change_only_their_own_requests(stack: Stack, tiny_r
                                                             tmp_path: Path) -> None:
     """An uploaded LoRA adapter runs on the tiny-gpt2 worker, batched with plain requests; the
     outputs equal the runner's own in-process answers for each."""
+    from genq.client import archive_adapter
     from genq.shared.registry import load_registry
     from genq.shared.schemas import CompletionBody
     from genq.workers.runners.base import LocalAdapter, RunContext
     from genq.workers.runners.text import TextRunner
-    from genq.workers.tiny_lora import archive_adapter, build_text_lora
+    from genq.workers.tiny_lora import build_text_lora
 
     lora = build_text_lora(tiny_registry.parent / "tiny-gpt2", tmp_path / "lora", seed=7)
     name = f"style-{uuid.uuid4().hex[:6]}"
@@ -179,7 +180,8 @@ def test_a_worker_serving_two_models_keeps_them_within_its_memory_budget(stack: 
 
 
 def test_an_image_adapter_runs_through_the_worker(stack: Stack, tiny_registry: Path, tmp_path: Path) -> None:
-    from genq.workers.tiny_lora import archive_adapter, build_image_lora
+    from genq.client import archive_adapter
+    from genq.workers.tiny_lora import build_image_lora
 
     lora = build_image_lora(tiny_registry.parent / "tiny-sd", tmp_path / "lora", seed=3)
     name = f"look-{uuid.uuid4().hex[:6]}"

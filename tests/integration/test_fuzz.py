@@ -110,8 +110,8 @@ def _order(op: Any) -> tuple[int, str]:
 
 
 def test_openapi_fuzz_finds_no_server_error(fuzz_app: Any, tiny_registry: Path) -> None:
+    from genq.services.validation import URL_SERVED_BY
     from genq.shared.registry import load_registry
-    from genq.shared.validation import URL_SERVED_BY
 
     registry = load_registry(tiny_registry)
     models = {url: sorted(m.name for m in registry.models.values() if m.kind in kinds)

@@ -23,9 +23,10 @@ import pytest
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq.services.webhooks import Dispatcher, tenant_secret
 from genq.shared.db import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, session_factory, session_scope
 from genq.shared.migrate import upgrade
-from genq.shared.webhooks import Dispatcher, enqueue_job_event, tenant_secret
+from genq.shared.webhooks import enqueue_job_event
 from tests.conftest import free_port, throwaway_database, wait_for
 
 pytestmark = pytest.mark.integration

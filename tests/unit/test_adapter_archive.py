@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from genq.shared.adapter_archive import AdapterError, AdapterTooLarge, check_archive, parse_safetensors, read_archive
+from genq.client import archive_adapter
+from genq.services.adapter_archive import AdapterError, AdapterTooLarge, check_archive, parse_safetensors, read_archive
 from genq.shared.registry import ModelSpec
-from genq.workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora
+from genq.workers.tiny_lora import build_image_lora, build_text_lora
 
 TEXT = ModelSpec(name="t", kind="text", source="x")
 IMAGE = ModelSpec(name="img", kind="image", source="y")
@@ -350,7 +351,7 @@ def db(tmp_path: Path) -> Any:
 
 
 def _store(db: Any, storage: Any, tenant: str | None, name: str, model: ModelSpec) -> Any:
-    from genq.shared import adapters
+    from genq.services import adapters
 
     checked = check_archive(_tar(_peft()), model=model, max_bytes=BIG)
     with db() as session:
@@ -358,7 +359,7 @@ def _store(db: Any, storage: Any, tenant: str | None, name: str, model: ModelSpe
 
 
 def test_resolve_finds_own_uploads_and_registry_adapters_only(db: Any, tmp_path: Path) -> None:
-    from genq.shared.adapters import resolve
+    from genq.services.adapters import AdapterCatalog
     from genq.shared.registry import parse_registry
     from genq.shared.storage import FileStorage
 
@@ -369,7 +370,7 @@ def test_resolve_finds_own_uploads_and_registry_adapters_only(db: Any, tmp_path:
     no_tenant = _store(db, storage, None, "style", registry.models["t"])
     with db() as session:
         def ok(ref: str, tenant: str | None = "acme", model: str = "t") -> str:
-            return resolve(session, registry, tenant=tenant, model=model, ref=ref)
+            return AdapterCatalog(session, registry, tenant).resolve(model=model, ref=ref)
 
         def refused(ref: str, *words: str, tenant: str | None = "acme", model: str = "t") -> None:
             with pytest.raises(AdapterError) as info:
@@ -408,7 +409,7 @@ def test_locate_gives_storage_keys_or_the_registry_directory(db: Any, tmp_path: 
 
 def test_a_second_upload_of_a_name_steps_back(db: Any, tmp_path: Path) -> None:
     """Two uploads racing past the name check: the later one removes its row and files again."""
-    from genq.shared import adapters
+    from genq.services import adapters
     from genq.shared.registry import parse_registry
     from genq.shared.storage import FileStorage
 
@@ -427,10 +428,10 @@ def test_a_second_upload_of_a_name_steps_back(db: Any, tmp_path: Path) -> None:
 def test_a_batch_reads_the_tenants_adapters_once(db: Any, tmp_path: Path) -> None:
     from sqlalchemy import event
 
-    from genq.shared.adapters import AdapterCatalog
+    from genq.services.adapters import AdapterCatalog
+    from genq.services.validation import validate_batch
     from genq.shared.registry import parse_registry
     from genq.shared.storage import FileStorage
-    from genq.shared.validation import validate_batch
 
     registry = parse_registry(REGISTRY_TOML, tmp_path)
     row = _store(db, FileStorage(tmp_path / "objects"), "acme", "style", registry.models["t"])

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from genq.shared.auth import KeyCache, check_tenant, create_key, hash_key, list_keys, resolve_key, revoke_key
+from genq.services.auth import KeyCache, check_tenant, create_key, hash_key, list_keys, resolve_key, revoke_key
 from genq.shared.db import ApiKey, session_factory
 from genq.shared.migrate import upgrade
 

@@ -15,7 +15,7 @@ def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(f"GENQ_{var}", raising=False)
     s = build_settings()
     assert s.database_url == "sqlite:///./var/genq.db"
-    assert s.broker_url == EMBEDDED_BROKER_URL and s.embedded_broker
+    assert s.broker_url == EMBEDDED_BROKER_URL
     assert s.storage_url == "file://./var/objects" and s.auth == "off" and s.models_file is None
 
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq.services import jobs as records
+from genq.services.validation import validate_batch
 from genq.shared import jobs as jd
 from genq.shared.db import Batch, Job, session_factory, session_scope
 from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.migrate import upgrade
 from genq.shared.registry import parse_registry
 from genq.shared.storage import FileStorage
-from genq.shared.validation import validate_batch
 
 REG = parse_registry('[models.m]\nkind = "text"\nsource = "x"\n', Path("."))
 
@@ -33,7 +34,7 @@ def _batch(factory: sessionmaker[Session], n: int = 3) -> tuple[str, list[str]]:
          for i in range(n)], REG, max_lines=100)
     assert not errors
     with session_scope(factory) as s:
-        batch, pubs = jd.create_batch(s, lines=lines, endpoint="/v1/completions", tenant=None)
+        batch, pubs = records.create_batch(s, lines=lines, endpoint="/v1/completions", tenant=None)
     return batch.id, [p.job_id for p in pubs]
 
 
@@ -48,7 +49,7 @@ def test_claim_is_exclusive_and_finish_is_final(factory: sessionmaker[Session]) 
         assert jd.finish_job(s, job_id, worker="A", status="succeeded", result={"x": 2})
     with session_scope(factory) as s:
         assert jd.claim_job(s, job_id, worker="B", lease_s=30) is None  # redelivered after success
-        assert not jd.cancel_job(s, job_id)
+        assert not records.cancel_job(s, job_id)
         job = s.get(Job, job_id)
         assert job.status == "succeeded" and job.result == {"x": 2} and job.attempts == 1
 
@@ -58,8 +59,8 @@ def test_cancel_beats_a_running_worker(factory: sessionmaker[Session]) -> None:
     with session_scope(factory) as s:
         jd.claim_job(s, job_id, worker="A", lease_s=30)
     with session_scope(factory) as s:
-        assert jd.cancel_job(s, job_id)
-        assert jd.is_cancelled(s, job_id)
+        assert records.cancel_job(s, job_id)
+        assert s.get(Job, job_id).status == "cancelled"
     with session_scope(factory) as s:
         assert not jd.finish_job(s, job_id, worker="A", status="succeeded", result={"late": True})
         assert s.get(Job, job_id).status == "cancelled"
@@ -124,13 +125,13 @@ def test_cancel_batch_keeps_finished_work(factory: sessionmaker[Session], tmp_pa
         jd.claim_job(s, ids[0], worker="A", lease_s=30)
         jd.finish_job(s, ids[0], worker="A", status="succeeded", result={"ok": 1})
     with session_scope(factory) as s:
-        assert jd.cancel_batch(s, batch_id)
+        assert records.cancel_batch(s, batch_id)
     assert maybe_finalize_batch(factory, storage, batch_id) == "cancelled"
     with session_scope(factory) as s:
         batch = s.get(Batch, batch_id)
         counts = jd.batch_counts(s, batch_id)
         assert batch.status == "cancelled" and batch.output_file_id and batch.error_file_id
         assert counts == {"succeeded": 1, "cancelled": 2}
-        assert not jd.cancel_batch(s, batch_id)  # already cancelled: nothing changes
+        assert not records.cancel_batch(s, batch_id)  # already cancelled: nothing changes
 
 

@@ -13,13 +13,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq.services import jobs as records
+from genq.services.validation import validate_batch
 from genq.shared import jobs as jd
 from genq.shared import outbox
 from genq.shared.broker import Publish
 from genq.shared.db import Job, retry_unavailable, session_factory, session_scope
 from genq.shared.migrate import upgrade
 from genq.shared.registry import parse_registry
-from genq.shared.validation import validate_batch
 
 REG = parse_registry('[models.m]\nkind = "text"\nsource = "x"\n', Path("."))
 
@@ -61,7 +62,7 @@ def _jobs(factory: sessionmaker[Session], n: int = 3) -> list[Publish]:
          for i in range(n)], REG, max_lines=5000)
     assert not errors
     with session_scope(factory) as s:
-        _, pubs = jd.create_batch(s, lines=lines, endpoint="/v1/completions", tenant=None)
+        _, pubs = records.create_batch(s, lines=lines, endpoint="/v1/completions", tenant=None)
     return pubs
 
 

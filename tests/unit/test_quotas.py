@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from genq.services.app import create_app
+from genq.services.auth import create_key
 from genq.services.guards import TokenBuckets
 from genq.services.state import Limits
-from genq.shared.auth import create_key
+from genq.services.validation import validate_line
 from genq.shared.config import ConfigError, build_settings
-from genq.shared.validation import validate_line
 from tests.unit.test_validation import REG
 
 LINE = {"url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 2}}
@@ -58,7 +58,7 @@ def test_auth_off_ignores_keys(tmp_path: Path) -> None:
 
 
 def test_a_revoked_key_stops_after_the_cache_entry_expires(tmp_path: Path) -> None:
-    from genq.shared.auth import revoke_key
+    from genq.services.auth import revoke_key
 
     with _client(tmp_path) as c:
         headers = _key(c, "acme")

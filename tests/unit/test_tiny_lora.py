@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from genq.client import archive_adapter
 from genq.shared.registry import load_registry
-from genq.workers.tiny_lora import archive_adapter, build_image_lora, build_text_lora, build_tiny_adapters
+from genq.workers.tiny_lora import build_image_lora, build_text_lora, build_tiny_adapters
 
 PROMPTS = ["The queue hands one job", "The weather was mild", "Numbers and dates"]
 

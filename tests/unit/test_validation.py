@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from genq.services.validation import parse_json_line, validate_batch, validate_line
 from genq.shared.registry import parse_registry
-from genq.shared.validation import parse_json_line, validate_batch, validate_line
 
 REG = parse_registry("""
 [models.t]

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from genq.shared import webhooks as wh
+from genq.services import webhooks as wh
+from genq.shared import webhooks as events
 from genq.shared.db import Batch, Job, Tenant, WebhookDelivery, new_id, session_factory, session_scope
 from genq.shared.migrate import upgrade
 
@@ -123,11 +124,11 @@ def test_enqueue_job_event_follows_the_subscription(factory: sessionmaker[Sessio
         in_batch = _job(batch_id="batch_1")  # no webhook of its own: the batch reports
         s.add_all([subscribed, only_failed, in_batch])
         s.flush()
-        d = wh.enqueue_job_event(s, subscribed, "completed")
-        assert wh.enqueue_job_event(s, only_failed, "completed") is None
-        assert wh.enqueue_job_event(s, in_batch, "completed") is None
+        d = events.enqueue_job_event(s, subscribed, "completed")
+        assert events.enqueue_job_event(s, only_failed, "completed") is None
+        assert events.enqueue_job_event(s, in_batch, "completed") is None
         with pytest.raises(ValueError):
-            wh.enqueue_job_event(s, subscribed, "finished")
+            events.enqueue_job_event(s, subscribed, "finished")
     assert d is not None
     with session_scope(factory) as s:
         rows = s.execute(select(WebhookDelivery)).scalars().all()
@@ -147,8 +148,8 @@ def test_enqueue_batch_event_and_notify_helpers(factory: sessionmaker[Session]) 
         s.add(batch)
         s.add_all([_job(batch_id=batch.id, seq=0), _job(batch_id=batch.id, seq=1, status="failed")])
         s.flush()
-        assert wh.enqueue_batch_event(s, batch, "progress") is None  # not in the default events
-        d = wh.notify_batch(s, batch.id)
+        assert events.enqueue_batch_event(s, batch, "progress") is None  # not in the default events
+        d = events.notify_batch(s, batch.id)
     assert d is not None and d.event == "batch.completed"
     counts = d.payload["data"]["request_counts"]
     assert (counts["total"], counts["completed"], counts["failed"]) == (2, 1, 1)
@@ -170,8 +171,8 @@ def test_routes_show_the_secret_and_deliveries_with_attempts(factory: sessionmak
         jobs = [_job(webhook_url="https://example.com/h"), _job(webhook_url="https://example.com/h")]
         s.add_all(jobs)
         s.flush()
-        first = wh.enqueue_job_event(s, jobs[0], "completed")
-        wh.enqueue_job_event(s, jobs[1], "completed")
+        first = events.enqueue_job_event(s, jobs[0], "completed")
+        events.enqueue_job_event(s, jobs[1], "completed")
         assert first is not None
         s.add(WebhookAttempt(delivery_id=first.id, attempt=1, at=time.time(), status_code=500, error="HTTP 500",
                              duration_s=0.0123))

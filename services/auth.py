@@ -18,7 +18,7 @@ from collections.abc import Callable
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from genq.shared.db import ApiKey, new_id
+from genq.shared.db import NO_TENANT, ApiKey, new_id
 
 KEY_PREFIX = "gq_"
 PREFIX_CHARS = 11  # "gq_" and 8 characters of the random part: shown in listings, never the secret
@@ -35,8 +35,8 @@ def check_tenant(tenant: str) -> str:
     if not _TENANT.fullmatch(tenant):
         raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
-    if tenant == "default":  # the name genq uses for everything made while auth is off
-        raise ValueError("tenant 'default' is reserved; choose another name")
+    if tenant == NO_TENANT:  # the name genq uses for everything made while auth is off
+        raise ValueError(f"tenant {NO_TENANT!r} is reserved; choose another name")
     return tenant
 
 

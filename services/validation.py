@@ -15,7 +15,8 @@ from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from genq.shared.adapters import AdapterCatalog, AdapterError
+from genq.services.adapters import AdapterCatalog, AdapterError
+from genq.services.webhooks import validate_subscription
 from genq.shared.registry import Registry
 from genq.shared.schemas import BODY_MODELS, CompletionBody, ImageBody, RequestLine
 
@@ -197,8 +198,6 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
         if "\x00" in (getattr(req, name) or ""):
             return None, [LineError(line, name, "must not contain NUL (\\u0000) characters")]
     if req.webhook_url is not None or req.webhook_events is not None:
-        from genq.shared.webhooks import validate_subscription  # imported here: webhooks imports this module's users
-
         try:
             validate_subscription(req.webhook_url, req.webhook_events)
         except ValueError as exc:
