@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import IO, Any
 
-from genq.shared.registry import ADAPTER_KINDS, ModelSpec
+from genq.shared.kinds import ADAPTER_KINDS
+from genq.shared.registry import ModelSpec
 
 CONFIG_NAME = "adapter_config.json"
 # Stored weights names: the file peft's PeftModel and diffusers' load_lora_weights look for by default.

@@ -19,7 +19,8 @@ from genq.services.adapter_archive import CONFIG_NAME, AdapterError, CheckedAdap
 from genq.services.adapter_archive import AdapterTooLarge as AdapterTooLarge  # re-exported: the routes catch it here
 from genq.shared.adapters import storage_key
 from genq.shared.db import Adapter, new_id, owned_by
-from genq.shared.registry import ADAPTER_KINDS, ModelSpec, Registry
+from genq.shared.kinds import ADAPTER_KINDS
+from genq.shared.registry import ModelSpec, Registry
 from genq.shared.storage import Storage
 
 log = logging.getLogger("genq.adapters")

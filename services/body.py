@@ -11,7 +11,8 @@ from pydantic import BaseModel
 
 from genq.services.errors import APIError
 from genq.services.validation import LineError, parse_json_line
-from genq.shared.schemas import BODY_MODELS, URL_KINDS, RequestLine
+from genq.shared.kinds import ENDPOINTS
+from genq.shared.requests import RequestLine
 from genq.shared.webhooks import EVENTS
 
 BOM = codecs.BOM_UTF8
@@ -110,7 +111,7 @@ _DOC_CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
         **_WEBHOOK,
         "completion_window": {"type": "string", "description": "A number and s, m, h or d; at most 7 days.",
                               "pattern": r"^([1-9][0-9]{0,4}s|[1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-7]d)$"},
-        "endpoint": {"anyOf": [{"enum": list(URL_KINDS)}, {"type": "null"}]},
+        "endpoint": {"anyOf": [{"enum": list(ENDPOINTS)}, {"type": "null"}]},
     },
 }
 
@@ -130,14 +131,14 @@ def request_line_schema(*, batch: bool = False) -> dict[str, Any]:
     """A request line: one variant per `url`, each with that url's body (the model keeps `body` a
     plain object so that the model of its `url` checks it). In a batch, `custom_id` is required."""
     variants = []
-    for url, body_model in BODY_MODELS.items():
+    for url, endpoint in ENDPOINTS.items():
         schema = body_schema(RequestLine)
         if batch:
             schema["properties"]["custom_id"] = {"type": "string", "minLength": 1, "maxLength": 512,
                                                  "title": "Custom Id", "description": "Unique within the batch."}
             schema["required"] = [*schema.get("required", []), "custom_id"]
         schema["properties"]["url"] = {"const": url, "title": "Url"}
-        schema["properties"]["body"] = body_schema(body_model)
+        schema["properties"]["body"] = body_schema(endpoint.body)
         variants.append(schema)
     return {"title": "RequestLine", "description": RequestLine.__doc__, "anyOf": variants}
 

@@ -12,13 +12,14 @@ from sqlalchemy.orm import Session
 from genq.services.auth import hash_key, resolve_key
 from genq.services.guards import check_rate, unauthorized
 from genq.services.state import AppState
+from genq.shared.kinds import ENDPOINTS
 from genq.shared.results import ResultRenderer
 
 # Paths open without a key when GENQ_AUTH=required (probes must work without secrets).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 # The create endpoints: each request takes a token from its tenant's bucket (GENQ_RATE_LIMIT_PER_MINUTE).
-RATE_LIMITED = frozenset({"/v1/jobs", "/v1/batches", "/v1/batches/{batch_id}/retry", "/v1/files",
-                          "/v1/completions", "/v1/images/generations", "/v1/adapters"})
+RATE_LIMITED = frozenset({"/v1/jobs", "/v1/batches", "/v1/batches/{batch_id}/retry", "/v1/files", "/v1/adapters",
+                          *ENDPOINTS})
 
 
 def get_state(request: Request) -> AppState:

@@ -13,7 +13,7 @@ from genq.services.validation import ValidLine
 from genq.shared.broker import Publish
 from genq.shared.db import Batch, Job, new_id
 from genq.shared.jobs import ACTIVE
-from genq.shared.schemas import window_seconds
+from genq.shared.requests import window_seconds
 
 
 def _job_row(v: ValidLine, *, tenant: str | None, batch_id: str | None, seq: int, now: float,

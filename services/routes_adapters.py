@@ -17,7 +17,7 @@ from genq.services.adapters import AdapterError, AdapterTooLarge
 from genq.services.body import refuse_nul_params
 from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, not_found
-from genq.shared.registry import ADAPTER_KINDS
+from genq.shared.kinds import ADAPTER_KINDS
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(refuse_nul_params)])
 

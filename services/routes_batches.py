@@ -36,7 +36,8 @@ from genq.services.webhooks import validate_subscription
 from genq.shared import jobs as job_state
 from genq.shared.db import Batch, File, Job, owned_by
 from genq.shared.finalize import maybe_finalize_batch
-from genq.shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES, BatchCreate
+from genq.shared.requests import BatchCreate
+from genq.shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES
 from genq.shared.views import batch_object, job_object, output_line
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(refuse_nul_params)])

@@ -4,6 +4,7 @@ queue and the answer waits for it, with bounded waits and a clear error instead 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -16,7 +17,8 @@ from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, error_response
 from genq.services.validation import validate_line
 from genq.shared.db import Job
-from genq.shared.schemas import IMAGE_URL, TERMINAL_JOB_STATUSES, TEXT_URL, CompletionBody, ImageBody
+from genq.shared.kinds import ENDPOINTS, Endpoint
+from genq.shared.schemas import TERMINAL_JOB_STATUSES
 
 router = APIRouter(tags=["synchronous"])
 Seconds = Annotated[float | None, Query(gt=0, le=3600)]
@@ -85,18 +87,18 @@ async def _serve(url: str, request: Request, state: StateDep, session: SessionDe
     return await run_in_threadpool(_run)
 
 
-@router.post("/v1/completions", responses=WAIT_RESPONSES, openapi_extra=request_body_doc(body_schema(CompletionBody)))
-async def completions(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
-                      renderer: RendererDep, start_timeout: Seconds = None, timeout: Seconds = None) -> dict[str, Any]:
-    """An OpenAI completion, answered through the queue (`start_timeout`, `timeout`: seconds to
-    wait for a worker to take the job, and in all)."""
-    return await _serve(TEXT_URL, request, state, session, tenant, renderer, start_timeout, timeout)
+def _route(endpoint: Endpoint) -> Callable[..., Awaitable[dict[str, Any]]]:
+    async def serve(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
+                    renderer: RendererDep, start_timeout: Seconds = None, timeout: Seconds = None) -> dict[str, Any]:
+        return await _serve(endpoint.url, request, state, session, tenant, renderer, start_timeout, timeout)
+
+    serve.__name__ = endpoint.operation
+    serve.__doc__ = (f"{endpoint.summary} (`start_timeout`, `timeout`: seconds to wait for a worker to take "
+                     "the job, and in all).")
+    return serve
 
 
-@router.post("/v1/images/generations", responses=WAIT_RESPONSES,
-             openapi_extra=request_body_doc(body_schema(ImageBody)))
-async def image_generations(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
-                            renderer: RendererDep, start_timeout: Seconds = None,
-                            timeout: Seconds = None) -> dict[str, Any]:
-    """An OpenAI image generation, answered through the queue."""
-    return await _serve(IMAGE_URL, request, state, session, tenant, renderer, start_timeout, timeout)
+# One synchronous route per endpoint of the table of kinds, at the endpoint's own url.
+for _endpoint in ENDPOINTS.values():
+    router.add_api_route(_endpoint.url, _route(_endpoint), methods=["POST"], responses=WAIT_RESPONSES,
+                         openapi_extra=request_body_doc(body_schema(_endpoint.body)))

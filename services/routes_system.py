@@ -18,7 +18,7 @@ router = APIRouter(tags=["system"])
 def list_models(state: StateDep) -> dict[str, Any]:
     """The registry in OpenAI's list shape, with each model's kind and queue."""
     data = [{"id": s.name, "object": "model", "created": 0, "owned_by": "genq", "kind": s.kind,
-             "queue": s.queue, "max_batch_size": s.max_batch_size} for s in state.registry.models.values()]
+             "queue": s.queue, "max_batch_size": s.options.max_batch_size} for s in state.registry.models.values()]
     return {"object": "list", "data": data}
 
 

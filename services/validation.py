@@ -17,14 +17,11 @@ from pydantic import BaseModel, ValidationError
 
 from genq.services.adapters import AdapterCatalog, AdapterError
 from genq.services.webhooks import validate_subscription
+from genq.shared.kinds import body_model, served_by
 from genq.shared.registry import Registry
-from genq.shared.schemas import BODY_MODELS, CompletionBody, ImageBody, RequestLine
+from genq.shared.requests import RequestLine
+from genq.shared.schemas import JobBody
 
-# Which registry kinds may serve each request url.
-URL_SERVED_BY: dict[str, tuple[str, ...]] = {
-    "/v1/completions": ("text", "echo"),
-    "/v1/images/generations": ("image", "gan"),
-}
 MAX_ERRORS_REPORTED = 100
 MAX_PROMPT_CHARS = 32_000  # GENQ_MAX_PROMPT_CHARS; the API passes its configured value
 
@@ -47,7 +44,7 @@ class LineError:
 class ValidLine:
     line: int
     request: RequestLine
-    body: BaseModel
+    body: JobBody
 
 
 def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
@@ -168,16 +165,10 @@ def parse_json_line(text: str | bytes, line: int) -> tuple[Any, LineError | None
     return obj, None
 
 
-def _prompt_errors(body: BaseModel, line: int | None, max_chars: int) -> list[LineError]:
+def _prompt_errors(body: JobBody, line: int | None, max_chars: int) -> list[LineError]:
     """Each prompt (and negative prompt) may hold at most `max_chars` characters."""
-    texts: list[tuple[str, str | None]] = []
-    if isinstance(body, CompletionBody):
-        texts = ([("body.prompt", body.prompt)] if isinstance(body.prompt, str)
-                 else [(f"body.prompt[{i}]", p) for i, p in enumerate(body.prompt)])
-    elif isinstance(body, ImageBody):
-        texts = [("body.prompt", body.prompt), ("body.negative_prompt", body.negative_prompt)]
     return [LineError(line, param, f"must be at most {max_chars} characters, got {len(text)}")
-            for param, text in texts if text is not None and len(text) > max_chars]
+            for param, text in body.prompt_texts() if len(text) > max_chars]
 
 
 def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: str | None = None,
@@ -205,9 +196,9 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
     if endpoint is not None and req.url != endpoint:
         return None, [LineError(line, "url", f"must equal the batch endpoint {endpoint}")]
     try:
-        body = BODY_MODELS[req.url].model_validate(req.body)
+        body = body_model(req.url).model_validate(req.body)
     except ValidationError as exc:
-        return None, _pydantic_errors(exc, line, "body", BODY_MODELS[req.url])
+        return None, _pydantic_errors(exc, line, "body", body_model(req.url))
     if errors := _prompt_errors(body, line, max_prompt_chars):
         return None, errors
 
@@ -216,21 +207,13 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
     if spec is None:
         return None, [LineError(line, "body.model", f"model {model!r} is not in the registry",
                                 code="model_not_found")]
-    if spec.kind not in URL_SERVED_BY[req.url]:
+    if spec.kind not in served_by(req.url):
         return None, [LineError(line, "body.model",
                                 f"model {model!r} is a {spec.kind} model and cannot serve {req.url}")]
-    if isinstance(body, CompletionBody) and body.max_tokens > spec.max_tokens:
-        return None, [LineError(line, "body.max_tokens",
-                                f"must be <= {spec.max_tokens} for model {model!r}")]
-    if isinstance(body, ImageBody):
-        max_side = int(spec.options.get("max_size", 1024))
-        if max(body.width, body.height) > max_side:
-            return None, [LineError(line, "body.size", f"must be at most {max_side}x{max_side} for model {model!r}")]
-        max_steps = int(spec.options.get("max_steps", 150))
-        if body.num_inference_steps > max_steps:
-            return None, [LineError(line, "body.num_inference_steps",
-                                    f"must be <= {max_steps} for model {model!r}")]
-    ref = getattr(body, "adapter", None)
+    if limits := spec.options.limit_errors(body, model):
+        param, message = limits[0]
+        return None, [LineError(line, param, message)]
+    ref = body.adapter
     if ref is not None:
         try:
             catalog = adapters if adapters is not None else AdapterCatalog(None, registry, None)

@@ -8,13 +8,17 @@ tenant may use.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KNOWN_KINDS = ("text", "image", "gan", "echo")
-ADAPTER_KINDS = ("text", "image")  # model kinds that serve LoRA adapters
+from pydantic import ValidationError
+
+from genq.shared.kinds import ADAPTER_KINDS, KINDS
+from genq.shared.options import ModelOptions
+
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 BUILTIN_TOML = Path(__file__).with_name("models.toml")
@@ -26,18 +30,54 @@ class RegistryError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A registered model. Build one with `model_spec()`, which checks its options."""
+
     name: str
     kind: str
     source: str
+    options: ModelOptions  # the kind's typed options (genq.shared.options)
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
-    max_batch_size: int = 8
-    max_tokens: int = 1024  # upper bound for a request's max_tokens
-    options: dict[str, Any] = field(default_factory=dict)
+    runner: str | None = None  # "module:Class" in place of the kind's runner (plugins, test runners)
 
     @property
     def queue(self) -> str:
         return f"genq.{self.name}"
+
+    def with_options(self, **changes: Any) -> ModelSpec:
+        """The same model with some options changed (checked like the registry's)."""
+        options = type(self.options).model_validate({**self.options.model_dump(), **changes})
+        return dataclasses.replace(self, options=options)
+
+
+_SPEC_KEYS = ("kind", "source", "dtype", "device", "runner")
+
+
+def model_spec(name: str, kind: str, source: str, *, dtype: str = "auto", device: str = "auto",
+               runner: str | None = None, where: str = "registry", **options: Any) -> ModelSpec:
+    """A model spec with `options` parsed into its kind's options model; RegistryError names the
+    entry and key of anything unknown or out of range."""
+    if kind not in KINDS:
+        raise RegistryError(f"{where}: models.{name}.kind must be one of {', '.join(KINDS)}")
+    for key, value in (("dtype", dtype), ("device", device), ("runner", runner)):
+        if value is not None and not isinstance(value, str):
+            raise RegistryError(f"{where}: models.{name}.{key} must be a string")
+    if runner is not None and ":" not in runner:
+        raise RegistryError(f"{where}: models.{name}.runner must look like package.module:Class")
+    model = KINDS[kind].options
+    try:
+        parsed = model.model_validate(options)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(sorted(set(model.model_fields) | set(_SPEC_KEYS)))
+                problems.append(f"models.{name}.{key} is not an option of {kind} models (they take {known})")
+            else:
+                problems.append(f"models.{name}.{key} {err['msg'].removeprefix('Value error, ')}")
+        raise RegistryError(f"{where}: " + "; ".join(problems)) from None
+    return ModelSpec(name=name, kind=kind, source=source, options=parsed, dtype=dtype, device=device, runner=runner)
 
 
 @dataclass(frozen=True)
@@ -74,8 +114,8 @@ def _spec(name: str, raw: dict[str, Any], base: Path, where: str) -> ModelSpec:
     if not valid_name(name):
         raise RegistryError(f"{where}: model name {name!r} must use only a-z, 0-9, '-', '_' and '.'")
     kind = raw.get("kind")
-    if kind not in KNOWN_KINDS:
-        raise RegistryError(f"{where}: models.{name}.kind must be one of {', '.join(KNOWN_KINDS)}")
+    if kind not in KINDS:
+        raise RegistryError(f"{where}: models.{name}.kind must be one of {', '.join(KINDS)}")
     source = raw.get("source")
     if not isinstance(source, str) or not source:
         raise RegistryError(f"{where}: models.{name}.source must be a hub id or a directory")
@@ -83,14 +123,8 @@ def _spec(name: str, raw: dict[str, Any], base: Path, where: str) -> ModelSpec:
     # can move together. Hub ids ("org/name" with no such directory) are kept as they are.
     if source.startswith(("./", "../")):
         source = str((base / source).resolve())
-    known = {f for f in ModelSpec.__dataclass_fields__ if f not in ("name", "options")}
-    kwargs = {k: raw[k] for k in known if k in raw}
-    options = {k: v for k, v in raw.items() if k not in known}
-    for key in ("max_batch_size", "max_tokens"):
-        if key in kwargs and (not isinstance(kwargs[key], int) or kwargs[key] < 1):
-            raise RegistryError(f"{where}: models.{name}.{key} must be a positive integer")
-    kwargs.update(source=source, kind=kind)
-    return ModelSpec(name=name, options=options, **kwargs)
+    rest = {k: v for k, v in raw.items() if k not in ("kind", "source")}
+    return model_spec(name, kind, source, where=where, **rest)
 
 
 def parse_registry(text: str, base: Path, where: str = "registry") -> Registry:

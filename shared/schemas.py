@@ -10,13 +10,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-TEXT_URL = "/v1/completions"
-IMAGE_URL = "/v1/images/generations"
-
-# Job kinds by request url. A url listed here but without a runner kind in a model's registry
-# entry is refused at validation time.
-URL_KINDS: dict[str, str] = {TEXT_URL: "text", IMAGE_URL: "image"}
-
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 BATCH_STATUSES = (
@@ -31,10 +24,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CompletionBody(_Strict):
-    """An OpenAI `/v1/completions` body plus genq's sampling extras."""
+class JobBody(_Strict):
+    """What every request body has: the model it names, an optional adapter, and prompts whose
+    length the API limits. Each endpoint's body (genq.shared.kinds) is one of these."""
 
     model: str = Field(min_length=1, max_length=200)
+    adapter: str | None = Field(default=None, min_length=1, max_length=200)
+
+    def prompt_texts(self) -> list[tuple[str, str]]:
+        """(field, text) of each prompt, for the prompt length limit."""
+        return []
+
+
+class CompletionBody(JobBody):
+    """An OpenAI `/v1/completions` body plus genq's sampling extras."""
+
     prompt: str | list[str] = Field(description="One prompt, or a list of prompts answered in order.")
     max_tokens: int = Field(default=16, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -49,7 +53,6 @@ class CompletionBody(_Strict):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     do_sample: bool | None = None
-    adapter: str | None = Field(default=None, min_length=1, max_length=200)
     # Accepted so that existing OpenAI batch files work unchanged.
     user: str | None = Field(default=None, max_length=256)
     stream: Literal[False] = False
@@ -82,6 +85,12 @@ class CompletionBody(_Strict):
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
+    def prompt_texts(self) -> list[tuple[str, str]]:
+        """(field, text) of each prompt, for the prompt length limit."""
+        if isinstance(self.prompt, str):
+            return [("body.prompt", self.prompt)]
+        return [(f"body.prompt[{i}]", p) for i, p in enumerate(self.prompt)]
+
     @property
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -101,10 +110,9 @@ SCHEDULERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpm_solver_multistep"
 MAX_IMAGE_SIDE = 2048
 
 
-class ImageBody(_Strict):
+class ImageBody(JobBody):
     """An OpenAI `/v1/images/generations` body plus diffusion extras."""
 
-    model: str = Field(min_length=1, max_length=200)
     prompt: str = Field(default="", max_length=4000)
     n: int = Field(default=1, ge=1, le=10)
     size: str = Field(default="512x512", description="WIDTHxHEIGHT in pixels, each a multiple of 8.")
@@ -114,7 +122,6 @@ class ImageBody(_Strict):
     guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     scheduler: Literal[SCHEDULERS] | None = None  # type: ignore[valid-type]
-    adapter: str | None = Field(default=None, min_length=1, max_length=200)
     # Accepted so that existing OpenAI requests work; genq has one quality and style per model.
     quality: str | None = Field(default=None, max_length=32)
     style: str | None = Field(default=None, max_length=32)
@@ -133,6 +140,11 @@ class ImageBody(_Strict):
             raise ValueError(f"width and height must be between 8 and {MAX_IMAGE_SIDE}")
         return f"{width}x{height}"
 
+    def prompt_texts(self) -> list[tuple[str, str]]:
+        """(field, text) of the prompt and negative prompt, for the prompt length limit."""
+        return [("body.prompt", self.prompt)] + (
+            [("body.negative_prompt", self.negative_prompt)] if self.negative_prompt is not None else [])
+
     @property
     def width(self) -> int:
         return int(self.size.partition("x")[0])
@@ -142,63 +154,50 @@ class ImageBody(_Strict):
         return int(self.size.partition("x")[2])
 
 
-BODY_MODELS: dict[str, type[BaseModel]] = {TEXT_URL: CompletionBody, IMAGE_URL: ImageBody}
+# --- results: what a succeeded job's `result` holds ------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
-class RequestLine(_Strict):
-    """One request: the OpenAI Batch input line format, plus genq's optional extras."""
-
-    custom_id: str | None = Field(default=None, min_length=1, max_length=512)
-    method: Literal["POST"] = "POST"
-    url: str
-    body: dict[str, Any]
-    # genq extensions: 0 (default, lowest) to 9 (most urgent), honoured by the broker on Redis;
-    # and, for single jobs, a webhook called when the job ends.
-    priority: int | None = Field(default=None, ge=0, le=9)
-    webhook_url: str | None = Field(default=None, max_length=2000)
-    webhook_events: list[str] | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _known_url(cls, v: str) -> str:
-        if v not in URL_KINDS:
-            raise ValueError(f"must be one of {', '.join(URL_KINDS)}")
-        return v
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: dict[str, Any] | None = None  # OpenAI's legacy shape: tokens, token_logprobs, top_logprobs, text_offset
+    finish_reason: Literal["stop", "length"]
 
 
-_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+class TextCompletion(BaseModel):
+    """An OpenAI `text_completion` response body."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
 
 
-def window_seconds(window: str) -> int:
-    """`24h` (OpenAI's only value), or any `<n>s|m|h|d` up to 7 days (a genq extension)."""
-    n, unit = window[:-1], window[-1:]
-    if not n.isdigit() or unit not in _WINDOW_UNITS or not 1 <= int(n) * _WINDOW_UNITS[unit] <= 7 * 86400:
-        raise ValueError("must be like 24h (a number and s, m, h or d; at most 7 days)")
-    return int(n) * _WINDOW_UNITS[unit]
+class ImageDatum(BaseModel):
+    """One image: `url` or `b64_json` is filled in by the API on every read, as the request asked."""
+
+    url: str | None = None
+    b64_json: str | None = None
+    seed: int
+    index: int
+    revised_prompt: str | None = None
+    nsfw_content_detected: bool | None = None  # only when the safety checker blacked the image out
 
 
-class BatchCreate(_Strict):
-    """`POST /v1/batches` in either shape: requests inline, or OpenAI's `input_file_id` +
-    `endpoint` + `completion_window` (an NDJSON body is parsed by the route into `requests`)."""
+class ImagesResult(BaseModel):
+    """An OpenAI images response plus genq's `parameters` (what the images were made with).
 
-    requests: list[Any] | None = None
-    input_file_id: str | None = Field(default=None, max_length=64)
-    endpoint: str | None = None
-    completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
-    priority: int | None = Field(default=None, ge=0, le=9)
-    webhook_url: str | None = Field(default=None, max_length=2000)
-    webhook_events: list[str] | None = None
+    As stored, a result also holds `output_keys`: the storage key of image i at index i. The API
+    turns each into the image's `url` or `b64_json` on every read and never shows the keys."""
 
-    @field_validator("completion_window")
-    @classmethod
-    def _window(cls, v: str) -> str:
-        window_seconds(v)
-        return v
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and v not in URL_KINDS:
-            raise ValueError(f"must be one of {', '.join(URL_KINDS)}")
-        return v
+    created: int
+    data: list[ImageDatum]
+    parameters: dict[str, Any]
+    output_keys: list[str] = Field(default_factory=list, exclude=True)

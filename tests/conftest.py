@@ -161,7 +161,7 @@ delay_s = 0.05
 kind = "echo"
 source = "none"
 delay_s = 0.05
-abort_on_prompt = "poison"
+runner = "tests.support.runners:PoisonEchoRunner"
 
 [models.batch-echo]
 kind = "echo"
@@ -170,7 +170,7 @@ batch = true
 max_batch_size = 8
 max_wait_ms = 300
 delay_s = 1.0
-fail_on_prompt = "boom"
+runner = "tests.support.runners:FailingBatchEchoRunner"
 
 [models.lru-a]
 kind = "text"
@@ -232,6 +232,9 @@ class Stack:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="session")
 def stack_env(pg_url: str, redis_url: str, s3_endpoint: str, tiny_registry: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
@@ -240,6 +243,8 @@ def stack_env(pg_url: str, redis_url: str, s3_endpoint: str, tiny_registry: Path
         GENQ_S3_ENDPOINT=s3_endpoint, GENQ_S3_ACCESS_KEY="testing", GENQ_S3_SECRET_KEY="testing",
         GENQ_S3_SECURE="false", GENQ_MODELS_FILE=str(tiny_registry), PYTHONUNBUFFERED="1",
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        # The test runners (tests/support/runners.py) that the test registry names.
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
     )
     return env
 

@@ -15,8 +15,6 @@ from genq.shared.config import Settings
 from genq.shared.registry import Registry, load_registry
 from genq.shared.storage import storage_from_settings
 from genq.workers.cache import device_budget
-from genq.workers.runners import runner_class
-from genq.workers.runners.base import SerialRunner
 from genq.workers.runners.device import resolve_device
 from genq.workers.runtime import WorkerRuntime
 
@@ -71,14 +69,9 @@ def _hand_back_on_cold_shutdown(runtime: WorkerRuntime) -> None:
 def default_concurrency(registry: Registry, models: list[str]) -> int:
     """Twice the largest batch of the models that batch: one batch runs while the next is claimed
     and prepared. 1 when none batches."""
-    sizes = [2 * spec.max_batch_size for m in models if (spec := registry.get(m)) is not None
-             and _batches(runner_class(spec.kind), spec)]
+    sizes = [2 * spec.options.max_batch_size for m in models
+             if (spec := registry.get(m)) is not None and spec.options.batches()]
     return max(sizes, default=1)
-
-
-def _batches(cls: Any, spec: Any) -> bool:
-    batching = getattr(cls, "batching", None)
-    return bool(batching(spec)) if batching is not None else not issubclass(cls, SerialRunner)
 
 
 def run_worker(settings: Settings, models: list[str], *, concurrency: int | None = None, lease_s: float = 30.0,

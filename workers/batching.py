@@ -28,7 +28,6 @@ from typing import Any
 from genq.workers.runners.base import BatchItem, Outcome, finish
 
 log = logging.getLogger("genq.worker")
-DEFAULT_MAX_WAIT_MS = 50.0
 GRACE_S = 0.005
 
 
@@ -137,8 +136,8 @@ class Batcher:
                     continue
                 first = self._waiting[0]
                 spec = first.runner.spec
-                limit = max(1, spec.max_batch_size)
-                deadline = first.arrived + float(spec.options.get("max_wait_ms", DEFAULT_MAX_WAIT_MS)) / 1000
+                limit = spec.options.max_batch_size
+                deadline = first.arrived + spec.options.max_wait_ms / 1000
                 group, rows = self._gather(first, limit)
                 now = time.monotonic()
                 settled = self._arriving == 0 and now - self._joined >= min(GRACE_S, deadline - first.arrived)

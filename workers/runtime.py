@@ -25,8 +25,8 @@ from genq.shared.broker import Publisher
 from genq.shared.config import Settings
 from genq.shared.db import Job, is_unavailable, retry_unavailable, session_factory, session_scope
 from genq.shared.finalize import maybe_finalize_batch
+from genq.shared.kinds import KINDS, body_model
 from genq.shared.registry import Registry
-from genq.shared.schemas import BODY_MODELS
 from genq.shared.storage import Storage
 from genq.shared.upkeep import run_tasks, upkeep_tasks
 from genq.workers.adapters import AdapterFiles
@@ -231,13 +231,13 @@ class WorkerRuntime:
 
     def _serve(self, job: Job, written: list[str], arrival: Arrival | None) -> dict[str, Any]:
         """Prepare the job on its model's runner and have the batcher run it; its response body."""
-        body = BODY_MODELS[job.url].model_validate(job.body)
+        body = body_model(job.url).model_validate(job.body)
         runner = self.cache.acquire(job.model)  # pinned: not evicted while this job needs it
         try:
             item = BatchItem(body, self._context(job, written))
-            ref = getattr(body, "adapter", None)
+            ref = body.adapter
             if ref is not None:
-                if not runner.supports_adapters:
+                if not KINDS[runner.spec.kind].adapters:
                     raise InvalidRequest(f"model {job.model} does not serve adapters", "body.adapter")
                 item.adapter = self.adapters.local(ref, model=job.model)
             runner.prepare(item)

@@ -22,9 +22,8 @@ def worker_stats(runtime: Any) -> dict[str, Any]:
         batches = runtime.batcher.stats.get(name)
         entry["batches"] = asdict(batches) if batches else {}
         runner = runtime.cache.loaded(name)
-        adapter_stats = getattr(runner, "adapter_stats", None)
-        if adapter_stats is not None:
-            entry["adapters"] = {**adapter_stats, "resident": len(runner.loaded_adapters())}
+        if runner is not None and runner.adapters is not None:
+            entry["adapters"] = runner.adapters.report()
         models[name] = entry
     return {"memory_budget_bytes": runtime.memory_budget, "models": models}
 

@@ -20,11 +20,11 @@ from safetensors.numpy import save as save_safetensors
 
 from genq.client import archive_adapter
 from genq.services.adapter_archive import AdapterError, AdapterTooLarge, check_archive, parse_safetensors, read_archive
-from genq.shared.registry import ModelSpec
+from genq.shared.registry import ModelSpec, model_spec
 from genq.workers.tiny_lora import build_image_lora, build_text_lora
 
-TEXT = ModelSpec(name="t", kind="text", source="x")
-IMAGE = ModelSpec(name="img", kind="image", source="y")
+TEXT = model_spec("t", "text", "x")
+IMAGE = model_spec("img", "image", "y")
 BIG = 10 * 1024 * 1024
 
 
@@ -198,7 +198,7 @@ def test_the_adapter_must_suit_the_model_kind(built: dict[str, Path]) -> None:
                      ("adapter_model.safetensors", _weights(prefix="unet.mid_block.attn1.to_q"))])
     _refused(sd_names, "not an adapter for a causal language model", "unet", model=TEXT)
     with pytest.raises(AdapterError, match="does not serve adapters"):
-        check_archive(_tar(_peft()), model=ModelSpec(name="g", kind="gan", source="z"), max_bytes=BIG)
+        check_archive(_tar(_peft()), model=model_spec("g", "gan", "z"), max_bytes=BIG)
 
 
 # --- refused: the weights file ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from genq.shared.registry import ModelSpec
+from genq.shared.registry import ModelSpec, model_spec
 from genq.workers.batching import Batcher
 from genq.workers.cache import ModelCache, parse_bytes
 from genq.workers.runners.base import BatchItem, Outcome, RunContext
@@ -20,12 +20,14 @@ class _Body:
         self.value, self.key, self.rows = value, key, rows
 
 
+SIZE = 100  # bytes each SizedRunner holds when loaded
+
+
 class ListRunner:
     """Answers each item with its value; records the calls; raises for a batch holding 'bad'."""
 
     def __init__(self, max_batch_size: int = 4, max_wait_ms: float = 50, hold: threading.Event | None = None) -> None:
-        self.spec = ModelSpec(name="m", kind="echo", source="none", max_batch_size=max_batch_size,
-                              options={"max_wait_ms": max_wait_ms})
+        self.spec = model_spec("m", "echo", "none", max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
         self.calls: list[list[str]] = []
         self.hold = hold  # the first call waits for it, so that items pile up behind it
 
@@ -163,11 +165,11 @@ class SizedRunner:
         self.log.append(f"unload {self.spec.name}")
 
     def memory_bytes(self) -> int:
-        return int(self.spec.options["size"]) if self.loaded else 0
+        return SIZE if self.loaded else 0
 
 
 def _cache(budget: int, log: list[str], pin_wait_s: float = 10) -> ModelCache:
-    specs = {n: ModelSpec(name=n, kind="echo", source="none", options={"size": 100}) for n in ("a", "b", "c")}
+    specs = {n: model_spec(n, "echo", "none") for n in ("a", "b", "c")}
     return ModelCache(specs, lambda spec: SizedRunner(spec, log), budget_bytes=budget, pin_wait_s=pin_wait_s)
 
 

@@ -64,8 +64,8 @@ def test_relative_source_is_resolved_against_the_file(tmp_path: Path) -> None:
     f = tmp_path / "models.toml"
     f.write_text('[models.m]\nkind = "text"\nsource = "./m"\nmax_batch_size = 4\nrevision = "main"\n')
     spec = load_registry(f).get("m")
-    assert spec.source == str(tmp_path / "m") and spec.max_batch_size == 4
-    assert spec.options == {"revision": "main"}
+    assert spec.source == str(tmp_path / "m") and spec.options.max_batch_size == 4
+    assert spec.options.revision == "main"
 
 
 @pytest.mark.parametrize("text, words", [
@@ -73,6 +73,10 @@ def test_relative_source_is_resolved_against_the_file(tmp_path: Path) -> None:
     ("[models.m]\nkind = 'text'", "models.m.source"),
     ("[models.'Bad Name']\nkind = 'text'\nsource = 'x'", "must use only"),
     ("[models.m]\nkind = 'text'\nsource = 'x'\nmax_batch_size = 0", "max_batch_size must be a positive"),
+    ("[models.m]\nkind = 'text'\nsource = 'x'\nmax_batchsize = 4", "max_batchsize is not an option of text models"),
+    ("[models.m]\nkind = 'echo'\nsource = 'x'\nmax_adapters = 2", "max_adapters is not an option of echo models"),
+    ("[models.m]\nkind = 'image'\nsource = 'x'\nmax_wait_ms = 'soon'", "max_wait_ms Input should be a valid number"),
+    ("[models.m]\nkind = 'image'\nsource = 'x'\nsafety_checker = 'no'", "safety_checker Input should be a valid bool"),
     ("models = 3", "needs at least one"),
     ("[models.m\n", "not valid TOML"),
 ])

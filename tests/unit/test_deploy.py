@@ -190,8 +190,8 @@ def test_models_toml_is_a_valid_registry() -> None:
     registry = load_registry(MODELS_TOML)
     assert set(registry.names()) == {"gpt2", "sd15"}
     gpt2, sd15 = registry.get("gpt2"), registry.get("sd15")
-    assert gpt2 is not None and (gpt2.kind, gpt2.source, gpt2.max_batch_size) == ("text", "gpt2", 32)
-    assert sd15 is not None and sd15.kind == "image" and sd15.max_batch_size == 4
+    assert gpt2 is not None and (gpt2.kind, gpt2.source, gpt2.options.max_batch_size) == ("text", "gpt2", 32)
+    assert sd15 is not None and sd15.kind == "image" and sd15.options.max_batch_size == 4
     assert sd15.source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from genq.shared.registry import ModelSpec
+from genq.shared.registry import model_spec
 from genq.shared.schemas import ImageBody
 from genq.workers.gan import DCGANGenerator, GANConfig, GANFormatError, load_generator, save_generator
 from genq.workers.runners import runner_class
@@ -28,7 +28,7 @@ def gan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runner(gan_dir: Path) -> GANRunner:
-    spec = ModelSpec(name="tiny-gan", kind="gan", source=str(gan_dir), max_batch_size=16)
+    spec = model_spec("tiny-gan", "gan", str(gan_dir), max_batch_size=16)
     gan = GANRunner(spec, device="cpu")
     gan.load()
     return gan
@@ -143,7 +143,7 @@ def test_unconditional_model_ignores_the_prompt(tmp_path: Path) -> None:
     config = GANConfig(z_dim=8, base_channels=4, image_size=16)
     torch.manual_seed(0)
     save_generator(DCGANGenerator(config), config, tmp_path / "plain")
-    gan = GANRunner(ModelSpec(name="plain", kind="gan", source=str(tmp_path / "plain")), device="cpu")
+    gan = GANRunner(model_spec("plain", "gan", str(tmp_path / "plain")), device="cpu")
     a = RunContext()
     result = gan.run(ImageBody(model="plain", prompt="anything at all", size="16x16", seed=4), a)
     b = RunContext()
@@ -156,7 +156,7 @@ def test_save_load_round_trip(runner: GANRunner, gan_dir: Path, tmp_path: Path) 
     model, config = load_generator(gan_dir)
     assert config.class_labels == ["cat", "dog", "car"] and config.size == "32x32"
     save_generator(model, config, tmp_path / "copy")
-    copy = GANRunner(ModelSpec(name="tiny-gan", kind="gan", source=str(tmp_path / "copy")), device="cpu")
+    copy = GANRunner(model_spec("tiny-gan", "gan", str(tmp_path / "copy")), device="cpu")
     body = ImageBody(model="tiny-gan", prompt="dog", size="32x32", n=2, seed=9)
     a, b = RunContext(), RunContext()
     runner.run(body, a)
@@ -192,7 +192,7 @@ def test_other_sources_are_refused(tmp_path: Path) -> None:
 
 
 def test_unload_frees_the_generator_and_load_restores_it(gan_dir: Path) -> None:
-    spec = ModelSpec(name="tiny-gan", kind="gan", source=str(gan_dir), max_batch_size=16)
+    spec = model_spec("tiny-gan", "gan", str(gan_dir), max_batch_size=16)
     gan = GANRunner(spec, device="cpu")
     gan.load()
     assert gan.memory_bytes() == sum(p.numel() * p.element_size() for p in gan.model.parameters()) + sum(

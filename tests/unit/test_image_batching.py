@@ -3,7 +3,6 @@ the CPU): batched requests keep their own images, per-item cancellation, LoRA ad
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +34,7 @@ MAX_LEVELS, MAX_SHARE = 1, 0.01
 @pytest.fixture(scope="module")
 def spec(tiny_dir: Path) -> ModelSpec:
     spec = load_registry(tiny_dir / "models.toml").get("tiny-sd")
-    assert spec is not None and spec.max_batch_size == 8
+    assert spec is not None and spec.options.max_batch_size == 8
     return spec
 
 
@@ -136,7 +135,7 @@ def test_batched_requests_get_the_images_they_get_alone(
 
 
 def test_rows_beyond_the_batch_limit_take_more_calls(spec: ModelSpec, pipeline_calls: list[int]) -> None:
-    small = ImageRunner(dataclasses.replace(spec, max_batch_size=4), device="cpu")
+    small = ImageRunner(spec.with_options(max_batch_size=4), device="cpu")
     small.load()
     alone = [served(small, item(seed=seed, n=3, size="32x32"))[0] for seed in (30, 60)]
     pipeline_calls.clear()
@@ -161,8 +160,7 @@ def test_batch_key_groups_only_what_can_share_a_call(runner: ImageRunner, loras:
     keys = {runner.batch_key(it) for it in [base, *different]}
     assert len(keys) == 1 + len(different)
     assert [runner.rows(it) for it in same] == [4, 2]
-    assert ImageRunner.batching(runner.spec) and not ImageRunner.batching(dataclasses.replace(runner.spec,
-                                                                                              max_batch_size=1))
+    assert runner.spec.options.batches() and not runner.spec.with_options(max_batch_size=1).options.batches()
 
 
 def test_prepare_chooses_the_seeds_once(runner: ImageRunner) -> None:
@@ -249,7 +247,7 @@ def test_items_cancelled_before_their_call_take_no_rows(runner: ImageRunner, pip
 
 
 def fresh(spec: ModelSpec, **options: Any) -> ImageRunner:
-    runner = ImageRunner(dataclasses.replace(spec, options={**spec.options, **options}), device="cpu")
+    runner = ImageRunner(spec.with_options(**options), device="cpu")
     runner.load()
     return runner
 
@@ -269,18 +267,18 @@ def test_an_adapter_changes_the_image_and_leaves_other_requests_alone(
     assert np.array_equal(pixels(plain), before)
     assert np.array_equal(pixels(again), pixels(adapted))
     assert "adapter" not in read_png_parameters(plain.ctx.outputs["0.png"])
-    assert runner.loaded_adapters() == ["adapter-A"] and runner.adapter_stats["loads"] == 1
+    assert runner.adapters.ids() == ["adapter-A"] and runner.adapters.stats.loads == 1
 
 
 def test_the_adapter_lru_evicts_and_reloads(spec: ModelSpec, loras: dict[str, LocalAdapter]) -> None:
     runner = fresh(spec, max_adapters=1)
     first_a = pixels(served(runner, item(adapter=loras["A"]))[0])
     b = pixels(served(runner, item(adapter=loras["B"]))[0])
-    assert runner.loaded_adapters() == ["adapter-B"]
+    assert runner.adapters.ids() == ["adapter-B"]
     again_a = pixels(served(runner, item(adapter=loras["A"]))[0])
-    assert runner.loaded_adapters() == ["adapter-A"]
-    stats = runner.adapter_stats
-    assert (stats["loads"], stats["evictions"]) == (3, 2) and stats["load_seconds"] > 0
+    assert runner.adapters.ids() == ["adapter-A"]
+    stats = runner.adapters.stats
+    assert (stats.loads, stats.evictions) == (3, 2) and stats.load_seconds > 0
     assert np.array_equal(again_a, first_a)
     assert np.abs(b - first_a).mean() > 5
 
@@ -290,8 +288,8 @@ def test_the_least_recently_used_adapter_goes_first(spec: ModelSpec, loras: dict
     extra = LocalAdapter(id="adapter-A2", path=loras["A"].path)  # another id: another adapter
     for adapter in (loras["A"], loras["B"], loras["A"], extra):
         served(runner, item(adapter=adapter, num_inference_steps=1, size="32x32"))
-    assert runner.loaded_adapters() == ["adapter-A", "adapter-A2"]
-    assert runner.adapter_stats["evictions"] == 1
+    assert runner.adapters.ids() == ["adapter-A", "adapter-A2"]
+    assert runner.adapters.stats.evictions == 1
 
 
 @pytest.mark.parametrize("broken", ["garbage", "misshapen", "empty"])
@@ -315,7 +313,7 @@ def test_an_adapter_that_cannot_load_fails_only_its_items(
     assert np.array_equal(pixels(items[0]), pixels(base))
     assert np.array_equal(pixels(items[3]), pixels(adapted))
     assert np.array_equal(pixels(served(runner, item())[0]), pixels(base))
-    assert runner.loaded_adapters() == ["adapter-A"] and runner.adapter_stats["load_failures"] == 1
+    assert runner.adapters.ids() == ["adapter-A"] and runner.adapters.stats.load_failures == 1
     assert runner.memory_bytes() == held  # nothing of the failed load is left in the modules
 
 
@@ -335,11 +333,11 @@ def test_unload_frees_the_pipeline_and_the_runner_loads_again(spec: ModelSpec, l
     loaded = runner.memory_bytes()
     assert loaded > 1_000_000  # tiny-sd's fp32 UNet, VAE and text encoder
     runner.unload()
-    assert runner.pipe is None and runner.memory_bytes() == 0 and runner.loaded_adapters() == []
+    assert runner.pipe is None and runner.memory_bytes() == 0 and runner.adapters.ids() == []
     assert np.array_equal(pixels(served(runner, item())[0]), before)  # run_batch loads it again
     assert 0 < runner.memory_bytes() < loaded  # without the adapter's LoRA weights
     assert np.array_equal(pixels(served(runner, item(adapter=loras["A"]))[0]), adapted)
-    assert runner.adapter_stats["loads"] == 2
+    assert runner.adapters.stats.loads == 2
     runner.unload()
     runner.load()
     assert runner.memory_bytes() > 0

@@ -145,18 +145,17 @@ def test_adapters_stay_isolated_inside_a_mixed_batch(runner: TextRunner, adapter
 def test_adapter_lru_evicts_and_reloads(tiny_dir: Path, adapters: dict[str, LocalAdapter]) -> None:
     spec = load_registry(tiny_dir / "models.toml").get("tiny-gpt2")
     assert spec is not None
-    runner = TextRunner(spec.__class__(**{**spec.__dict__, "options": {**spec.options, "max_adapters": 1}}),
-                        device="cpu")
+    runner = TextRunner(spec.with_options(max_adapters=1), device="cpu")
     runner.load()
     q = {"prompt": "The station", "temperature": 0, "max_tokens": 10}
     first_a = choices(run_batch(runner, [item(runner, adapters["lora-a"], **q)])[0])
     run_batch(runner, [item(runner, adapters["lora-b"], **q)])
-    assert runner.loaded_adapters() == ["lora-b"]
+    assert runner.adapters.ids() == ["lora-b"]
     assert choices(run_batch(runner, [item(runner, adapters["lora-a"], **q)])[0]) == first_a
-    assert runner.adapter_stats["loads"] == 3 and runner.adapter_stats["evictions"] == 2
+    assert runner.adapters.stats.loads == 3 and runner.adapters.stats.evictions == 2
     # A batch needing both adapters keeps both for its duration, then trims back on the next load.
     both = run_batch(runner, [item(runner, adapters["lora-a"], **q), item(runner, adapters["lora-b"], **q)])
-    assert choices(both[0]) == first_a and set(runner.loaded_adapters()) == {"lora-a", "lora-b"}
+    assert choices(both[0]) == first_a and set(runner.adapters.ids()) == {"lora-a", "lora-b"}
 
 
 def test_a_broken_adapter_fails_only_its_own_job(runner: TextRunner, adapters: dict[str, LocalAdapter],

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from genq.shared.registry import ModelSpec
+from genq.shared.registry import model_spec
 from genq.shared.schemas import CompletionBody
 from genq.workers.runners import make_runner
 from genq.workers.runners import text as text_module
@@ -217,9 +217,9 @@ def test_presence_and_frequency_penalties(text_runner: TextRunner) -> None:
 
 
 def test_device_and_dtype_policy() -> None:
-    spec = ModelSpec(name="m", kind="text", source="unused", dtype="bfloat16", device="cpu")
+    spec = model_spec("m", "text", "unused", dtype="bfloat16", device="cpu")
     assert TextRunner(spec).dtype == torch.bfloat16 and TextRunner(spec).device == "cpu"
-    auto = TextRunner(ModelSpec(name="m", kind="text", source="unused"), device="cpu")
+    auto = TextRunner(model_spec("m", "text", "unused"), device="cpu")
     assert auto.dtype == torch.float32
     with pytest.raises(ValueError):
-        TextRunner(ModelSpec(name="m", kind="text", source="unused", dtype="int3"))
+        TextRunner(model_spec("m", "text", "unused", dtype="int3"))

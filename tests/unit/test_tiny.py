@@ -21,7 +21,7 @@ def test_registry_points_at_the_model(tiny_dir: Path) -> None:
     assert spec.kind == "text"
     assert Path(spec.source) == (tiny_dir / "tiny-gpt2").resolve()
     assert (Path(spec.source) / "model.safetensors").is_file()
-    assert (spec.max_batch_size, spec.max_tokens) == (16, 256)
+    assert (spec.options.max_batch_size, spec.options.max_tokens) == (16, 256)
 
 
 def test_tokenizer_round_trips_text_and_matches_the_model(tiny_dir: Path) -> None:
@@ -61,13 +61,13 @@ def test_build_is_deterministic_and_offline(
 def test_write_registry_appends_entries(tmp_path: Path) -> None:
     build_tiny(tmp_path)
     path = write_registry(tmp_path, {"tiny-sd": {"kind": "image", "source": "./tiny-sd", "max_batch_size": 4}})
-    write_registry(tmp_path, {"v1.5": {"kind": "echo", "source": "echo", "note": 'say "hi"', "fp16": True}})
+    write_registry(tmp_path, {"v1.5": {"kind": "text", "source": "echo", "revision": 'say "hi"', "max_tokens": 8}})
     registry = load_registry(path)
     assert registry.names() == ["tiny-gpt2", "tiny-sd", "tiny-gan", "v1.5"]
     assert registry.get("tiny-sd").source == str((tmp_path / "tiny-sd").resolve())
-    assert registry.get("tiny-sd").max_batch_size == 4
-    assert registry.get("tiny-gpt2").max_tokens == 256
-    assert registry.get("v1.5").options == {"note": 'say "hi"', "fp16": True}
+    assert registry.get("tiny-sd").options.max_batch_size == 4
+    assert registry.get("tiny-gpt2").options.max_tokens == 256
+    assert registry.get("v1.5").options.revision == 'say "hi"' and registry.get("v1.5").options.max_tokens == 8
 
 
 def test_saved_config_is_small_gpt2(tiny_dir: Path) -> None:

@@ -7,16 +7,20 @@ them to `run_batch` together. A runner that cannot batch a kind of work gives ea
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from genq.shared.options import ModelOptions
 from genq.shared.registry import ModelSpec
+from genq.shared.schemas import MAX_SEED
+from genq.workers.runners.lora import AdapterLRU
 
 
 class JobCancelled(Exception):
@@ -77,7 +81,17 @@ def text_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: in
 def derive_seed(seed: int, index: int) -> int:
     """Image `index` of a request with seed `seed` uses seed + index, so the same request gives the
     same images and image k alone is reproduced by asking for n=1 with seed + k."""
-    return (seed + index) % (2**63)
+    return (seed + index) % (MAX_SEED + 1)
+
+
+# Seeds genq picks for requests that gave none: reported back so the request can be repeated, and
+# small enough to stay exact as JSON numbers everywhere (JavaScript included) and easy to type.
+RANDOM_SEED_BOUND = 2**31
+
+
+def random_seed() -> int:
+    """A fresh seed for a request that gave none."""
+    return secrets.randbelow(RANDOM_SEED_BOUND)
 
 
 @dataclass(frozen=True)
@@ -121,13 +135,16 @@ def finish(outcome: Outcome) -> dict[str, Any] | BaseException:
 
 
 class Runner(Protocol):
+    """What the worker's model cache, batcher and runtime use of a runner (one per model).
+
+    `adapters` is the one optional capability: the LoRA adapters loaded on the model, or None for
+    a runner whose kind serves none (genq.shared.kinds says which kinds do)."""
+
     kind: ClassVar[str]
     spec: ModelSpec
-    supports_adapters: ClassVar[bool]
+    adapters: AdapterLRU[Any] | None
 
-    @staticmethod
-    def batching(spec: ModelSpec) -> bool:
-        """Whether jobs of this model can share a call (the worker sizes its concurrency by it)."""
+    def __init__(self, spec: ModelSpec, device: str | None = None) -> None: ...
 
     def load(self) -> None:
         """Load weights onto the device; called once before the first batch."""
@@ -154,16 +171,26 @@ class Runner(Protocol):
         groups, so only a culprit fails."""
 
 
+OptionsT = TypeVar("OptionsT", bound=ModelOptions)
+
+
+def typed_options(spec: ModelSpec, cls: type[OptionsT]) -> OptionsT:
+    """The spec's options as the runner's own options model (a runner built for the wrong kind
+    of model fails here, at construction, rather than on its first job)."""
+    if not isinstance(spec.options, cls):
+        raise TypeError(f"model {spec.name} has {type(spec.options).__name__}; this runner needs {cls.__name__}")
+    return spec.options
+
+
 class SerialRunner:
     """For runners that serve one request at a time through `run(body, ctx)`: each item is its
     own batch, and `run_batch` turns an item's exception into that item's outcome."""
 
-    supports_adapters: ClassVar[bool] = False
+    spec: ModelSpec
+    adapters: AdapterLRU[Any] | None = None
 
-    @staticmethod
-    def batching(spec: ModelSpec) -> bool:
-        """Whether jobs of this model can share a call (the worker sizes its concurrency by it)."""
-        return False
+    def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
+        raise NotImplementedError
 
     def unload(self) -> None:
         pass
@@ -173,7 +200,7 @@ class SerialRunner:
 
     def prepare(self, item: BatchItem) -> None:
         if item.adapter is not None:
-            raise InvalidRequest(f"model {self.spec.name} does not serve adapters", "body.adapter")  # type: ignore[attr-defined]
+            raise InvalidRequest(f"model {self.spec.name} does not serve adapters", "body.adapter")
 
     def batch_key(self, item: BatchItem) -> Hashable:
         return id(item)
@@ -185,7 +212,7 @@ class SerialRunner:
         outcomes: list[Outcome] = []
         for item in items:
             try:
-                outcomes.append(self.run(item.body, item.ctx))  # type: ignore[attr-defined]
+                outcomes.append(self.run(item.body, item.ctx))
             except Exception as exc:  # noqa: BLE001 - the outcome of this item alone
                 outcomes.append(exc)
         return outcomes

@@ -3,26 +3,30 @@ genq's own overhead (bench/). It is a real kind (`kind = "echo"` in the registry
 
 Registry option `delay_s` (default 0) makes each job take that long, in ten steps that report
 progress and honour cancellation, which is how tests observe a job mid-run. Option
-`abort_on_prompt` (a test aid for fault tolerance) names a prompt that kills the worker process
-outright, as an out-of-memory kill or a crashing CUDA kernel would: a "poison" job.
-
-Option `batch = true` lets the worker's batcher hand it several jobs at once (one delay for the
-whole batch), and `fail_on_prompt` names a prompt that makes a whole batched call raise, as a bad
-input can crash a batched kernel: the batcher must then fail that job alone."""
+`batch = true` lets the worker's batcher hand it several jobs at once (one delay for the whole
+batch). Runners that misbehave on purpose (kill their worker, fail a batched call) are test
+classes built on this one (tests/support/runners.py), named by a registry entry's `runner`."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Hashable
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from genq.shared.options import EchoOptions
 from genq.shared.registry import ModelSpec
 from genq.shared.schemas import CompletionBody
-from genq.workers.runners.base import BatchItem, JobCancelled, Outcome, RunContext, SerialRunner, text_completion
+from genq.workers.runners.base import (
+    BatchItem,
+    JobCancelled,
+    Outcome,
+    RunContext,
+    SerialRunner,
+    text_completion,
+    typed_options,
+)
 
 
 class EchoRunner(SerialRunner):
@@ -30,15 +34,10 @@ class EchoRunner(SerialRunner):
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
-        self.delay_s = float(spec.options.get("delay_s", 0.0))
-        self.abort_on_prompt: str | None = spec.options.get("abort_on_prompt")
-        self.fail_on_prompt: str | None = spec.options.get("fail_on_prompt")
-        self.batched = bool(spec.options.get("batch", False))
+        self.options = typed_options(spec, EchoOptions)
+        self.delay_s = self.options.delay_s
+        self.batched = self.options.batch
         self.calls: list[int] = []  # items per call, for tests
-
-    @staticmethod
-    def batching(spec: ModelSpec) -> bool:
-        return bool(spec.options.get("batch", False))
 
     def load(self) -> None:
         pass
@@ -55,8 +54,6 @@ class EchoRunner(SerialRunner):
         self.calls.append(len(items))
         if not self.batched:
             return super().run_batch(items)
-        if self.fail_on_prompt is not None and any(self.fail_on_prompt in it.body.prompts for it in items):  # type: ignore[attr-defined]
-            raise RuntimeError(f"the batched call failed on prompt {self.fail_on_prompt!r}")
         for step in range(10 if self.delay_s > 0 else 0):
             time.sleep(self.delay_s / 10)
             for it in items:
@@ -68,8 +65,6 @@ class EchoRunner(SerialRunner):
 
     def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
         assert isinstance(body, CompletionBody)
-        if self.abort_on_prompt is not None and self.abort_on_prompt in body.prompts:
-            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception: the process just ends
         for step in range(10 if self.delay_s > 0 else 0):
             time.sleep(self.delay_s / 10)
             if ctx.is_cancelled():

@@ -18,7 +18,6 @@ per image is already cheap), and adapters are refused.
 from __future__ import annotations
 
 import gc
-import secrets
 import time
 from typing import Any, ClassVar
 
@@ -29,11 +28,17 @@ from pydantic import BaseModel
 from genq.shared.registry import ModelSpec
 from genq.shared.schemas import ImageBody
 from genq.workers.gan import DCGANGenerator, GANConfig, load_generator, to_pil
-from genq.workers.runners.base import InvalidRequest, JobCancelled, RunContext, SerialRunner, derive_seed, module_bytes
+from genq.workers.runners.base import (
+    InvalidRequest,
+    JobCancelled,
+    RunContext,
+    SerialRunner,
+    derive_seed,
+    module_bytes,
+    random_seed,
+)
 from genq.workers.runners.device import resolve_device, resolve_dtype
 from genq.workers.runners.png import encode_png
-
-RANDOM_SEED_BOUND = 2**32  # random seeds stay exact in JSON numbers (and in JavaScript)
 
 
 class GANRunner(SerialRunner):
@@ -65,7 +70,7 @@ class GANRunner(SerialRunner):
         assert self.model is not None and self.config is not None
         # 1. Check the request against what this generator can make.
         class_index = self.check_inputs(body)
-        seed = body.seed if body.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+        seed = body.seed if body.seed is not None else random_seed()
         parameters = self.request_parameters(body, seed, class_index)
         if ctx.is_cancelled():
             raise JobCancelled(ctx.job_id)

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import random
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from functools import partial
@@ -50,6 +49,7 @@ from diffusers import (
 )
 from pydantic import BaseModel
 
+from genq.shared.options import ImageOptions
 from genq.shared.registry import ModelSpec
 from genq.shared.schemas import ImageBody
 from genq.workers.runners.base import (
@@ -63,8 +63,11 @@ from genq.workers.runners.base import (
     derive_seed,
     finish,
     module_bytes,
+    random_seed,
+    typed_options,
 )
 from genq.workers.runners.device import resolve_device, resolve_dtype
+from genq.workers.runners.lora import AdapterLRU
 from genq.workers.runners.png import encode_png
 
 # Request scheduler names -> diffusers classes, each built from the model's own scheduler config.
@@ -78,7 +81,6 @@ SCHEDULER_CLASSES: dict[str, Any] = {
     "heun": HeunDiscreteScheduler,
     "unipc": UniPCMultistepScheduler,
 }
-MAX_RANDOM_SEED = 2**31 - 1  # a seed chosen for the user stays easy to type back in
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 
 
@@ -113,46 +115,42 @@ class _StepWatch:
 
 class ImageRunner:
     kind: ClassVar[str] = "image"
-    supports_adapters: ClassVar[bool] = True
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
         self.device = resolve_device(device or spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
-        self.max_size = int(spec.options.get("max_size", 1024))
-        self.max_steps = int(spec.options.get("max_steps", 150))
-        self.max_adapters = max(1, int(spec.options.get("max_adapters", 8)))
+        self.options = typed_options(spec, ImageOptions)
         self.pipe: Any = None
         self._default_scheduler: Any = None
         self._schedulers: dict[str, Any] = {}
-        self._adapters: OrderedDict[str, str] = OrderedDict()  # adapter id -> pipeline adapter name, LRU first
+        # adapter id -> its name in the pipeline
+        self.adapters: AdapterLRU[str] = AdapterLRU(self.options.max_adapters,
+                                                    lambda _, name: self.pipe.delete_adapters([name]))
         self._lora_state: str | None = "off"  # "on", "off", or None when unknown (after a load)
-        self.adapter_stats: dict[str, Any] = {"loads": 0, "evictions": 0, "load_seconds": 0.0, "load_failures": 0}
         # One pipeline, one scheduler slot, one set of active adapters: batches take turns.
         self._lock = threading.RLock()
-
-    @staticmethod
-    def batching(spec: ModelSpec) -> bool:
-        return spec.max_batch_size > 1
 
     def load(self) -> None:
         with self._lock:
             kwargs: dict[str, Any] = {"dtype": self.dtype}
-            if not self.spec.options.get("safety_checker", True):
+            if not self.options.safety_checker:
                 kwargs.update(safety_checker=None, requires_safety_checker=False)
+            if self.options.revision:
+                kwargs["revision"] = self.options.revision
             pipe = StableDiffusionPipeline.from_pretrained(self.spec.source, **kwargs)
             pipe.set_progress_bar_config(disable=True)
             self.pipe = pipe.to(self.device)  # attention runs through torch's SDPA by default
             self._default_scheduler = pipe.scheduler
             self._schedulers.clear()
-            self._adapters.clear()
+            self.adapters.clear()
             self._lora_state = "off"
 
     def unload(self) -> None:
         with self._lock:
             self.pipe = self._default_scheduler = None
             self._schedulers.clear()
-            self._adapters.clear()  # they lived in the pipeline's modules
+            self.adapters.clear()  # they lived in the pipeline's modules
             self._lora_state = "off"
             gc.collect()
             if self.device.startswith("cuda"):
@@ -164,10 +162,6 @@ class ImageRunner:
             return 0
         return module_bytes(*(c for c in pipe.components.values() if isinstance(c, torch.nn.Module)))
 
-    def loaded_adapters(self) -> list[str]:
-        """Ids of the adapters in the pipeline, least recently used first."""
-        return list(self._adapters)
-
     # --- the batch interface --------------------------------------------------------------------
 
     def prepare(self, item: BatchItem) -> None:
@@ -178,7 +172,7 @@ class ImageRunner:
             raise InvalidRequest(f"adapter {body.adapter!r} is not available to model {self.spec.name}",
                                  "body.adapter")
         # The request's seed, or a fresh one reported back; image k uses seed + k.
-        seed = body.seed if body.seed is not None else random.randint(0, MAX_RANDOM_SEED)
+        seed = body.seed if body.seed is not None else random_seed()
         item.prepared = _Prepared(seed, [derive_seed(seed, k) for k in range(body.n)])
 
     def batch_key(self, item: BatchItem) -> Hashable:
@@ -234,7 +228,7 @@ class ImageRunner:
         done = [0] * len(items)
         cancelled = [False] * len(items)
         images: list[dict[int, tuple[Any, bool]]] = [{} for _ in items]
-        per_call = max(1, self.spec.max_batch_size)
+        per_call = self.options.max_batch_size
         while pending:
             cancelled = [c or item.ctx.is_cancelled() for c, item in zip(cancelled, items, strict=True)]
             chunk: list[tuple[int, int, int]] = []
@@ -302,14 +296,14 @@ class ImageRunner:
             raise InvalidRequest(f"scheduler {body.scheduler!r} is not available", "body.scheduler")
         if body.width % 8 or body.height % 8:
             raise InvalidRequest(f"size {body.size}: width and height must be multiples of 8", "body.size")
-        if max(body.width, body.height) > self.max_size:
+        if max(body.width, body.height) > self.options.max_size:
             raise InvalidRequest(
-                f"size {body.size}: model {self.spec.name} allows at most {self.max_size} pixels a side",
+                f"size {body.size}: model {self.spec.name} allows at most {self.options.max_size} pixels a side",
                 "body.size")
-        if body.num_inference_steps > self.max_steps:
+        if body.num_inference_steps > self.options.max_steps:
             raise InvalidRequest(
                 f"num_inference_steps is {body.num_inference_steps}; model {self.spec.name} allows at "
-                f"most {self.max_steps}", "body.num_inference_steps")
+                f"most {self.options.max_steps}", "body.num_inference_steps")
 
     def scheduler(self, name: str | None) -> Any:
         """The scheduler for a request name (None: the model's own), built once per name."""
@@ -322,12 +316,11 @@ class ImageRunner:
     def _use_adapter(self, adapter: LocalAdapter | None) -> None:
         """Make `adapter` the only active LoRA (loading it on first use), or switch LoRA off."""
         if adapter is None:
-            if self._adapters and self._lora_state != "off":
+            if len(self.adapters) and self._lora_state != "off":
                 self.pipe.disable_lora()  # the base weights alone: exactly the model without adapters
                 self._lora_state = "off"
             return
-        name = self._adapters.get(adapter.id) or self._load_adapter(adapter)
-        self._adapters.move_to_end(adapter.id)
+        name = self.adapters.use(adapter.id) or self._load_adapter(adapter)
         self.pipe.set_adapters([name])
         if self._lora_state != "on":
             self.pipe.enable_lora()
@@ -344,7 +337,7 @@ class ImageRunner:
             if not any(name in names for names in self.pipe.get_list_adapters().values()):
                 raise ValueError("the file holds no LoRA weights for this model's UNet or text encoder")
         except Exception as exc:
-            self.adapter_stats["load_failures"] += 1
+            self.adapters.failed()
             self._drop(name)  # diffusers cleans up after a failed load; this catches what it misses
             if isinstance(exc, InvalidRequest):
                 raise
@@ -352,13 +345,8 @@ class ImageRunner:
             raise InvalidRequest(
                 f"adapter {adapter.id!r} cannot be loaded into model {self.spec.name}: {detail[:300]}",
                 "body.adapter") from exc
-        self.adapter_stats["loads"] += 1
-        self.adapter_stats["load_seconds"] += time.perf_counter() - started
-        self._adapters[adapter.id] = name
-        while len(self._adapters) > self.max_adapters:
-            _, old = self._adapters.popitem(last=False)
-            self.pipe.delete_adapters([old])
-            self.adapter_stats["evictions"] += 1
+        self.adapters.loaded(adapter.id, name, time.perf_counter() - started)
+        self.adapters.evict_beyond(self.adapters.capacity, keep=[adapter.id])
         return name
 
     def _drop(self, name: str) -> None:

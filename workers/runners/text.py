@@ -23,10 +23,8 @@ none, runs as one peft mixed-adapter batch (`adapter_names`, "__base__" for the 
 from __future__ import annotations
 
 import gc
-import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Hashable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from genq.shared.options import TextOptions
 from genq.shared.registry import ModelSpec
 from genq.shared.schemas import CompletionBody
 from genq.workers.runners.base import (
@@ -55,14 +54,16 @@ from genq.workers.runners.base import (
     RunContext,
     finish,
     module_bytes,
+    random_seed,
     text_completion,
+    typed_options,
 )
 from genq.workers.runners.device import resolve_device, resolve_dtype
+from genq.workers.runners.lora import AdapterLRU
 from genq.workers.runners.sampling import RowParams, RowSampler, row_params
 
 POLL_SECONDS = 0.2  # how often generation reports progress and asks whether jobs were cancelled
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
-MAX_RANDOM_SEED = 2**63 - 1
 
 
 class _RowWatch(StoppingCriteria):
@@ -123,50 +124,43 @@ class _Row:
 
 class TextRunner:
     kind: ClassVar[str] = "text"
-    supports_adapters: ClassVar[bool] = True
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
         self.device = resolve_device(device or spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
-        self.max_adapters = int(spec.options.get("max_adapters", 8))
+        self.options = typed_options(spec, TextOptions)
         self.model: Any = None  # the causal LM, or a peft PeftModel around it once an adapter is loaded
         self.tokenizer: Any = None
         self._end_ids: set[int] = set()  # tokens that end a row: EOS ids and the pad token
-        self._adapters: OrderedDict[str, LocalAdapter] = OrderedDict()  # loaded, least recently used first
-        self.adapter_stats = {"loads": 0, "evictions": 0, "load_seconds": 0.0}
+        self.adapters: AdapterLRU[LocalAdapter] = AdapterLRU(self.options.max_adapters,
+                                                             lambda name, _: self.model.delete_adapter(name))
         self._lock = threading.Lock()  # one batch at a time on this model
-
-    @staticmethod
-    def batching(spec: ModelSpec) -> bool:
-        return True
 
     # --- weights -------------------------------------------------------------------------------
 
     def load(self) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(self.spec.source)
+        revision = {"revision": self.options.revision} if self.options.revision else {}
+        tokenizer = AutoTokenizer.from_pretrained(self.spec.source, **revision)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # decoder-only batches grow on the right
-        model = AutoModelForCausalLM.from_pretrained(self.spec.source, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(self.spec.source, dtype=self.dtype, **revision)
         self.model, self.tokenizer = model.to(self.device).eval(), tokenizer
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
         self._end_ids = {i for i in eos_ids if i is not None}
-        self._adapters.clear()
+        self.adapters.clear()
 
     def unload(self) -> None:
         self.model = self.tokenizer = None
-        self._adapters.clear()
+        self.adapters.clear()
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
     def memory_bytes(self) -> int:
         return module_bytes(self.model)
-
-    def loaded_adapters(self) -> list[str]:
-        return list(self._adapters)
 
     @property
     def context_length(self) -> int | None:
@@ -196,7 +190,7 @@ class TextRunner:
             raise InvalidRequest(f"adapter {body.adapter!r} is not available to this worker", "body.adapter")
         prompt_ids = [self.tokenizer(p)["input_ids"] for p in body.prompts]
         self.check_inputs(body, prompt_ids)
-        seed = body.seed if body.seed is not None else random.randint(0, MAX_RANDOM_SEED)
+        seed = body.seed if body.seed is not None else random_seed()
         prepared = _Prepared(prompt_ids)
         for p in range(len(prompt_ids)):
             for k in range(body.n):
@@ -297,10 +291,10 @@ class TextRunner:
                                completion_tokens=sum(row.counted for row in cut))
 
     def check_inputs(self, body: CompletionBody, prompt_ids: list[list[int]]) -> None:
-        if body.max_tokens > self.spec.max_tokens:
+        if body.max_tokens > self.options.max_tokens:
             raise InvalidRequest(
                 f"max_tokens is {body.max_tokens}; model {self.spec.name} allows at most "
-                f"{self.spec.max_tokens}", "body.max_tokens")
+                f"{self.options.max_tokens}", "body.max_tokens")
         limit = self.context_length
         for i, ids in enumerate(prompt_ids):
             which = f"prompt {i}" if isinstance(body.prompt, list) else "the prompt"
@@ -333,16 +327,9 @@ class TextRunner:
             adapter = item.adapter
             if adapter is None:
                 continue
-            if adapter.id in self._adapters:
-                self._adapters.move_to_end(adapter.id)
+            if self.adapters.use(adapter.id) is not None:
                 continue
-            while len(self._adapters) >= self.max_adapters:
-                victim = next((a for a in self._adapters if a not in needed), None)
-                if victim is None:
-                    break
-                self.model.delete_adapter(victim)
-                del self._adapters[victim]
-                self.adapter_stats["evictions"] += 1
+            self.adapters.evict_beyond(self.adapters.capacity - 1, keep=needed)  # room for this one
             started = time.perf_counter()
             try:
                 if isinstance(self.model, PeftModel):
@@ -351,15 +338,14 @@ class TextRunner:
                     self.model = PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=adapter.id,
                                                            is_trainable=False).eval()
             except Exception as exc:  # noqa: BLE001 - reported as that job's failure
+                self.adapters.failed()
                 failures[j] = InvalidRequest(
                     f"adapter {item.body.adapter!r} cannot be loaded onto model {self.spec.name}: "  # type: ignore[attr-defined]
                     f"{type(exc).__name__}: {exc}"[:1000], "body.adapter")
                 continue
-            self._adapters[adapter.id] = adapter
-            self.adapter_stats["loads"] += 1
-            self.adapter_stats["load_seconds"] += time.perf_counter() - started
+            self.adapters.loaded(adapter.id, adapter, time.perf_counter() - started)
         for j, item in enumerate(items):  # later items naming an adapter that failed above
-            if j not in failures and item.adapter is not None and item.adapter.id not in self._adapters:
+            if j not in failures and item.adapter is not None and item.adapter.id not in self.adapters:
                 failures[j] = InvalidRequest(f"adapter {item.body.adapter!r} cannot be loaded", "body.adapter")  # type: ignore[attr-defined]
         return failures
 

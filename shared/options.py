@@ -1,0 +1,108 @@
+"""Typed registry options: what a `[models.<name>]` entry may set besides kind and source, per kind.
+
+Each option has one default, written here. The registry parses an entry's options into its kind's
+model once (unknown keys and bad values stop the process at start, naming the entry and key), and
+everything after reads typed attributes. `limit_errors` checks a request against the registry's
+limits at submit time; runners check the same limits again on the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from genq.shared.schemas import MAX_IMAGE_SIDE
+
+
+def _positive_int(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
+Limit = tuple[str, str]  # (the request field at fault, what is wrong), e.g. ("body.max_tokens", "must be <= 256")
+
+
+class ModelOptions(BaseModel):
+    """Options every kind takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # TOML values have their own types
+
+    max_batch_size: PositiveInt = Field(default=8, description="rows (sequences or images) in one batched call")
+    max_wait_ms: float = Field(default=50.0, ge=0, description="how long a partly filled batch waits for more jobs")
+
+    def batches(self) -> bool:
+        """Whether jobs of this model may share a call (the worker sizes its concurrency by it)."""
+        return self.max_batch_size > 1
+
+    def limit_errors(self, body: BaseModel, model: str) -> list[Limit]:
+        """What in `body` passes this model's limits (none by default)."""
+        return []
+
+
+class AdapterOptions(ModelOptions):
+    """Options of kinds that serve LoRA adapters."""
+
+    max_adapters: PositiveInt = Field(default=8, description="LoRA adapters kept loaded (least recently used go)")
+
+
+def _max_tokens_errors(max_tokens: int, body: BaseModel, model: str) -> list[Limit]:
+    asked = getattr(body, "max_tokens", None)
+    if isinstance(asked, int) and asked > max_tokens:
+        return [("body.max_tokens", f"must be <= {max_tokens} for model {model!r}")]
+    return []
+
+
+class TextOptions(AdapterOptions):
+    """`kind = "text"`: a transformers causal LM."""
+
+    max_tokens: PositiveInt = Field(default=1024, description="upper bound for a request's max_tokens")
+    revision: str | None = Field(default=None, description="the hub revision (branch, tag or commit) to load")
+
+    def batches(self) -> bool:
+        return True
+
+    def limit_errors(self, body: BaseModel, model: str) -> list[Limit]:
+        return _max_tokens_errors(self.max_tokens, body, model)
+
+
+class ImageOptions(AdapterOptions):
+    """`kind = "image"`: a diffusers Stable Diffusion pipeline."""
+
+    max_size: int = Field(default=1024, ge=8, le=MAX_IMAGE_SIDE, description="largest width or height in pixels")
+    max_steps: PositiveInt = Field(default=150, description="upper bound for num_inference_steps")
+    safety_checker: bool = Field(default=True, description="run the pipeline's safety checker")
+    revision: str | None = Field(default=None, description="the hub revision (branch, tag or commit) to load")
+
+    def limit_errors(self, body: BaseModel, model: str) -> list[Limit]:
+        errors: list[Limit] = []
+        width, height = getattr(body, "width", 0), getattr(body, "height", 0)
+        if max(width, height) > self.max_size:
+            errors.append(("body.size", f"must be at most {self.max_size}x{self.max_size} for model {model!r}"))
+        steps = getattr(body, "num_inference_steps", 0)
+        if steps > self.max_steps:
+            errors.append(("body.num_inference_steps", f"must be <= {self.max_steps} for model {model!r}"))
+        return errors
+
+
+class GanOptions(ModelOptions):
+    """`kind = "gan"`: a genq DCGAN generator; one forward pass a request."""
+
+    def batches(self) -> bool:
+        return False
+
+
+class EchoOptions(ModelOptions):
+    """`kind = "echo"`: answers without a model (smoke tests, overhead benchmarks)."""
+
+    max_tokens: PositiveInt = Field(default=1024, description="upper bound for a request's max_tokens")
+    delay_s: float = Field(default=0.0, ge=0, description="each job takes this long, in ten progress steps")
+    batch: bool = Field(default=False, description="let the batcher hand it several jobs at once")
+
+    def batches(self) -> bool:
+        return self.batch
+
+    def limit_errors(self, body: BaseModel, model: str) -> list[Limit]:
+        return _max_tokens_errors(self.max_tokens, body, model)

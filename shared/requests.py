@@ -1,0 +1,72 @@
+"""The lines and batches a user submits: OpenAI's Batch input line format plus genq's extras."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from genq.shared.kinds import ENDPOINTS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestLine(_Strict):
+    """One request: the OpenAI Batch input line format, plus genq's optional extras."""
+
+    custom_id: str | None = Field(default=None, min_length=1, max_length=512)
+    method: Literal["POST"] = "POST"
+    url: str
+    body: dict[str, Any]
+    # genq extensions: 0 (default, lowest) to 9 (most urgent), honoured by the broker on Redis;
+    # and, for single jobs, a webhook called when the job ends.
+    priority: int | None = Field(default=None, ge=0, le=9)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_events: list[str] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _known_url(cls, v: str) -> str:
+        if v not in ENDPOINTS:
+            raise ValueError(f"must be one of {', '.join(ENDPOINTS)}")
+        return v
+
+
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def window_seconds(window: str) -> int:
+    """`24h` (OpenAI's only value), or any `<n>s|m|h|d` up to 7 days (a genq extension)."""
+    n, unit = window[:-1], window[-1:]
+    if not n.isdigit() or unit not in _WINDOW_UNITS or not 1 <= int(n) * _WINDOW_UNITS[unit] <= 7 * 86400:
+        raise ValueError("must be like 24h (a number and s, m, h or d; at most 7 days)")
+    return int(n) * _WINDOW_UNITS[unit]
+
+
+class BatchCreate(_Strict):
+    """`POST /v1/batches` in either shape: requests inline, or OpenAI's `input_file_id` +
+    `endpoint` + `completion_window` (an NDJSON body is parsed by the route into `requests`)."""
+
+    requests: list[Any] | None = None
+    input_file_id: str | None = Field(default=None, max_length=64)
+    endpoint: str | None = None
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None
+    priority: int | None = Field(default=None, ge=0, le=9)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_events: list[str] | None = None
+
+    @field_validator("completion_window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        window_seconds(v)
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and v not in ENDPOINTS:
+            raise ValueError(f"must be one of {', '.join(ENDPOINTS)}")
+        return v
