@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genq.shared.storage import MissingObject
+
 log = logging.getLogger("genq.api")
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "conflict_error",
@@ -98,6 +100,13 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "http_error"
         return JSONResponse(error_body(exc.status_code, str(exc.detail), code), status_code=exc.status_code)
+
+    @app.exception_handler(MissingObject)
+    async def _missing(_req: Request, exc: MissingObject) -> JSONResponse:
+        # A row names an object that storage no longer holds (removed by hand, lost in an outage).
+        log.warning("stored object %s is missing", exc.args[0] if exc.args else "?")
+        return JSONResponse(error_body(404, "the stored object behind this resource is missing from storage",
+                                       "object_not_found"), status_code=404)
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:

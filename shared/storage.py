@@ -26,6 +26,10 @@ def check_key(key: str) -> str:
     return key
 
 
+class MissingObject(KeyError):
+    """No object is stored under the key (the API answers 404 `object_not_found`)."""
+
+
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
     def get(self, key: str) -> bytes: ...
@@ -58,7 +62,7 @@ class FileStorage:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise KeyError(key) from None
+            raise MissingObject(key) from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -124,7 +128,7 @@ class S3Storage:
             resp = self.client.get_object(self.bucket, self._name(key))
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket"):
-                raise KeyError(key) from None
+                raise MissingObject(key) from None
             raise
         try:
             return resp.read()

@@ -44,3 +44,16 @@ def test_image_url_is_refused_for_a_text_model(tmp_path: Path) -> None:
         resp = c.post("/v1/jobs", json={"url": "/v1/images/generations", "body": {"model": "tiny-gpt2", "prompt": "x"}})
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "body.model" and "text model" in resp.json()["error"]["message"]
+
+
+def test_a_file_whose_object_is_gone_is_a_404_not_a_500(tmp_path: Path) -> None:
+    with _app(tmp_path) as c:
+        up = c.post("/v1/files", data={"purpose": "batch"},
+                    files={"file": ("in.jsonl", b'{"custom_id":"a","url":"/v1/completions","body":{}}\n')})
+        assert up.status_code == 200, up.text
+        assert c.get(f"/v1/files/{up.json()['id']}/content").status_code == 200
+        for stored in (tmp_path / "obj").rglob("*"):
+            if stored.is_file():
+                stored.unlink()
+        resp = c.get(f"/v1/files/{up.json()['id']}/content")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "object_not_found"
