@@ -25,7 +25,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"
 MODELS_TOML = DEPLOY / "models.toml"
 
-# api-v1.md, section 4: the only GENQ_ settings there are.
+# The deployment settings of docs/configuration.md: the only GENQ_ settings a deployment sets.
 CONTRACT_VARS = {
     "GENQ_DATABASE_URL",
     "GENQ_BROKER_URL",
@@ -137,7 +137,8 @@ def test_only_contract_genq_variables_are_used() -> None:
     texts = [COMPOSE.read_text(), *(p.read_text() for p in DEPLOY.glob("Dockerfile.*"))]
     used = {m for text in texts for m in re.findall(r"\bGENQ_[A-Z0-9_]+", text)}
     assert used, "no GENQ_ settings found"
-    assert used <= CONTRACT_VARS, f"not in api-v1.md section 4: {sorted(used - CONTRACT_VARS)}"
+    assert used <= CONTRACT_VARS, \
+        f"not among the deployment settings of docs/configuration.md: {sorted(used - CONTRACT_VARS)}"
 
 
 def test_genq_settings_point_at_the_compose_services(services: dict[str, Any]) -> None:
