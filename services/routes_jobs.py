@@ -80,7 +80,7 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep, renderer: Rende
 def get_output(job_id: str, name: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> Response:
     """The bytes of one output (an image) of a succeeded job, authorised like the job itself."""
     job = load_job(session, job_id, tenant)
-    keys = [d.get("output_key") for d in (job.result or {}).get("data", []) if isinstance(d, dict)]
+    keys = (job.result or {}).get("output_keys", [])
     key = next((k for k in keys if k and k.rsplit("/", 1)[-1] == name), None)
     if job.status != "succeeded" or key is None:
         raise APIError(404, f"job {job_id} has no output {name!r}", code="not_found", param="name")

@@ -103,7 +103,6 @@ class Job(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, index=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    output_key: Mapped[str | None] = mapped_column(String(300))
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
     published_at: Mapped[float | None] = mapped_column(Float)

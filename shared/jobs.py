@@ -80,13 +80,12 @@ def set_progress(session: Session, job_id: str, progress: float, *, worker: str)
 
 
 def finish_job(session: Session, job_id: str, *, worker: str, status: str,
-               result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
-               output_key: str | None = None) -> bool:
+               result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
     """Record the outcome, only if this worker still holds the job (not cancelled, not re-leased)."""
     assert status in TERMINAL_JOB_STATUSES
     res = session.execute(
         update(Job).where(Job.id == job_id, Job.status == "running", Job.worker == worker)
-        .values(status=status, result=result, error=error, output_key=output_key,
+        .values(status=status, result=result, error=error,
                 finished_at=time.time(), lease_expires_at=None,
                 progress=1.0 if status == "succeeded" else Job.progress)
     )

@@ -22,19 +22,25 @@ class ResultRenderer:
 
     def render(self, job: Job) -> dict[str, Any] | None:
         result = job.result
-        if not result or not isinstance(result.get("data"), list):
+        if not result or "output_keys" not in result:
             return result
         as_b64 = (job.body or {}).get("response_format") == "b64_json"
         data = []
-        for item in result["data"]:
+        for item, key in zip(result["data"], result["output_keys"], strict=True):
             item = dict(item)
-            key = item.pop("output_key", None)
-            if key:
-                if as_b64:
-                    item["b64_json"] = base64.b64encode(self.storage.get(key)).decode()
-                else:
-                    name = key.rsplit("/", 1)[-1]
-                    item["url"] = (self.storage.presigned_url(key, self.expires_s)
-                                   or f"{self.base_url}/v1/jobs/{job.id}/outputs/{name}")
+            if as_b64:
+                item["b64_json"] = base64.b64encode(self.storage.get(key)).decode()
+            else:
+                name = key.rsplit("/", 1)[-1]
+                item["url"] = (self.storage.presigned_url(key, self.expires_s)
+                               or f"{self.base_url}/v1/jobs/{job.id}/outputs/{name}")
             data.append(item)
-        return {**result, "data": data}
+        return public_result(result) | {"data": data}
+
+
+def public_result(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored result without its storage keys (webhook payloads, which carry no image URLs:
+    receivers GET the job for fresh ones)."""
+    if not result or "output_keys" not in result:
+        return result
+    return {k: v for k, v in result.items() if k != "output_keys"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from genq.shared.db import Batch, File, Job
+from genq.shared.results import public_result
 
 
 def _ts(value: float | None) -> int | None:
@@ -19,7 +20,7 @@ def job_object(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any]
         "progress": round(job.progress or 0.0, 4), "attempts": job.attempts,
         "created_at": _ts(job.created_at), "started_at": _ts(job.started_at),
         "finished_at": _ts(job.finished_at), "error": job.error,
-        "result": job.result if result is None else result,
+        "result": public_result(job.result) if result is None else result,
     }
 
 
@@ -42,7 +43,7 @@ def batch_object(batch: Batch, request_counts: dict[str, int]) -> dict[str, Any]
 def output_line(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any]:
     """One line of a batch's output or error file, in OpenAI's output-line shape."""
     if job.status == "succeeded":
-        body = job.result if result is None else result
+        body = public_result(job.result) if result is None else result
         response: dict[str, Any] | None = {"status_code": 200, "request_id": job.id, "body": body}
         error = None
     else:

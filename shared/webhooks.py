@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from genq.shared.db import Batch, Job, WebhookDelivery, new_id
 from genq.shared.jobs import batch_counts, request_counts
+from genq.shared.results import public_result
 from genq.shared.views import batch_object, job_object
 
 EVENTS = ("completed", "failed", "cancelled", "expired", "progress")
@@ -42,15 +43,6 @@ def _wants(url: str | None, events: list[str] | None, event: str) -> bool:
     return bool(url) and event in (DEFAULT_EVENTS if events is None else events)
 
 
-def _public_result(job: Job) -> dict[str, Any] | None:
-    """The stored result without internal object keys; receivers GET the job for fresh URLs."""
-    result = job.result
-    if not result or not isinstance(result.get("data"), list):
-        return result
-    return {**result, "data": [{k: v for k, v in d.items() if k != "output_key"} if isinstance(d, dict) else d
-                               for d in result["data"]]}
-
-
 def enqueue_job_event(session: Session, job: Job, event: str, *,
                       result: dict[str, Any] | None = None) -> WebhookDelivery | None:
     """Queue `job.<event>` if the job subscribed to it. Batch jobs inherit nothing: the batch reports."""
@@ -58,7 +50,7 @@ def enqueue_job_event(session: Session, job: Job, event: str, *,
         return None
     assert job.webhook_url is not None
     return _enqueue(session, tenant=job.tenant, url=job.webhook_url, kind=f"job.{event}", object_id=job.id,
-                    data=job_object(job, _public_result(job) if result is None else result))
+                    data=job_object(job, public_result(job.result) if result is None else result))
 
 
 def enqueue_batch_event(session: Session, batch: Batch, event: str,

@@ -275,7 +275,7 @@ class WorkerRuntime:
             outcome, values = "failed", {"error": {"code": "runtime_error",
                                                    "message": f"{type(exc).__name__}: {exc}"[:2000]}}
         else:
-            outcome, values = "succeeded", {"result": result, "output_key": key}
+            outcome, values = "succeeded", {"result": result}
         if values is not None and self._finish(job, outcome, **values) and outcome == "succeeded":
             self._drop_earlier_attempts(job)
             return outcome

@@ -51,7 +51,7 @@ def test_registered_kind() -> None:
 
 def test_png_of_native_size_with_parameters(runner: GANRunner) -> None:
     result, ctx = generate(runner, prompt="  Dog ", seed=5, n=2, num_inference_steps=50, guidance_scale=9.0)
-    assert [d["output_key"] for d in result["data"]] == ["0.png", "1.png"]
+    assert result["output_keys"] == ["0.png", "1.png"] and all("output_key" not in d for d in result["data"])
     assert [(d["seed"], d["index"], d["revised_prompt"]) for d in result["data"]] == [(5, 0, None), (6, 1, None)]
     with Image.open(io.BytesIO(ctx.outputs["1.png"])) as img:
         assert (img.format, img.mode, img.size) == ("PNG", "RGB", (32, 32))

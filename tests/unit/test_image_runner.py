@@ -27,7 +27,7 @@ def generate(runner: ImageRunner, **fields: Any) -> tuple[dict[str, Any], RunCon
 
 
 def pixels(ctx: RunContext, item: dict[str, Any]) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(ctx.outputs[item["output_key"]])).convert("RGB")).astype(int)
+    return np.asarray(Image.open(io.BytesIO(ctx.outputs[f"{item['index']}.png"])).convert("RGB")).astype(int)
 
 
 def test_images_are_pngs_of_the_requested_size(image_runner: ImageRunner) -> None:
@@ -35,8 +35,9 @@ def test_images_are_pngs_of_the_requested_size(image_runner: ImageRunner) -> Non
         result, ctx = generate(image_runner, size=size, n=2)
         assert [item["index"] for item in result["data"]] == [0, 1]
         assert sorted(ctx.outputs) == ["0.png", "1.png"]
+        assert result["output_keys"] == ["0.png", "1.png"]
         for item in result["data"]:
-            assert ctx.outputs[item["output_key"]].startswith(b"\x89PNG\r\n\x1a\n")
+            assert ctx.outputs[f"{item['index']}.png"].startswith(b"\x89PNG\r\n\x1a\n")
             assert pixels(ctx, item).shape == shape
             assert item["revised_prompt"] is None and "url" not in item and "b64_json" not in item
         assert isinstance(result["created"], int)
@@ -45,7 +46,7 @@ def test_images_are_pngs_of_the_requested_size(image_runner: ImageRunner) -> Non
 def test_png_text_chunks_and_result_carry_the_parameters(image_runner: ImageRunner) -> None:
     result, ctx = generate(image_runner, n=2, seed=100, negative_prompt="blurry", guidance_scale=5.0,
                            scheduler="euler")
-    params = read_png_parameters(ctx.outputs[result["data"][1]["output_key"]])
+    params = read_png_parameters(ctx.outputs[result["output_keys"][1]])
     assert params == {
         "model": "tiny-sd", "prompt": "a red apple on a table", "negative_prompt": "blurry", "seed": 101,
         "num_inference_steps": 3, "guidance_scale": 5.0, "scheduler": "euler", "size": "64x64", "index": 1,
@@ -98,7 +99,7 @@ def test_more_images_than_the_batch_limit_come_in_several_batches(image_runner: 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULER_CLASSES))
 def test_every_scheduler_runs(image_runner: ImageRunner, scheduler: str) -> None:
     result, ctx = generate(image_runner, scheduler=scheduler, num_inference_steps=2, size="32x32")
-    assert read_png_parameters(ctx.outputs[result["data"][0]["output_key"]])["scheduler"] == scheduler
+    assert read_png_parameters(ctx.outputs[result["output_keys"][0]])["scheduler"] == scheduler
     assert pixels(ctx, result["data"][0]).std() > 0
 
 

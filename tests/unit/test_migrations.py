@@ -20,3 +20,31 @@ def test_migrations_match_models(backend: str, tmp_path: Path, request: pytest.F
     with engine_for(url).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_0005_moves_image_output_keys_into_their_own_list(tmp_path: Path) -> None:
+    import json
+
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    upgrade(url, "0004")
+    old = {"created": 1, "parameters": {"seed": 3},
+           "data": [{"output_key": "jobs/j/1/0.png", "seed": 3, "index": 0, "revised_prompt": None},
+                    {"output_key": "jobs/j/1/1.png", "seed": 4, "index": 1, "revised_prompt": None}]}
+    text_result = {"object": "text_completion", "choices": []}
+    with engine_for(url).begin() as conn:
+        for job_id, job_url, result in (("job_img", "/v1/images/generations", old),
+                                        ("job_txt", "/v1/completions", text_result)):
+            conn.execute(text("INSERT INTO jobs (id, seq, url, model, body, status, progress, attempts, created_at, "
+                              "result, output_key) VALUES (:id, 0, :url, 'm', '{}', 'succeeded', 1, 1, 0, :r, 'k')"),
+                         {"id": job_id, "url": job_url, "r": json.dumps(result)})
+    upgrade(url)
+    with engine_for(url).connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, result FROM jobs")).all())
+        columns = [c[1] for c in conn.execute(text("PRAGMA table_info(jobs)")).all()]
+    assert json.loads(rows["job_img"]) == {
+        "created": 1, "parameters": {"seed": 3}, "output_keys": ["jobs/j/1/0.png", "jobs/j/1/1.png"],
+        "data": [{"seed": 3, "index": 0, "revised_prompt": None}, {"seed": 4, "index": 1, "revised_prompt": None}]}
+    assert json.loads(rows["job_txt"]) == text_result
+    assert "output_key" not in columns

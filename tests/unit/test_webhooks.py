@@ -119,7 +119,7 @@ def test_tenant_secret_is_created_once_and_per_tenant(factory: sessionmaker[Sess
 def test_enqueue_job_event_follows_the_subscription(factory: sessionmaker[Session]) -> None:
     with session_scope(factory) as s:
         subscribed = _job(webhook_url="https://example.com/h",
-                          result={"created": 1, "data": [{"output_key": "jobs/x/0.png"}]})
+                          result={"created": 1, "data": [{}], "output_keys": ["jobs/x/0.png"]})
         only_failed = _job(webhook_url="https://example.com/h", webhook_events=["failed"])
         in_batch = _job(batch_id="batch_1")  # no webhook of its own: the batch reports
         s.add_all([subscribed, only_failed, in_batch])

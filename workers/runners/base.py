@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from genq.shared.options import ModelOptions
 from genq.shared.registry import ModelSpec
-from genq.shared.schemas import MAX_SEED
+from genq.shared.schemas import MAX_SEED, ImageDatum, ImagesResult
 from genq.workers.runners.lora import AdapterLRU
 
 
@@ -76,6 +76,17 @@ def text_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: in
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+
+
+def images_result(data: list[ImageDatum], parameters: dict[str, Any], output_keys: list[str]) -> dict[str, Any]:
+    """An images result as stored: image i's storage key at output_keys[i]; the API fills in each
+    image's url or b64_json on every read."""
+    body = ImagesResult(created=int(time.time()), data=data, parameters=parameters).model_dump()
+    for datum in body["data"]:
+        del datum["url"], datum["b64_json"]
+        if datum["nsfw_content_detected"] is None:  # named only for a blacked-out image
+            del datum["nsfw_content_detected"]
+    return {**body, "output_keys": output_keys}
 
 
 def derive_seed(seed: int, index: int) -> int:

@@ -18,7 +18,6 @@ per image is already cheap), and adapters are refused.
 from __future__ import annotations
 
 import gc
-import time
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +25,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from genq.shared.registry import ModelSpec
-from genq.shared.schemas import ImageBody
+from genq.shared.schemas import ImageBody, ImageDatum
 from genq.workers.gan import DCGANGenerator, GANConfig, load_generator, to_pil
 from genq.workers.runners.base import (
     InvalidRequest,
@@ -34,6 +33,7 @@ from genq.workers.runners.base import (
     RunContext,
     SerialRunner,
     derive_seed,
+    images_result,
     module_bytes,
     random_seed,
 )
@@ -84,15 +84,15 @@ class GANRunner(SerialRunner):
             ctx.set_progress((k + 1) / body.n)
         # 3. Store each image as a PNG carrying its own parameters.
         assert ctx.put_output is not None
-        data = []
+        data, keys = [], []
         for k, (image, seed_k) in enumerate(zip(images, seeds, strict=False)):
             params_k = {key: parameters[key] for key in ("model", "prompt", "size", "kind", "class_label")
                         if key in parameters}
             png = encode_png(image, {**params_k, "seed": seed_k, "index": k})
-            key = ctx.put_output(f"{k}.png", png, "image/png")
-            data.append({"output_key": key, "seed": seed_k, "index": k, "revised_prompt": None})
+            keys.append(ctx.put_output(f"{k}.png", png, "image/png"))
+            data.append(ImageDatum(seed=seed_k, index=k))
         ctx.set_progress(1.0)
-        return {"created": int(time.time()), "data": data, "parameters": parameters}
+        return images_result(data, parameters, keys)
 
     def check_inputs(self, body: ImageBody) -> int | None:
         """Validate size, prompt and adapter; return the class index (None when unconditional)."""

@@ -51,7 +51,7 @@ from pydantic import BaseModel
 
 from genq.shared.options import ImageOptions
 from genq.shared.registry import ModelSpec
-from genq.shared.schemas import ImageBody
+from genq.shared.schemas import ImageBody, ImageDatum
 from genq.workers.runners.base import (
     BatchItem,
     Deferred,
@@ -62,6 +62,7 @@ from genq.workers.runners.base import (
     RunContext,
     derive_seed,
     finish,
+    images_result,
     module_bytes,
     random_seed,
     typed_options,
@@ -278,16 +279,14 @@ class ImageRunner:
         }
         if item.adapter is not None:  # named only when used, so plain requests keep their shape
             common["adapter"] = body.adapter or item.adapter.id
-        data: list[dict[str, Any]] = []
+        data: list[ImageDatum] = []
+        keys: list[str] = []
         for k, ((image, flagged), seed_k) in enumerate(zip(images, prepared.seeds, strict=True)):
             png = encode_png(image, {**common, "seed": seed_k, "index": k})
-            key = ctx.put_output(f"{k}.png", png, "image/png")
-            entry: dict[str, Any] = {"output_key": key, "seed": seed_k, "index": k, "revised_prompt": None}
-            if flagged:  # the safety checker blacked this image out
-                entry["nsfw_content_detected"] = True
-            data.append(entry)
-        # The API fills in url or b64_json.
-        return {"created": int(time.time()), "data": data, "parameters": {**common, "seed": prepared.seed, "n": body.n}}
+            keys.append(ctx.put_output(f"{k}.png", png, "image/png"))
+            # nsfw_content_detected: the safety checker blacked this image out
+            data.append(ImageDatum(seed=seed_k, index=k, nsfw_content_detected=True if flagged else None))
+        return images_result(data, {**common, "seed": prepared.seed, "n": body.n}, keys)
 
     # --- checks, schedulers, adapters -----------------------------------------------------------
 
