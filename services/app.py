@@ -9,22 +9,13 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from genq.services import (
-    routes_adapters,
-    routes_batches,
-    routes_events,
-    routes_files,
-    routes_jobs,
-    routes_sync,
-    routes_system,
-    routes_webhooks,
-)
 from genq.services.db_errors import install_db_error_handler
 from genq.services.deps import guard
 from genq.services.errors import install_handlers
 from genq.services.guards import install_guard_handler
 from genq.services.maintenance import Maintenance
 from genq.services.metrics import Metrics
+from genq.services.routes import ROUTERS
 from genq.services.state import AppState, Limits, build_state
 from genq.services.webhooks import Dispatcher
 from genq.shared.config import Settings, get_settings
@@ -68,12 +59,6 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     install_handlers(app)
     install_db_error_handler(app)
     install_guard_handler(app)
-    app.include_router(routes_jobs.router)
-    app.include_router(routes_batches.router)
-    app.include_router(routes_events.router)
-    app.include_router(routes_files.router)
-    app.include_router(routes_adapters.router)
-    app.include_router(routes_sync.router)
-    app.include_router(routes_webhooks.router)
-    app.include_router(routes_system.router)
+    for router in ROUTERS:
+        app.include_router(router)
     return app

@@ -123,8 +123,8 @@ def events_api(stack: Stack, stack_env: dict[str, str]) -> Iterator[str]:
     """The API with the events router, served in this process (the stack's API may predate it)."""
     import uvicorn
 
-    from genq.services import routes_events
     from genq.services.app import create_app
+    from genq.services.routes import events as routes_events
     from genq.shared.config import build_settings
 
     settings = build_settings(**{k.removeprefix("GENQ_").lower(): v for k, v in stack_env.items()
@@ -200,7 +200,7 @@ def test_stream_follows_a_batch_to_completed(events_api: str, paced_worker: None
 @pytest.mark.integration
 def test_stream_ends_cancelled_with_keepalives_while_idle(events_api: str, stack: Stack,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from genq.services import routes_events
+    from genq.services.routes import events as routes_events
 
     monkeypatch.setattr(routes_events, "KEEPALIVE_S", 0.6)  # the app runs in this process
     batch = _submit(events_api, "tiny-gpt2-idle", 4, "sse-cancel")  # no worker serves this model
@@ -232,7 +232,7 @@ def test_stream_ends_cancelled_with_keepalives_while_idle(events_api: str, stack
 
 @pytest.mark.integration
 def test_stream_stops_when_the_client_goes_away(events_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from genq.services import routes_events
+    from genq.services.routes import events as routes_events
 
     ended = threading.Event()
     stream = routes_events._stream

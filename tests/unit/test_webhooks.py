@@ -161,7 +161,7 @@ def test_routes_show_the_secret_and_deliveries_with_attempts(factory: sessionmak
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from genq.services import routes_webhooks
+    from genq.services.routes import webhooks as routes_webhooks
     from genq.shared.db import WebhookAttempt
 
     app = FastAPI()

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from genq.services.body import refuse_nul_params
 from genq.services.deps import StateDep, TenantDep
-from genq.services.routes_batches import load_batch
+from genq.services.routes.batches import load_batch
 from genq.shared import jobs as jobs_data
 from genq.shared.db import Batch, Job
 from genq.shared.schemas import TERMINAL_BATCH_STATUSES
