@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,10 @@ def list_uploaded(session: Session, *, tenant: str | None, model: str | None = N
 
 
 def create(session: Session, storage: Storage, *, tenant: str | None, name: str, model: ModelSpec,
-           checked: CheckedAdapter) -> Adapter | None:
-    """Store the files, then the row. None when another upload of the same name won a race (its
-    files and row are removed again)."""
+           checked: CheckedAdapter, remember: Callable[[str], None] = lambda _id: None) -> Adapter | None:
+    """Store the files, then the row (`remember(id)` runs in the row's transaction: the upload's
+    idempotency key). None when another upload of the same name won a race (its files and row are
+    removed again)."""
     adapter_id = new_id("adapter")
     files = [{"name": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in checked.files.items()]
     row = Adapter(id=adapter_id, tenant=tenant, name=name, base_model=model.name, kind=model.kind, files=files,
@@ -108,6 +110,7 @@ def create(session: Session, storage: Storage, *, tenant: str | None, name: str,
         for file_name, data in checked.files.items():
             storage.put(storage_key(adapter_id, file_name), data)
         session.add(row)
+        remember(adapter_id)
         session.commit()
     except Exception:
         session.rollback()

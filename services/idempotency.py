@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 
 from fastapi import Request
 from sqlalchemy.orm import Session
@@ -23,10 +24,12 @@ def request_key(request: Request) -> str | None:
     return key
 
 
-def fingerprint(request: Request, body: bytes) -> str:
+def fingerprint(request: Request, body: Iterable[bytes]) -> str:
+    """What makes two requests the same: method, path, media type and the body's chunks in order."""
     digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode())
     digest.update(request.headers.get("content-type", "").split(";")[0].encode() + b"\n")
-    digest.update(body)
+    for chunk in body:
+        digest.update(chunk)
     return digest.hexdigest()
 
 

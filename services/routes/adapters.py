@@ -6,10 +6,10 @@ are listed for everyone, with their name as id, and cannot be deleted here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 
 from genq.services import adapters as adapters_data
 from genq.services.adapter_archive import check_archive
@@ -17,6 +17,7 @@ from genq.services.adapters import AdapterError, AdapterTooLarge
 from genq.services.body import refuse_nul_params
 from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, not_found
+from genq.services.resources import Once, create_once
 from genq.shared.kinds import ADAPTER_KINDS
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(refuse_nul_params)])
@@ -54,7 +55,7 @@ async def create_adapter(request: Request, state: StateDep, session: SessionDep,
     if name in state.registry.adapters:
         raise _exists(name, "in the model registry")
 
-    def _create() -> dict[str, Any]:
+    def create(once: Once) -> dict[str, Any]:
         try:
             checked = check_archive(file.file, model=spec, max_bytes=limit)
         except AdapterTooLarge:
@@ -63,12 +64,26 @@ async def create_adapter(request: Request, state: StateDep, session: SessionDep,
             raise APIError(400, f"file: {exc.message}", code=exc.code, param="file") from None
         if adapters_data.find(session, tenant=tenant, name=name) is not None:
             raise _exists(name, "for this tenant")
-        row = adapters_data.create(session, state.storage, tenant=tenant, name=name, model=spec, checked=checked)
+        row = adapters_data.create(session, state.storage, tenant=tenant, name=name, model=spec, checked=checked,
+                                   remember=once.remember)
         if row is None:
             raise _exists(name, "for this tenant")
         return adapters_data.adapter_object(row)
 
-    return await run_in_threadpool(_create)
+    def replay(adapter_id: str) -> dict[str, Any]:
+        row = adapters_data.get(session, tenant=tenant, adapter_id=adapter_id)
+        if row is None:  # deleted since: the key's object is gone
+            raise not_found("adapter", adapter_id)
+        return adapters_data.adapter_object(row)
+
+    def content() -> Iterator[bytes]:
+        yield from (name.encode(), b"\0", model.encode(), b"\0")
+        file.file.seek(0)
+        while chunk := file.file.read(1 << 20):
+            yield chunk
+        file.file.seek(0)  # check_archive reads it again
+
+    return await create_once(request, session, tenant, "adapter", content(), create, replay)
 
 
 @router.get("")

@@ -7,14 +7,12 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from genq.services import idempotency, submit
 from genq.services import jobs as jobs_data
+from genq.services import submit
 from genq.services.body import (
     NUL_MESSAGE,
     batch_error,
@@ -29,8 +27,9 @@ from genq.services.body import (
     request_line_schema,
 )
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
-from genq.services.errors import APIError, not_found
+from genq.services.errors import APIError
 from genq.services.intake import validate_file_batch
+from genq.services.resources import Once, create_once, cursor_page, get_owned, list_page
 from genq.services.validation import validate_batch
 from genq.services.webhooks import validate_subscription
 from genq.shared import jobs as job_state
@@ -46,10 +45,7 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
 def load_batch(session: SessionDep, batch_id: str, tenant: str | None) -> Batch:
-    batch = session.get(Batch, batch_id)
-    if batch is None or batch.tenant != tenant:
-        raise not_found("batch", batch_id)
-    return batch
+    return get_owned(session, Batch, batch_id, tenant, "batch")
 
 
 def batch_view(session: SessionDep, batch: Batch) -> dict[str, Any]:
@@ -111,23 +107,17 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
     an uploaded file answers `validating` at once and is checked in the background."""
     raw = await read_body(request, state.limits.max_body_bytes)
     spec = _parse_submission(raw, request.headers.get("content-type", ""))
-    key = idempotency.request_key(request)
-    fp = idempotency.fingerprint(request, raw)
 
-    def _create() -> dict[str, Any]:
-        if (prior := idempotency.replayed(session, tenant, key, fp, "batch")) is not None:
-            return batch_view(session, load_batch(session, prior, tenant))
+    def create(once: Once) -> dict[str, Any]:
         fields = _batch_fields(spec)
         if spec.input_file_id is not None:
-            file = session.get(File, spec.input_file_id)
-            if file is None or file.tenant != tenant:
-                raise not_found("file", spec.input_file_id)
+            file = get_owned(session, File, spec.input_file_id, tenant, "file")
             if file.purpose != "batch":
                 raise APIError(400, f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
                                code="invalid_request", param="input_file_id")
             batch = jobs_data.new_batch(session, endpoint=spec.endpoint or "", tenant=tenant, status="validating",
                                         input_file_id=file.id, **fields)
-            idempotency.remember(session, tenant, key, fp, "batch", batch.id)
+            once.remember(batch.id)
             session.commit()
             background.add_task(validate_file_batch, state, batch.id)
             return batch_object(batch, job_state.request_counts({}))
@@ -141,29 +131,21 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
             endpoint = "mixed"
         submit.admit(state, session, tenant, len(lines))
         batch, to_publish = jobs_data.create_batch(session, lines=lines, endpoint=endpoint, tenant=tenant, **fields)
-        idempotency.remember(session, tenant, key, fp, "batch", batch.id)
+        once.remember(batch.id)
         session.commit()
         submit.publish(state, to_publish)
         return batch_object(batch, job_state.request_counts({"queued": len(lines)}))
 
-    try:
-        return await run_in_threadpool(_create)
-    except IntegrityError as exc:  # a concurrent request with the same Idempotency-Key won
-        prior = idempotency.race_winner(session, tenant, key, fp, "batch", exc)
-        return batch_view(session, load_batch(session, prior, tenant))
+    return await create_once(request, session, tenant, "batch", [raw], create,
+                             lambda batch_id: batch_view(session, load_batch(session, batch_id, tenant)))
 
 
 @router.get("")
 def list_batches(session: SessionDep, tenant: TenantDep, limit: Limit = 20,
                  after: str | None = None) -> dict[str, Any]:
     """Newest first; `after` is the last id of the previous page."""
-    q = select(Batch).where(owned_by(Batch.tenant, tenant))
-    if after:
-        q = q.where(Batch.id < after)
-    rows = session.execute(q.order_by(Batch.id.desc()).limit(limit + 1)).scalars().all()
-    data = [batch_view(session, b) for b in rows[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+    return cursor_page(session, select(Batch).where(owned_by(Batch.tenant, tenant)), Batch.id, after=after,
+                       limit=limit, view=lambda b: batch_view(session, b))
 
 
 @router.get("/{batch_id}")
@@ -188,9 +170,7 @@ def list_batch_jobs(batch_id: str, session: SessionDep, tenant: TenantDep, rende
             raise APIError(400, f"after: no job {after!r} in this batch", code="invalid_request", param="after")
         q = q.where(Job.seq > prev.seq)
     rows = session.execute(q.order_by(Job.seq).limit(limit + 1)).scalars().all()
-    data = [job_object(j, renderer.render(j)) for j in rows[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+    return list_page([job_object(j, renderer.render(j)) for j in rows[:limit]], len(rows) > limit)
 
 
 @router.get("/{batch_id}/results", response_class=StreamingResponse,
@@ -244,7 +224,7 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
         param = ".".join(str(p) for p in err["loc"]) or None
         raise APIError(400, f"{param}: {err['msg']}", code="invalid_request", param=param) from None
 
-    def _retry() -> dict[str, Any]:
+    def retry(once: Once) -> dict[str, Any]:
         original = load_batch(session, batch_id, tenant)
         statuses = ("failed", "cancelled") if opts.include_cancelled else ("failed",)
         jobs = session.execute(select(Job).where(Job.batch_id == batch_id, Job.status.in_(statuses))
@@ -266,8 +246,10 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
             session, lines=lines, endpoint=endpoint, tenant=tenant, completion_window=original.completion_window,
             meta=metadata, priority=original.priority, webhook_url=original.webhook_url,
             webhook_events=original.webhook_events, retry_of=original.id, input_file_id=original.input_file_id)
+        once.remember(batch.id)
         session.commit()
         submit.publish(state, to_publish)
         return batch_object(batch, job_state.request_counts({"queued": len(lines)}))
 
-    return await run_in_threadpool(_retry)
+    return await create_once(request, session, tenant, "batch", [raw], retry,
+                             lambda new_id: batch_view(session, load_batch(session, new_id, tenant)))

@@ -6,15 +6,14 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from genq.services import idempotency
 from genq.services.body import NUL_MESSAGE, has_nul, refuse_nul_params
 from genq.services.deps import SessionDep, StateDep, TenantDep
-from genq.services.errors import APIError, not_found
+from genq.services.errors import APIError
+from genq.services.resources import Once, create_once, cursor_page, get_owned
 from genq.shared.db import File as FileRow
 from genq.shared.db import new_id, owned_by
 from genq.shared.views import file_object
@@ -26,10 +25,7 @@ CHUNK = 1024 * 1024
 
 
 def load_file(session: SessionDep, file_id: str, tenant: str | None) -> FileRow:
-    row = session.get(FileRow, file_id)
-    if row is None or row.tenant != tenant:
-        raise not_found("file", file_id)
-    return row
+    return get_owned(session, FileRow, file_id, tenant, "file")
 
 
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
@@ -57,28 +53,25 @@ async def upload_file(request: Request, state: StateDep, session: SessionDep, te
     if has_nul(file.filename):
         raise APIError(400, f"file: the filename {NUL_MESSAGE}", code="invalid_request", param="file")
     data = await _read_limited(file, limit)
-    key = idempotency.request_key(request)
-    fp = idempotency.fingerprint(request, purpose.encode() + b"\0" + (file.filename or "").encode() + b"\0" + data)
 
-    def _store() -> dict[str, Any]:
-        if (prior := idempotency.replayed(session, tenant, key, fp, "file")) is not None:
-            return file_object(load_file(session, prior, tenant))
+    def store(once: Once) -> dict[str, Any]:
         file_id = new_id("file")
         storage_key = f"files/{file_id}.jsonl"
         state.storage.put(storage_key, data, "application/jsonl")
         row = FileRow(id=file_id, tenant=tenant, purpose=purpose, filename=(file.filename or "upload.jsonl")[:512],
                       bytes=len(data), key=storage_key, created_at=time.time())
         session.add(row)
-        idempotency.remember(session, tenant, key, fp, "file", file_id)
+        once.remember(file_id)
         try:
             session.commit()
-        except IntegrityError as exc:  # the same key raced us: answer with the winner's file
+        except IntegrityError:  # the same key raced us: the winner's file is the answer
             state.storage.delete(storage_key)
-            return file_object(load_file(session, idempotency.race_winner(session, tenant, key, fp, "file", exc),
-                                         tenant))
+            raise
         return file_object(row)
 
-    return await run_in_threadpool(_store)
+    content = [purpose.encode(), b"\0", (file.filename or "").encode(), b"\0", data]
+    return await create_once(request, session, tenant, "file", content, store,
+                             lambda file_id: file_object(load_file(session, file_id, tenant)))
 
 
 @router.get("")
@@ -87,13 +80,7 @@ def list_files(session: SessionDep, tenant: TenantDep, purpose: str | None = Non
     q = select(FileRow).where(owned_by(FileRow.tenant, tenant))
     if purpose:
         q = q.where(FileRow.purpose == purpose)
-    if after:
-        q = q.where(FileRow.id < after)
-    limit = max(1, min(limit, 10_000))
-    rows = session.execute(q.order_by(FileRow.id.desc()).limit(limit + 1)).scalars().all()
-    data = [file_object(f) for f in rows[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+    return cursor_page(session, q, FileRow.id, after=after, limit=max(1, min(limit, 10_000)), view=file_object)
 
 
 @router.get("/{file_id}")

@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from sqlalchemy.exc import IntegrityError
 
-from genq.services import idempotency, submit
 from genq.services import jobs as jobs_data
+from genq.services import submit
 from genq.services.body import (
     batch_error,
     parse_json_body,
@@ -20,7 +18,8 @@ from genq.services.body import (
     request_line_schema,
 )
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
-from genq.services.errors import APIError, not_found
+from genq.services.errors import APIError
+from genq.services.resources import Once, create_once, get_owned
 from genq.services.validation import validate_line
 from genq.shared.db import Job
 from genq.shared.finalize import maybe_finalize_batch
@@ -31,10 +30,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(refus
 
 
 def load_job(session: SessionDep, job_id: str, tenant: str | None) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant != tenant:
-        raise not_found("job", job_id)
-    return job
+    return get_owned(session, Job, job_id, tenant, "job")
 
 
 @router.post("", status_code=202, openapi_extra=request_body_doc(request_line_schema()))
@@ -42,30 +38,25 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
                      renderer: RendererDep) -> dict[str, Any]:
     """Submit one request line; answers 202 with the queued job."""
     raw = await read_body(request, state.limits.max_body_bytes)
-    line, errors = validate_line(parse_json_body(raw), None, state.registry,
-                                 max_prompt_chars=state.limits.max_prompt_chars,
-                                 adapters=submit.adapters(state, session, tenant))
-    if line is None:
-        raise batch_error(errors)
-    key = idempotency.request_key(request)
-    fp = idempotency.fingerprint(request, raw)
+    obj = parse_json_body(raw)
 
-    def _create() -> dict[str, Any]:
-        if (prior := idempotency.replayed(session, tenant, key, fp, "job")) is not None:
-            job = load_job(session, prior, tenant)
-            return job_object(job, renderer.render(job))
+    def create(once: Once) -> dict[str, Any]:
+        line, errors = validate_line(obj, None, state.registry, max_prompt_chars=state.limits.max_prompt_chars,
+                                     adapters=submit.adapters(state, session, tenant))
+        if line is None:
+            raise batch_error(errors)
         submit.admit(state, session, tenant, 1)
         job, item = jobs_data.create_job(session, line=line, tenant=tenant)
-        idempotency.remember(session, tenant, key, fp, "job", job.id)
+        once.remember(job.id)
         session.commit()
         submit.publish(state, [item])
         return job_object(job)
 
-    try:
-        return await run_in_threadpool(_create)
-    except IntegrityError as exc:  # a concurrent request with the same Idempotency-Key won
-        prior = idempotency.race_winner(session, tenant, key, fp, "job", exc)
-        return job_object(load_job(session, prior, tenant))
+    def replay(job_id: str) -> dict[str, Any]:
+        job = load_job(session, job_id, tenant)
+        return job_object(job, renderer.render(job))
+
+    return await create_once(request, session, tenant, "job", [raw], create, replay)
 
 
 @router.get("/{job_id}")

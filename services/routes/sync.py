@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.concurrency import run_in_threadpool
 
 from genq.services import jobs as jobs_data
 from genq.services import submit
 from genq.services.body import batch_error, body_schema, parse_json_body, read_body, request_body_doc
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, error_response
+from genq.services.resources import Once, create_once, get_owned
 from genq.services.validation import validate_line
 from genq.shared.db import Job
 from genq.shared.kinds import ENDPOINTS, Endpoint
@@ -68,23 +68,32 @@ def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
 
 async def _serve(url: str, request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                  renderer: RendererDep, start_timeout: float | None, timeout: float | None) -> dict[str, Any]:
-    body = parse_json_body(await read_body(request, state.limits.max_body_bytes), prefix="body")
-    line, errors = validate_line({"url": url, "body": body}, None, state.registry,
-                                 max_prompt_chars=state.limits.max_prompt_chars,
-                                 adapters=submit.adapters(state, session, tenant))
-    if line is None:
-        raise batch_error(errors)
+    raw = await read_body(request, state.limits.max_body_bytes)
+    body = parse_json_body(raw, prefix="body")
 
-    def _run() -> dict[str, Any]:
-        submit.admit(state, session, tenant, 1)
-        job, item = jobs_data.create_job(session, line=line, tenant=tenant)
-        session.commit()
-        submit.publish(state, [item])
-        done = _wait(state, session, job.id, start_timeout or state.limits.sync_start_timeout_s,
+    def answer(job_id: str) -> dict[str, Any]:
+        done = _wait(state, session, job_id, start_timeout or state.limits.sync_start_timeout_s,
                      timeout or state.limits.sync_timeout_s)
         return _answer(done, renderer)
 
-    return await run_in_threadpool(_run)
+    def create(once: Once) -> dict[str, Any]:
+        line, errors = validate_line({"url": url, "body": body}, None, state.registry,
+                                     max_prompt_chars=state.limits.max_prompt_chars,
+                                     adapters=submit.adapters(state, session, tenant))
+        if line is None:
+            raise batch_error(errors)
+        submit.admit(state, session, tenant, 1)
+        job, item = jobs_data.create_job(session, line=line, tenant=tenant)
+        once.remember(job.id)
+        session.commit()
+        submit.publish(state, [item])
+        return answer(job.id)
+
+    def replay(job_id: str) -> dict[str, Any]:
+        get_owned(session, Job, job_id, tenant, "job")
+        return answer(job_id)
+
+    return await create_once(request, session, tenant, "job", [raw], create, replay)
 
 
 def _route(endpoint: Endpoint) -> Callable[..., Awaitable[dict[str, Any]]]:

@@ -170,6 +170,21 @@ def test_upload_list_get_delete(clients: dict[str, httpx.Client], loras: dict[st
     assert not storage.exists(f"adapters/{obj['id']}/adapter_config.json")
 
 
+def test_an_upload_with_an_idempotency_key_is_made_once(clients: dict[str, httpx.Client],
+                                                       loras: dict[str, Path]) -> None:
+    a, name, archive = clients["a"], _name("once"), archive_adapter(loras["text"], "tar.gz")
+    key = {"Idempotency-Key": f"upload-{name}"}
+    files = {"file": ("lora.tar.gz", archive, "application/octet-stream")}
+    first = a.post("/v1/adapters", data={"name": name, "model": TEXT}, files=files, headers=key)
+    again = a.post("/v1/adapters", data={"name": name, "model": TEXT}, files=files, headers=key)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.json() == first.json()
+    other = a.post("/v1/adapters", data={"name": name + "x", "model": TEXT}, files=files, headers=key)
+    _error(other, 409, "Idempotency-Key", "already used with a different request")
+    assert [d["id"] for d in a.get("/v1/adapters").json()["data"] if d["name"] == name] == [first.json()["id"]]
+    assert a.delete(f"/v1/adapters/{first.json()['id']}").status_code == 200
+
+
 def test_image_adapter_from_a_zip(clients: dict[str, httpx.Client], loras: dict[str, Path], storage: Any) -> None:
     resp = _upload(clients["a"], _name("sd"), IMAGE, archive_adapter(loras["image"], "zip"), "lora.zip")
     assert resp.status_code == 200, resp.text
