@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-DEFAULT_API = "http://127.0.0.1:8000"
+from genq.client import ClientSettings
 
 
 def _settings() -> Any:
@@ -30,7 +30,19 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@click.group()
+class _Commands(click.Group):
+    """The client library raises its own GenqError; here it becomes a one-line command error."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from genq.client import GenqError
+
+        try:
+            return super().invoke(ctx)
+        except GenqError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+@click.group(cls=_Commands)
 @click.version_option("0.1.0", prog_name="genq")
 def main() -> None:
     """genq: a distributed job queue for generative models."""
@@ -143,7 +155,8 @@ def up(host: str, port: int, models: str | None) -> None:
 
 # --- client commands ---------------------------------------------------------------------------
 
-api_option = click.option("--api", "api_url", default=DEFAULT_API, show_default=True, help="genq API base URL.")
+api_option = click.option("--api", "api_url", default=None,
+                          help=f"genq API base URL [default: GENQ_API_URL, else {ClientSettings().api_url}].")
 
 
 @main.command()
@@ -154,7 +167,7 @@ def submit(file: Path, wait: bool, api_url: str) -> None:
     """Submit a JSONL file of request lines as one batch; prints the batch id."""
     from genq.client import Client
 
-    client = Client(api_url, os.environ.get("GENQ_API_KEY"))
+    client = Client.from_settings(api_url=api_url)
     batch = client.submit_file(file)
     click.echo(batch["id"])
     if wait:
@@ -173,7 +186,7 @@ def status(ident: str, api_url: str) -> None:
     """Show a batch or a job (by id) as JSON."""
     from genq.client import Client
 
-    click.echo(json.dumps(Client(api_url, os.environ.get("GENQ_API_KEY")).get(ident), indent=2))
+    click.echo(json.dumps(Client.from_settings(api_url=api_url).get(ident), indent=2))
 
 
 @main.command()
@@ -185,7 +198,7 @@ def results(ident: str, out: Path | None, api_url: str) -> None:
     """Fetch a batch's results (JSONL, input order) or a job's result."""
     from genq.client import Client
 
-    client = Client(api_url, os.environ.get("GENQ_API_KEY"))
+    client = Client.from_settings(api_url=api_url)
     if ident.startswith("batch_"):
         data = client.results(ident)
         name = f"{ident}.jsonl"
@@ -207,7 +220,7 @@ def cancel(ident: str, api_url: str) -> None:
     """Cancel a batch or a job."""
     from genq.client import Client
 
-    obj = Client(api_url, os.environ.get("GENQ_API_KEY")).cancel(ident)
+    obj = Client.from_settings(api_url=api_url).cancel(ident)
     click.echo(f"{obj['id']} {obj['status']}")
 
 
@@ -226,7 +239,7 @@ def adapters_create(name: str, path: Path, model: str, api_url: str) -> None:
     zip / tar.gz of one) as NAME; prints its id."""
     from genq.client import Client
 
-    obj = Client(api_url, os.environ.get("GENQ_API_KEY")).create_adapter(name, model, path)
+    obj = Client.from_settings(api_url=api_url).create_adapter(name, model, path)
     click.echo(f"created adapter {obj['name']} for {obj['model']} (rank {obj['rank']}, {obj['bytes']} bytes): "
                f"{obj['id']}")
 
@@ -239,7 +252,7 @@ def adapters_list(model: str | None, api_url: str) -> None:
     from genq.client import Client
 
     click.echo("id\tname\tmodel\towned_by\trank")
-    for a in Client(api_url, os.environ.get("GENQ_API_KEY")).list_adapters(model):
+    for a in Client.from_settings(api_url=api_url).list_adapters(model):
         click.echo(f"{a['id']}\t{a['name']}\t{a['model']}\t{a['owned_by']}\t{a['rank'] if a['rank'] else '-'}")
 
 
@@ -250,7 +263,7 @@ def adapters_delete(ident: str, api_url: str) -> None:
     """Delete an uploaded adapter and its files."""
     from genq.client import Client
 
-    obj = Client(api_url, os.environ.get("GENQ_API_KEY")).delete_adapter(ident)
+    obj = Client.from_settings(api_url=api_url).delete_adapter(ident)
     click.echo(f"deleted adapter {obj['id']}")
 
 

@@ -1,4 +1,5 @@
-"""A small HTTP client for the genq API, used by the CLI."""
+"""A small HTTP client for the genq API, used by the CLI. It raises `GenqError`; only the CLI turns
+that into a command-line error."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import click
 import httpx
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from genq.sse import iter_events
 
@@ -21,7 +22,25 @@ TERMINAL_BATCH = ("completed", "failed", "expired", "cancelled")
 STREAM_READ_TIMEOUT_S = 45.0
 
 
-class EventStreamError(click.ClickException):
+class ClientSettings(BaseSettings):
+    """Where the client finds the API, from `GENQ_API_URL` and `GENQ_API_KEY`."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", frozen=True)
+
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+
+class GenqError(Exception):
+    """The API refused a request (`status` and `code` from its error object), or could not be
+    followed; `message` says which request and why."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.code = message, status, code
+
+
+class EventStreamError(GenqError):
     """A batch's event stream could not be followed to its end."""
 
 
@@ -38,6 +57,12 @@ def _data(text: str) -> dict[str, Any]:
 
 
 class Client:
+    @classmethod
+    def from_settings(cls, settings: ClientSettings | None = None, *, api_url: str | None = None) -> Client:
+        """A client for `api_url`, or the settings' (GENQ_API_URL), with the settings' API key."""
+        settings = settings or ClientSettings()
+        return cls(api_url or settings.api_url, settings.api_key)
+
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
@@ -45,12 +70,14 @@ class Client:
 
     def _check(self, resp: httpx.Response) -> httpx.Response:
         if resp.status_code >= 400:
+            code = None
             try:
-                message = resp.json()["error"]["message"]
+                error = resp.json()["error"]
+                message, code = error["message"], error.get("code")
             except (ValueError, KeyError, TypeError):
                 message = resp.text[:500]
-            raise click.ClickException(f"{resp.request.method} {resp.request.url.path}: "
-                                       f"{resp.status_code} {message}")
+            raise GenqError(f"{resp.request.method} {resp.request.url.path}: {resp.status_code} {message}",
+                            status=resp.status_code, code=code)
         return resp
 
     def _path(self, ident: str) -> str:
@@ -58,7 +85,7 @@ class Client:
             return f"/v1/batches/{ident}"
         if ident.startswith("job_"):
             return f"/v1/jobs/{ident}"
-        raise click.ClickException(f"{ident!r} is neither a batch id (batch_...) nor a job id (job_...)")
+        raise GenqError(f"{ident!r} is neither a batch id (batch_...) nor a job id (job_...)")
 
     def submit_file(self, path: Path) -> dict[str, Any]:
         return self._check(self.http.post("/v1/batches", content=path.read_bytes(),
@@ -94,9 +121,9 @@ class Client:
         resp.read()
         try:
             self._check(resp)
-        except click.ClickException as exc:
+        except GenqError as exc:
             kind = EventsUnavailable if resp.status_code in (404, 405) else EventStreamError
-            raise kind(exc.message) from None
+            raise kind(exc.message, status=exc.status, code=exc.code) from None
 
     def events(self, batch_id: str, *, keepalives: bool = False,
                retries: int = 1) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -12,7 +12,6 @@ from fastapi import Depends, FastAPI
 from genq.services.db_errors import install_db_error_handler
 from genq.services.deps import guard
 from genq.services.errors import install_handlers
-from genq.services.guards import install_guard_handler
 from genq.services.maintenance import Maintenance
 from genq.services.metrics import Metrics
 from genq.services.routes import ROUTERS
@@ -58,7 +57,6 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     app.state.metrics = Metrics(state.sessions)
     install_handlers(app)
     install_db_error_handler(app)
-    install_guard_handler(app)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
-from genq.services.errors import error_body
+from genq.services.errors import APIError
 from genq.shared.db import is_unavailable
+from genq.shared.errors import ErrorCode
 
 log = logging.getLogger("genq.api")
 RETRY_AFTER_S = 5
@@ -24,7 +25,7 @@ def install_db_error_handler(app: FastAPI) -> None:
     async def _db_error(_req: Request, exc: DBAPIError) -> JSONResponse:
         if not is_unavailable(exc):
             log.exception("database error", exc_info=exc)
-            return JSONResponse(error_body(500, "internal error", "internal_error"), status_code=500)
+            return APIError(None, "internal error", code=ErrorCode.INTERNAL_ERROR).response()
         log.warning("database unavailable: %s", type(exc.orig).__name__)
-        return JSONResponse(error_body(503, "the database is unavailable; retry shortly", "database_unavailable"),
-                            status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return APIError(None, "the database is unavailable; retry shortly", code=ErrorCode.DATABASE_UNAVAILABLE,
+                        headers={"Retry-After": str(RETRY_AFTER_S)}).response()

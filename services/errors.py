@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genq.shared.errors import ErrorCode, http_status
 from genq.shared.storage import MissingObject
 
 log = logging.getLogger("genq.api")
@@ -20,15 +21,26 @@ _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "conf
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+    """The one error the API answers with: an HTTP status, a code from the catalogue
+    (genq.shared.errors; an unknown code fails where it is raised), the field at fault, extra
+    fields of the error object, and response headers (`Retry-After`, `WWW-Authenticate`)."""
+
+    def __init__(self, status: int | None, message: str, *, code: ErrorCode | str, param: str | None = None,
+                 extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.param, self.extra = status, message, code, param, extra
+        self.code = ErrorCode(code)
+        self.status = status if status is not None else http_status(self.code)
+        self.message, self.param, self.extra, self.headers = message, param, extra, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.status, self.message, self.code, self.param, **(self.extra or {})),
+                            status_code=self.status, headers=self.headers)
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None,
+def error_body(status: int, message: str, code: ErrorCode | str | None = None, param: str | None = None,
                **extra: Any) -> dict[str, Any]:
-    err = {"type": _TYPES.get(status, "api_error"), "code": code, "message": message, "param": param}
+    err = {"type": _TYPES.get(status, "api_error"), "code": None if code is None else str(code),
+           "message": message, "param": param}
     err.update(extra)
     return {"error": err}
 
@@ -85,8 +97,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param, **(exc.extra or {})),
-                            status_code=exc.status)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,7 +109,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else "http_error"
+        code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.HTTP_ERROR
         return JSONResponse(error_body(exc.status_code, str(exc.detail), code), status_code=exc.status_code)
 
     @app.exception_handler(MissingObject)

@@ -8,12 +8,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from genq.services.errors import APIError, error_body
+from genq.services.errors import APIError
 from genq.shared.db import Job, owned_by, tenant_key
 from genq.shared.jobs import ACTIVE
 
@@ -21,24 +19,8 @@ from genq.shared.jobs import ACTIVE
 QUEUE_FULL_RETRY_AFTER_S = 30
 
 
-class HeaderedAPIError(APIError):
-    """An APIError whose response carries extra headers (`Retry-After`, `WWW-Authenticate`)."""
-
-    def __init__(self, status: int, message: str, *, headers: dict[str, str], code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(status, message, code=code, param=param)
-        self.headers = headers
-
-
-def install_guard_handler(app: FastAPI) -> None:
-    @app.exception_handler(HeaderedAPIError)
-    async def _headered(_req: Request, exc: HeaderedAPIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param), status_code=exc.status,
-                            headers=exc.headers)
-
-
-def unauthorized(message: str) -> HeaderedAPIError:
-    return HeaderedAPIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 class TokenBuckets:
@@ -71,7 +53,7 @@ def check_rate(buckets: TokenBuckets, tenant: str | None, per_minute: int) -> No
     wait = buckets.take(tenant_key(tenant), per_minute)
     if wait > 0:
         seconds = max(1, math.ceil(wait))
-        raise HeaderedAPIError(
+        raise APIError(
             429, f"rate limit reached: at most {per_minute} create requests per minute per tenant "
             f"(GENQ_RATE_LIMIT_PER_MINUTE); retry in {seconds}s", code="rate_limit_exceeded",
             headers={"Retry-After": str(seconds)})
@@ -88,7 +70,7 @@ def check_queue_ceiling(session: Session, tenant: str | None, jobs: int, ceiling
     """Raise 429 when `jobs` more would take the tenant past `ceiling` queued and running jobs.
     Two submissions at the same instant may both pass: the ceiling is a guard, not an exact count."""
     if jobs > ceiling:
-        raise HeaderedAPIError(
+        raise APIError(
             429, f"this request has {jobs} jobs, more than the limit of {ceiling} queued and running jobs "
             "per tenant (GENQ_MAX_QUEUED_JOBS); split it into smaller batches", code="queued_jobs_limit",
             headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
@@ -96,7 +78,7 @@ def check_queue_ceiling(session: Session, tenant: str | None, jobs: int, ceiling
     active = active_jobs(session, tenant, up_to=up_to)
     if active + jobs > ceiling:
         count = f"at least {active}" if active == up_to else str(active)
-        raise HeaderedAPIError(
+        raise APIError(
             429, f"queued-jobs limit reached: {count} jobs queued or running, adding {jobs} would pass the limit "
             f"of {ceiling} per tenant (GENQ_MAX_QUEUED_JOBS); retry when some have finished",
             code="queued_jobs_limit", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})

@@ -16,6 +16,7 @@ from genq.services.errors import APIError
 from genq.services.state import AppState
 from genq.services.validation import MAX_ERRORS_REPORTED, validate_batch
 from genq.shared.db import Batch, File, session_scope
+from genq.shared.errors import ErrorCode
 from genq.shared.webhooks import notify_batch
 
 log = logging.getLogger("genq.api")
@@ -30,7 +31,7 @@ def validate_file_batch(state: AppState, batch_id: str) -> str:
             return batch.status if batch else "missing"
         file = session.get(File, batch.input_file_id)
         if file is None or file.tenant != batch.tenant:
-            missing = {"code": "invalid_file", "line": None, "param": "input_file_id",
+            missing = {"code": ErrorCode.INVALID_FILE.value, "line": None, "param": "input_file_id",
                        "message": f"input file {batch.input_file_id} not found"}
             if jobs_data.fail_validation(session, batch_id, [missing]):
                 notify_batch(session, batch_id)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from genq.services.validation import ValidLine
 from genq.shared.broker import Publish
 from genq.shared.db import Batch, Job, new_id
+from genq.shared.errors import ErrorCode, job_error
 from genq.shared.jobs import ACTIVE
 from genq.shared.requests import window_seconds
 
@@ -85,16 +86,15 @@ def fail_validation(session: Session, batch_id: str, errors: list[dict[str, Any]
 
 # --- cancellation ---------------------------------------------------------------------------
 
-def _cancel_values(now: float, code: str, message: str) -> dict[str, Any]:
-    return {"status": "cancelled", "finished_at": now, "lease_expires_at": None,
-            "error": {"code": code, "message": message}}
+def _cancel_values(now: float, code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"status": "cancelled", "finished_at": now, "lease_expires_at": None, "error": job_error(code, message)}
 
 
 def cancel_job(session: Session, job_id: str) -> bool:
     """Cancel a queued or running job; a running worker notices and discards its work."""
     res = session.execute(
         update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-        .values(**_cancel_values(time.time(), "cancelled", "cancelled by request"))
+        .values(**_cancel_values(time.time(), ErrorCode.CANCELLED, "cancelled by request"))
     )
     return res.rowcount > 0  # type: ignore[attr-defined]
 
@@ -107,7 +107,8 @@ def cancel_batch(session: Session, batch_id: str) -> bool:
     )
     session.execute(
         update(Job).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE))
-        .values(**_cancel_values(now, "batch_cancelled", "the batch was cancelled before this request finished"))
+        .values(**_cancel_values(now, ErrorCode.BATCH_CANCELLED,
+                                 "the batch was cancelled before this request finished"))
     )
     return res.rowcount > 0  # type: ignore[attr-defined]
 

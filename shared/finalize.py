@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from genq.shared.db import Batch, File, Job, new_id, session_scope
+from genq.shared.errors import ErrorCode, job_error
 from genq.shared.jobs import has_active_jobs
 from genq.shared.results import ResultRenderer
 from genq.shared.storage import Storage
@@ -98,8 +99,8 @@ def expire_batches(factory: sessionmaker[Session], storage: Storage) -> list[str
                 continue
             session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == "queued").values(
                 status="cancelled", finished_at=now,
-                error={"code": "batch_expired",
-                       "message": "the batch's completion window ended before this request started"}))
+                error=job_error(ErrorCode.BATCH_EXPIRED,
+                                "the batch's completion window ended before this request started")))
         expired.append(batch_id)
         maybe_finalize_batch(factory, storage, batch_id)
     return expired

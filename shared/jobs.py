@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from genq.shared.broker import Publish
 from genq.shared.db import Job
+from genq.shared.errors import ErrorCode, job_error
 from genq.shared.schemas import TERMINAL_JOB_STATUSES
 
 ACTIVE = ("queued", "running")
@@ -118,8 +119,8 @@ def requeue_expired(session: Session, *, models: list[str] | None = None,
         if attempts >= max_attempts:
             res = session.execute(update(Job).where(*guard).values(
                 status="failed", finished_at=now, lease_expires_at=None,
-                error={"code": "worker_lost",
-                       "message": f"the worker running this job stopped {attempts} times; giving up"}))
+                error=job_error(ErrorCode.WORKER_LOST,
+                                f"the worker running this job stopped {attempts} times; giving up")))
             if res.rowcount:  # type: ignore[attr-defined]
                 failed.append(job_id)
         else:

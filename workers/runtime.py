@@ -24,6 +24,7 @@ from genq.shared import outbox, webhooks
 from genq.shared.broker import Publisher
 from genq.shared.config import Settings
 from genq.shared.db import Job, is_unavailable, retry_unavailable, session_factory, session_scope
+from genq.shared.errors import ErrorCode, job_error
 from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.kinds import KINDS, body_model
 from genq.shared.registry import Registry
@@ -247,13 +248,13 @@ class WorkerRuntime:
 
     def _run_claimed(self, job: Job, written: list[str], arrival: Arrival | None = None) -> str:
         if job.attempts > self.max_attempts:
-            self._finish(job, "failed", error={
-                "code": "too_many_attempts",
-                "message": f"the job was started {job.attempts - 1} times without finishing; giving up"})
+            self._finish(job, "failed", error=job_error(
+                ErrorCode.TOO_MANY_ATTEMPTS,
+                f"the job was started {job.attempts - 1} times without finishing; giving up"))
             return "failed"
         if job.model not in self.registry:
-            self._finish(job, "failed", error={"code": "model_not_found",
-                                               "message": f"model {job.model!r} is not served"})
+            self._finish(job, "failed",
+                         error=job_error(ErrorCode.MODEL_NOT_FOUND, f"model {job.model!r} is not served"))
             return "failed"
         try:
             result = self._serve(job, written, arrival)
@@ -267,13 +268,13 @@ class WorkerRuntime:
                 return "handed back"
             outcome, values = "cancelled", None
         except InvalidRequest as exc:
-            outcome, values = "failed", {"error": {"code": "invalid_request", "message": str(exc), "param": exc.param}}
+            outcome, values = "failed", {"error": job_error(ErrorCode.INVALID_REQUEST, str(exc), exc.param)}
         except Exception as exc:
             if self.stopping.is_set():
                 raise  # interrupted by a cold shutdown, not the job's fault
             log.exception("job %s failed", job.id)
-            outcome, values = "failed", {"error": {"code": "runtime_error",
-                                                   "message": f"{type(exc).__name__}: {exc}"[:2000]}}
+            outcome, values = "failed", {"error": job_error(ErrorCode.RUNTIME_ERROR,
+                                                            f"{type(exc).__name__}: {exc}"[:2000])}
         else:
             outcome, values = "succeeded", {"result": result}
         if values is not None and self._finish(job, outcome, **values) and outcome == "succeeded":

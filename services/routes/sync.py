@@ -17,6 +17,7 @@ from genq.services.errors import APIError, error_response
 from genq.services.resources import Once, create_once, get_owned
 from genq.services.validation import validate_line
 from genq.shared.db import Job
+from genq.shared.errors import ErrorCode
 from genq.shared.kinds import ENDPOINTS, Endpoint
 from genq.shared.schemas import TERMINAL_JOB_STATUSES
 
@@ -62,7 +63,7 @@ def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
     if job.status == "cancelled":
         raise APIError(409, f"job {job.id} was cancelled", code="cancelled")
     status = 400 if error.get("code") == "invalid_request" else 500
-    raise APIError(status, error.get("message", "generation failed"), code=error.get("code"),
+    raise APIError(status, error.get("message", "generation failed"), code=error.get("code") or ErrorCode.RUNTIME_ERROR,
                    param=error.get("param"), extra={"job_id": job.id})
 
 

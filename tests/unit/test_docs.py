@@ -151,20 +151,12 @@ def test_every_cli_option_is_documented_with_its_command(docs: str) -> None:
 
 # --- error codes ---------------------------------------------------------------------------------
 
-ERROR_CODE_PATTERNS = (
-    r'\bcode="([a-z_]+)"',  # APIError(..., code="not_found"), LineError(..., code=...)
-    r'"code":\s*"([a-z_]+)"',  # {"code": "worker_lost", ...} stored on jobs and batches
-    r'\bcode: str = "([a-z_]+)"',  # a default code (AdapterError, LineError)
-    r'\berror_body\(\d+, "[^"]*", "([a-z_]+)"',  # error_body(503, "...", "database_unavailable")
-    r'\b_cancel_values\([^,]+, "([a-z_]+)"',  # cancellation codes of jobs
-    r'\bcode = "([a-z_]+)" if .* else "([a-z_]+)"',  # code = "not_found" if ... else "http_error"
-)
-
-
 def code_error_codes() -> set[str]:
-    text = _source_text()
-    found = [match for pattern in ERROR_CODE_PATTERNS for match in re.findall(pattern, text)]
-    return {code for match in found for code in ((match,) if isinstance(match, str) else match)}
+    """Every code genq writes: the catalogue (tests/unit/test_errors.py checks that the source
+    writes no other)."""
+    from genq.shared.errors import ErrorCode
+
+    return {c.value for c in ErrorCode}
 
 
 def test_every_error_code_is_documented(docs: str) -> None:
