@@ -110,12 +110,11 @@ def _order(op: Any) -> tuple[int, str]:
 
 
 def test_openapi_fuzz_finds_no_server_error(fuzz_app: Any, tiny_registry: Path) -> None:
-    from genq.services.validation import URL_SERVED_BY
+    from genq.shared.kinds import ENDPOINTS, served_by
     from genq.shared.registry import load_registry
 
     registry = load_registry(tiny_registry)
-    models = {url: sorted(m.name for m in registry.models.values() if m.kind in kinds)
-              for url, kinds in URL_SERVED_BY.items()}
+    models = {url: sorted(m.name for m in registry.models.values() if m.kind in served_by(url)) for url in ENDPOINTS}
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
     operations = sorted((result.ok() for result in schema.get_all_operations()), key=_order)
     assert len(operations) >= 20, [op.label for op in operations]
