@@ -70,34 +70,42 @@ def api(host: str, port: int, log_level: str) -> None:
 @click.option("--concurrency", type=int, default=None,
               help="Jobs held at once, in threads. Default: twice the largest max_batch_size of the models "
                    "that batch (so the next batch is ready when one ends), else 1.")
-@click.option("--memory-budget", envvar="GENQ_WORKER_MEMORY_BUDGET", default="auto", show_default=True,
+@click.option("--memory-budget", default=None,
               help="Bytes of loaded models to keep (e.g. 20GiB, 512MiB; 0 for no limit). auto: 90% of the "
-                   "GPU's memory, or half the RAM on the CPU. Least recently used models are unloaded.")
-@click.option("--lease", type=float, default=30.0, show_default=True,
-              help="Seconds a job's lease lasts between heartbeats; a dead worker's job is recovered after it.")
-@click.option("--max-attempts", type=int, default=3, show_default=True,
-              help="Starts of one job before it is failed (protects against jobs that crash workers).")
+                   "GPU's memory, or half the RAM on the CPU. Least recently used models are unloaded. "
+                   "[default: GENQ_WORKER_MEMORY_BUDGET, else auto]")
+@click.option("--lease", type=float, default=None,
+              help="Seconds a job's lease lasts between heartbeats; a dead worker's job is recovered after it. "
+                   "[default: GENQ_WORKER_LEASE_S, else 30]")
+@click.option("--max-attempts", type=int, default=None,
+              help="Starts of one job before it is failed (protects against jobs that crash workers). "
+                   "[default: GENQ_WORKER_MAX_ATTEMPTS, else 3]")
 @click.option("--log-level", default="info", show_default=True)
-def worker(models: str, gpu: int | None, concurrency: int | None, memory_budget: str, lease: float,
-           max_attempts: int, log_level: str) -> None:
+def worker(models: str, gpu: int | None, concurrency: int | None, memory_budget: str | None, lease: float | None,
+           max_attempts: int | None, log_level: str) -> None:
     """Run a worker consuming the queues of MODELS."""
     # Pin the GPU before anything imports torch: CUDA reads this once, at initialisation.
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     assert "torch" not in sys.modules, "torch was imported before the GPU was pinned"
+    from pydantic import ValidationError
+
     from genq.shared.registry import RegistryError
     from genq.workers.app import run_worker
-    from genq.workers.cache import parse_bytes
+    from genq.workers.settings import WorkerSettings
 
     _logging(log_level)
     names = [m.strip() for m in models.split(",") if m.strip()]
+    given = {"concurrency": concurrency, "memory_budget": memory_budget, "lease_s": lease, "max_attempts": max_attempts}
     try:
-        budget = None if memory_budget == "auto" else parse_bytes(memory_budget)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--memory-budget") from None
+        worker_settings = WorkerSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        option = {"memory_budget": "--memory-budget", "lease_s": "--lease"}.get(str(err["loc"][0]),
+                                                                               f"--{err['loc'][0]}".replace("_", "-"))
+        raise click.BadParameter(err["msg"].removeprefix("Value error, "), param_hint=option) from None
     try:
-        run_worker(_settings(), names, concurrency=concurrency, memory_budget=budget, lease_s=lease,
-                   max_attempts=max_attempts, loglevel=log_level.upper())
+        run_worker(_settings(), names, worker_settings, loglevel=log_level.upper())
     except (ValueError, RegistryError, OSError) as exc:
         raise click.ClickException(f"worker could not start: {exc}") from None
 

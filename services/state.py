@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,16 +16,24 @@ from genq.shared.registry import Registry, load_registry
 from genq.shared.storage import Storage, storage_from_settings
 
 
+def _default(name: str) -> Any:
+    """A limit's default is its setting's (genq.shared.config.Settings), written there once."""
+    return Settings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_batch_lines: int = 50_000  # OpenAI's limit per batch
-    max_body_bytes: int = 200 * 1024 * 1024  # OpenAI's input file limit
-    max_file_bytes: int = 200 * 1024 * 1024
+    """The API's limits: the GENQ_ settings' values (see Settings), plus the synchronous endpoints'
+    waits, which have no setting."""
+
+    max_batch_lines: int = _default("max_batch_lines")
+    max_body_bytes: int = _default("max_body_bytes")
+    max_file_bytes: int = _default("max_body_bytes")
+    max_queued_jobs: int = _default("max_queued_jobs")
+    rate_limit_per_minute: int = _default("rate_limit_per_minute")
+    max_prompt_chars: int = _default("max_prompt_chars")
     sync_start_timeout_s: float = 30.0  # synchronous endpoints: how long a job may wait for a worker
     sync_timeout_s: float = 600.0  # ... and how long in all before answering 504 with the job id
-    max_queued_jobs: int = 1_000_000  # per tenant, queued plus running
-    rate_limit_per_minute: int = 0  # create requests per tenant in this process; 0 = unlimited
-    max_prompt_chars: int = 32_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:

@@ -17,13 +17,14 @@ from pydantic import BaseModel, ValidationError
 
 from genq.services.adapters import AdapterCatalog, AdapterError
 from genq.services.webhooks import validate_subscription
+from genq.shared.config import Settings
 from genq.shared.kinds import body_model, served_by
 from genq.shared.registry import Registry
 from genq.shared.requests import RequestLine
 from genq.shared.schemas import JobBody
 
 MAX_ERRORS_REPORTED = 100
-MAX_PROMPT_CHARS = 32_000  # GENQ_MAX_PROMPT_CHARS; the API passes its configured value
+MAX_PROMPT_CHARS: int = Settings.model_fields["max_prompt_chars"].default  # the API passes its configured value
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,22 @@ from genq.shared.storage import storage_from_settings
 from genq.workers.cache import device_budget
 from genq.workers.runners.device import resolve_device
 from genq.workers.runtime import WorkerRuntime
+from genq.workers.settings import WorkerSettings
 
 log = logging.getLogger("genq.worker")
 
 
-def build_worker(settings: Settings, models: list[str], *, lease_s: float = 30.0, max_attempts: int = 3,
-                 device: str | None = None, memory_budget: int | None = None) -> tuple[Celery, WorkerRuntime]:
-    """`memory_budget` None: the device's default (see workers/cache.py); 0: no limit."""
+def build_worker(settings: Settings, models: list[str], worker: WorkerSettings | None = None, *,
+                 device: str | None = None) -> tuple[Celery, WorkerRuntime]:
+    """The Celery app and runtime of a worker serving `models` (see WorkerSettings for the rest)."""
+    worker = worker or WorkerSettings()
     app = make_celery(settings)
-    if memory_budget is None:
-        memory_budget = device_budget(resolve_device(device or "auto"))
+    budget = worker.budget_bytes()
+    if budget is None:
+        budget = device_budget(resolve_device(device or "auto"))
     runtime = WorkerRuntime(settings, load_registry(settings.models_file), storage_from_settings(settings),
-                            CeleryPublisher(app), models=models, lease_s=lease_s,
-                            max_attempts=max_attempts, device=device, memory_budget=memory_budget)
+                            CeleryPublisher(app), models=models, lease_s=worker.lease_s,
+                            max_attempts=worker.max_attempts, device=device, memory_budget=budget)
 
     # If the database is briefly unreachable the message goes back with a growing delay instead of
     # being acknowledged as done; the guarded state changes make the second delivery harmless.
@@ -74,13 +77,13 @@ def default_concurrency(registry: Registry, models: list[str]) -> int:
     return max(sizes, default=1)
 
 
-def run_worker(settings: Settings, models: list[str], *, concurrency: int | None = None, lease_s: float = 30.0,
-               max_attempts: int = 3, memory_budget: int | None = None, preload: bool = True,
-               loglevel: str = "INFO") -> None:
+def run_worker(settings: Settings, models: list[str], worker: WorkerSettings | None = None, *,
+               preload: bool = True, loglevel: str = "INFO") -> None:
     """Start consuming the models' queues in this process (pool solo, or threads for concurrency > 1:
     never prefork, so CUDA is never initialised in a process that forks)."""
-    app, runtime = build_worker(settings, models, lease_s=lease_s, max_attempts=max_attempts,
-                                memory_budget=memory_budget)
+    worker = worker or WorkerSettings()
+    app, runtime = build_worker(settings, models, worker)
+    concurrency = worker.concurrency
     if concurrency is None:
         concurrency = default_concurrency(runtime.registry, models)
     log.info("worker %s: concurrency %d, model memory budget %s", runtime.worker_id, concurrency,

@@ -49,7 +49,7 @@ def output_key(job_id: str, attempt: int, name: str) -> str:
 
 class WorkerRuntime:
     def __init__(self, settings: Settings, registry: Registry, storage: Storage, publisher: Publisher, *,
-                 models: list[str], lease_s: float = 30.0, max_attempts: int = 3,
+                 models: list[str], lease_s: float, max_attempts: int,
                  device: str | None = None, memory_budget: int = 0) -> None:
         unknown = [m for m in models if m not in registry]
         if unknown:

@@ -88,3 +88,19 @@ def test_registry_errors(text: str, words: str) -> None:
 def test_missing_registry_file(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="cannot read model registry"):
         load_registry(tmp_path / "nope.toml")
+
+
+def test_worker_settings_come_from_the_environment_with_one_default_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genq.workers.settings import WorkerSettings
+
+    for name in ("LEASE_S", "MAX_ATTEMPTS", "MEMORY_BUDGET", "CONCURRENCY"):
+        monkeypatch.delenv(f"GENQ_WORKER_{name}", raising=False)
+    default = WorkerSettings()
+    assert (default.lease_s, default.max_attempts, default.budget_bytes(), default.concurrency) == (30.0, 3, None, None)
+    monkeypatch.setenv("GENQ_WORKER_LEASE_S", "2.5")
+    monkeypatch.setenv("GENQ_WORKER_MEMORY_BUDGET", "1KiB")
+    assert (WorkerSettings().lease_s, WorkerSettings().budget_bytes()) == (2.5, 1024)
+    assert WorkerSettings(lease_s=4).lease_s == 4  # an option given on the command line wins
+    monkeypatch.setenv("GENQ_WORKER_MEMORY_BUDGET", "lots")
+    with pytest.raises(ValueError, match="not a size"):
+        WorkerSettings()

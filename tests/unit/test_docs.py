@@ -49,15 +49,20 @@ def _missing(names: set[str], text: str, pattern: str) -> list[str]:
 # --- settings ----------------------------------------------------------------------------------
 
 def code_variables() -> set[str]:
-    """`GENQ_*` variables: the Settings fields under their env prefix, and every GENQ_ name written
-    in the package's source and in scripts/."""
+    """`GENQ_*` variables: the fields of every settings object under its env prefix, and every GENQ_
+    name written in the package's source and in scripts/ (an env prefix itself, ending in `_`,
+    names no variable)."""
+    from genq.client import ClientSettings
     from genq.shared.config import Settings
+    from genq.workers.settings import WorkerSettings
 
-    prefix = Settings.model_config.get("env_prefix", "")
-    assert prefix == "GENQ_", prefix
-    names = {prefix + name.upper() for name in Settings.model_fields}
+    names: set[str] = set()
+    for model in (Settings, WorkerSettings, ClientSettings):
+        prefix = model.model_config.get("env_prefix", "")
+        assert prefix.startswith("GENQ_"), prefix
+        names |= {prefix + name.upper() for name in model.model_fields}
     texts = [_source_text(), *(p.read_text() for p in sorted(SCRIPTS.iterdir()) if p.is_file())]
-    names |= {m for text in texts for m in re.findall(r"\bGENQ_[A-Z0-9_]+", text)}
+    names |= {m for text in texts for m in re.findall(r"\bGENQ_[A-Z0-9_]*[A-Z0-9]\b", text)}
     return names
 
 
