@@ -14,9 +14,9 @@ the last float bits with the batch's shape (padding, kernel choice), so a near-t
 cases go the other way; on the tiny test models greedy and seeded text were identical alone and in
 mixed batches (tests/unit/test_text_batching.py).
 
-LoRA adapters (peft) load onto the resident model without reloading it and stay in an LRU of
-`max_adapters` (registry option, default 8). A batch whose rows use different adapters, or some
-none, runs as one peft mixed-adapter batch (`adapter_names`, "__base__" for the plain model).
+LoRA adapters (peft, text_adapters.py) load onto the resident model without reloading it and stay
+in an LRU of `max_adapters`. A batch whose rows use different adapters, or some none, runs as one
+peft mixed-adapter batch. Cutting rows and formatting logprobs live in text_output.py; there
 `text_offset` counts from the start of the returned `text` (so with `echo` the prompt starts at 0).
 """
 
@@ -26,7 +26,6 @@ import gc
 import threading
 import time
 from collections.abc import Hashable
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
@@ -61,9 +60,10 @@ from genq.workers.runners.base import (
 from genq.workers.runners.device import resolve_device, resolve_dtype
 from genq.workers.runners.lora import AdapterLRU
 from genq.workers.runners.sampling import RowParams, RowSampler, row_params
+from genq.workers.runners.text_adapters import PeftAdapters
+from genq.workers.runners.text_output import TokenText, join_logprobs
 
 POLL_SECONDS = 0.2  # how often generation reports progress and asks whether jobs were cancelled
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
 class _RowWatch(StoppingCriteria):
@@ -73,6 +73,8 @@ class _RowWatch(StoppingCriteria):
     def __init__(self, runner: TextRunner, items: list[BatchItem], owner: list[int], rows: list[RowParams],
                  width: int) -> None:
         self.runner, self.items, self.rows, self.width = runner, items, rows, width
+        assert runner.text is not None
+        self.text = runner.text
         self.cancelled: set[int] = set()  # item indexes
         self._next_poll = 0.0
         device = runner.device
@@ -88,7 +90,7 @@ class _RowWatch(StoppingCriteria):
         made = input_ids.shape[1] - self.width
         done = self._limit <= made
         for i in self._stop_rows:
-            tail = self.runner._decode(input_ids[i, max(self.width, input_ids.shape[1] - self._window[i]):].tolist())
+            tail = self.text.decode(input_ids[i, max(self.width, input_ids.shape[1] - self._window[i]):].tolist())
             if any(stop in tail for stop in self.rows[i].stops):
                 done[i] = True
         now = time.monotonic()
@@ -112,16 +114,6 @@ class _Prepared:
     row_prompt: list[int] = field(default_factory=list)  # the prompt index of each row
 
 
-@dataclass
-class _Row:
-    """One generated sequence cut to what the user sees."""
-
-    text: str
-    finish_reason: str
-    kept: list[int]  # token ids behind `text`
-    counted: int  # completion tokens billed: kept tokens plus the EOS / stop-completing token
-
-
 class TextRunner:
     kind: ClassVar[str] = "text"
 
@@ -130,11 +122,10 @@ class TextRunner:
         self.device = resolve_device(device or spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
         self.options = typed_options(spec, TextOptions)
-        self.model: Any = None  # the causal LM, or a peft PeftModel around it once an adapter is loaded
         self.tokenizer: Any = None
-        self._end_ids: set[int] = set()  # tokens that end a row: EOS ids and the pad token
-        self.adapters: AdapterLRU[LocalAdapter] = AdapterLRU(self.options.max_adapters,
-                                                             lambda name, _: self.model.delete_adapter(name))
+        self.text: TokenText | None = None  # decoding, set at load
+        self.peft = PeftAdapters(spec.name, self.options.max_adapters)
+        self.adapters: AdapterLRU[LocalAdapter] = self.peft.lru
         self._lock = threading.Lock()  # one batch at a time on this model
 
     # --- weights -------------------------------------------------------------------------------
@@ -146,18 +137,23 @@ class TextRunner:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # decoder-only batches grow on the right
         model = AutoModelForCausalLM.from_pretrained(self.spec.source, dtype=self.dtype, **revision)
-        self.model, self.tokenizer = model.to(self.device).eval(), tokenizer
+        self.peft.attach(model.to(self.device).eval())
+        self.tokenizer = tokenizer
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
-        self._end_ids = {i for i in eos_ids if i is not None}
-        self.adapters.clear()
+        self.text = TokenText(tokenizer, {i for i in eos_ids if i is not None})
 
     def unload(self) -> None:
-        self.model = self.tokenizer = None
-        self.adapters.clear()
+        self.peft.attach(None)
+        self.tokenizer = self.text = None
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+    @property
+    def model(self) -> Any:
+        """The causal LM, or a peft PeftModel around it once an adapter is loaded; None unloaded."""
+        return self.peft.model
 
     def memory_bytes(self) -> int:
         return module_bytes(self.model)
@@ -210,7 +206,7 @@ class TextRunner:
                 self.load()
             outcomes: list[Outcome | None] = [None] * len(items)
             # 1. Load the adapters the batch names; an adapter that fails fails only its jobs.
-            for j, failure in self.ensure_adapters(items).items():
+            for j, failure in self.peft.ensure(items).items():
                 outcomes[j] = failure
             live = [j for j in range(len(items)) if outcomes[j] is None]
             if not live:
@@ -228,8 +224,8 @@ class TextRunner:
             # 3. Generate, each row decoded and stopped by its own parameters.
             sampler = RowSampler(rows, pad, width, self.device)
             watch = _RowWatch(self, items, owner, rows, width)
-            names = [self._adapter_name(items[j]) for j in owner]
-            with self._adapter_scope(names) as extra:
+            names = [self.peft.name(items[j]) for j in owner]
+            with self.peft.scope(names) as extra:
                 out = self.model.generate(
                     **batch, **extra, max_new_tokens=max(r.max_tokens for r in rows), do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([sampler]),
@@ -262,7 +258,7 @@ class TextRunner:
         assert isinstance(body, CompletionBody)
         if body.logprobs is None or not body.echo:
             return None
-        with self._adapter_scope([self._adapter_name(item)]) as extra:
+        with self.peft.scope([self.peft.name(item)]) as extra:
             return [self.prompt_logprobs(ids, body.logprobs, extra) for ids in prepared.prompt_ids]
 
     def respond(self, item: BatchItem, generated: list[list[int]], row_lp: list[list[tuple[float, Any, Any]]],
@@ -270,15 +266,16 @@ class TextRunner:
         body, prepared = item.body, item.prepared
         assert isinstance(body, CompletionBody)
         # 1. Cut each row at its max_tokens, EOS or first stop string.
-        cut = [self.cut_row(ids[:body.max_tokens], body.stop_list) for ids in generated]
+        assert self.text is not None
+        cut = [self.text.cut_row(ids[:body.max_tokens], body.stop_list) for ids in generated]
         prompts = [body.prompts[p] for p in prepared.row_prompt]
         # 2. Logprobs of the kept tokens, from the raw logits.
         logprobs: list[dict[str, Any] | None] = [None] * len(cut)
         if body.logprobs is not None:
-            logprobs = [self.completion_logprobs(steps, row, body.logprobs) for steps, row in zip(row_lp, cut,
+            logprobs = [self.text.completion_logprobs(steps, row, body.logprobs) for steps, row in zip(row_lp, cut,
                                                                                                   strict=True)]
             if prompt_lp is not None:
-                logprobs = [_join_logprobs(prompt_lp[prepared.row_prompt[i]], lp, len(prompts[i]))  # type: ignore[arg-type]
+                logprobs = [join_logprobs(prompt_lp[prepared.row_prompt[i]], lp, len(prompts[i]))  # type: ignore[arg-type]
                             for i, lp in enumerate(logprobs)]
         # 3. The OpenAI text_completion.
         choices = [
@@ -311,137 +308,12 @@ class TextRunner:
                     f"{which} ({len(ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds the "
                     f"context of {limit} tokens; use max_tokens <= {limit - len(ids)}", "body.max_tokens")
 
-    # --- adapters --------------------------------------------------------------------------------
-
-    def _adapter_name(self, item: BatchItem) -> str:
-        return item.adapter.id if item.adapter is not None else BASE_ADAPTER
-
-    def ensure_adapters(self, items: list[BatchItem]) -> dict[int, Exception]:
-        """Load the batch's adapters not yet resident, evicting the least recently used ones the
-        batch does not need. Returns the items whose adapter could not be loaded."""
-        from peft import PeftModel
-
-        failures: dict[int, Exception] = {}
-        needed = {it.adapter.id for it in items if it.adapter is not None}
-        for j, item in enumerate(items):
-            adapter = item.adapter
-            if adapter is None:
-                continue
-            if self.adapters.use(adapter.id) is not None:
-                continue
-            self.adapters.evict_beyond(self.adapters.capacity - 1, keep=needed)  # room for this one
-            started = time.perf_counter()
-            try:
-                if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(str(adapter.path), adapter_name=adapter.id, is_trainable=False)
-                else:
-                    self.model = PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=adapter.id,
-                                                           is_trainable=False).eval()
-            except Exception as exc:  # noqa: BLE001 - reported as that job's failure
-                self.adapters.failed()
-                failures[j] = InvalidRequest(
-                    f"adapter {item.body.adapter!r} cannot be loaded onto model {self.spec.name}: "  # type: ignore[attr-defined]
-                    f"{type(exc).__name__}: {exc}"[:1000], "body.adapter")
-                continue
-            self.adapters.loaded(adapter.id, adapter, time.perf_counter() - started)
-        for j, item in enumerate(items):  # later items naming an adapter that failed above
-            if j not in failures and item.adapter is not None and item.adapter.id not in self.adapters:
-                failures[j] = InvalidRequest(f"adapter {item.body.adapter!r} cannot be loaded", "body.adapter")  # type: ignore[attr-defined]
-        return failures
-
-    @contextmanager
-    def _adapter_scope(self, names: list[str]) -> Any:
-        """Extra generate/forward arguments for rows using these adapters (one per row)."""
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel):
-            yield {}
-            return
-        distinct = set(names)
-        if distinct == {BASE_ADAPTER}:
-            with self.model.disable_adapter():
-                yield {}
-        elif len(distinct) == 1:
-            self.model.set_adapter(names[0])
-            with nullcontext():
-                yield {}
-        else:
-            yield {"adapter_names": names}
-
-    # --- output ---------------------------------------------------------------------------------
-
-    def cut_row(self, ids: list[int], stops: list[str]) -> _Row:
-        end = next((i for i, t in enumerate(ids) if t in self._end_ids), len(ids))
-        text = self._decode(ids[:end])
-        hits = [(pos, len(s)) for s in stops if (pos := text.find(s)) >= 0]
-        if hits:
-            pos, size = min(hits)
-            offsets = self._offsets(ids[:end])
-            kept = sum(1 for o in offsets if o < pos)
-            counted = max(kept, sum(1 for o in offsets if o < pos + size))
-            return _Row(text[:pos], "stop", ids[:kept], counted)
-        if end < len(ids):
-            return _Row(text, "stop", ids[:end], end + 1)
-        return _Row(text, "length", ids, len(ids))
-
-    def completion_logprobs(self, steps: list[tuple[float, Any, Any]], row: _Row, k: int) -> dict[str, Any]:
-        """One row's logprobs for its kept tokens, from what the sampler recorded at each step."""
-        kept = steps[:len(row.kept)]
-        return self._format_logprobs(row.kept, [chosen for chosen, _, _ in kept],
-                                     [self._top(ids[:k], values[:k]) for _, values, ids in kept])
-
     def prompt_logprobs(self, ids: list[int], k: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """One forward pass over the prompt: token t is scored by the logits at t - 1."""
         logits = self.model(input_ids=torch.tensor([ids], device=self.device), **(extra or {})).logits[0, :-1]
         lp = torch.log_softmax(logits.float(), dim=-1)
         values, indices = lp.topk(k, dim=-1)
         chosen = lp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None]).squeeze(1).tolist()
-        tops = [self._top(i, v) for i, v in zip(indices.tolist(), values.tolist(), strict=False)]
-        return self._format_logprobs(ids, [None, *chosen], [None, *tops])
-
-    def _format_logprobs(self, ids: list[int], chosen: list[Any], tops: list[Any]) -> dict[str, Any]:
-        return {
-            "tokens": [self._decode([t]) for t in ids],
-            "token_logprobs": chosen,
-            "top_logprobs": tops,
-            "text_offset": self._offsets(ids),
-        }
-
-    def _top(self, indices: list[int], values: list[float]) -> dict[str, float]:
-        top: dict[str, float] = {}
-        for index, value in zip(indices, values, strict=False):
-            top.setdefault(self._decode([index]), value)  # distinct ids may decode alike
-        return top
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _offsets(self, ids: list[int], window: int = 64) -> list[int]:
-        """Where each token starts in the decoded text of `ids`.
-
-        Each token's prefix is decoded from an anchor that moves forward while the text before it
-        is settled, so the cost stays linear. A prefix that ends inside a multi-byte character has a
-        trailing U+FFFD the full text lacks: such a token starts where that character starts.
-        """
-        full = self._decode(ids)
-        offsets: list[int] = []
-        anchor, base = 0, 0  # ids[:anchor] decode to full[:base]
-        for start in range(0, len(ids), window):
-            end = min(start + window, len(ids))
-            pieces = self.tokenizer.batch_decode(
-                [ids[anchor:i] for i in range(start, end + 1)],
-                skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            for piece in pieces[:-1]:
-                while not full.startswith(piece, base):
-                    piece = piece[:-1]
-                offsets.append(base + len(piece))
-            if full.startswith(pieces[-1], base):
-                anchor, base = end, base + len(pieces[-1])
-        return offsets
-
-
-def _join_logprobs(prompt: dict[str, Any], completion: dict[str, Any], shift: int) -> dict[str, Any]:
-    """Echoed prompt logprobs followed by the completion's, whose offsets move past the prompt."""
-    joined = {key: prompt[key] + completion[key] for key in ("tokens", "token_logprobs", "top_logprobs")}
-    joined["text_offset"] = prompt["text_offset"] + [o + shift for o in completion["text_offset"]]
-    return joined
+        assert self.text is not None
+        tops = [self.text.top(i, v) for i, v in zip(indices.tolist(), values.tolist(), strict=False)]
+        return self.text.format_logprobs(ids, [None, *chosen], [None, *tops])
