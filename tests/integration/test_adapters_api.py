@@ -21,7 +21,8 @@ import pytest
 
 from genq.client import archive_adapter
 from genq.workers.tiny_lora import build_image_lora, build_text_lora
-from tests.conftest import Stack, wait_for
+from tests.support.processes import Stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

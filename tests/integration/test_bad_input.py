@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from tests.conftest import Stack
+from tests.support.processes import Stack
 
 pytestmark = pytest.mark.integration
 

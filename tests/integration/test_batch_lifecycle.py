@@ -8,7 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Stack, wait_for
+from tests.support.processes import Stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import die_with_parent, free_port, wait_for
+from tests.support.processes import die_with_parent, free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,10 @@ import pytest
 
 from genq.client import Client, EventStreamError
 from genq.sse import ServerEvent, iter_events
-from tests.conftest import Stack, free_port, wait_for
+from tests.support.processes import Stack, free_port
+
+# --- the parser and the client, on canned streams ------------------------------------------------
+from tests.support.waiting import wait_for
 
 # --- the parser and the client, on canned streams ------------------------------------------------
 

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -27,11 +26,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Stack, die_with_parent, free_port, wait_for
+from tests.support.processes import Stack
+from tests.support.servers import PG_BIN, PrivatePostgres, PrivateRedis
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
-PG_BIN = Path(os.environ.get("GENQ_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 BATCH = 200
 DOWNTIME_S = 3.0
 FIGURES = Path(__file__).resolve().parents[2] / "var" / "fault-figures.json"
@@ -41,66 +41,6 @@ if shutil.which("redis-server") is None or not (PG_BIN / "initdb").exists():
 
 
 # --- private servers ---------------------------------------------------------------------------
-
-class PrivateRedis:
-    """A throwaway redis-server without persistence: a restart loses every message, as a real
-    crash of an in-memory broker would."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
-        wait_for(self.ping, 10, 0.05, "private redis up")
-
-    def ping(self) -> bool:
-        import redis
-
-        return bool(redis.Redis(port=self.port, socket_connect_timeout=1).ping())
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-
-class PrivatePostgres:
-    """A throwaway cluster (trust auth, fsync off). initdb refuses to run as root, so as root it
-    runs as the `postgres` user in a directory that user owns."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="genq-pg-"))
-        self.data = self.dir / "data"
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres")
-
-    def _run(self, *args: str, check: bool = True) -> int:
-        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        return subprocess.run([*prefix, *args], check=check, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE).returncode
-
-    def init(self) -> None:
-        self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N")
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"),
-                  "-w", "start")
-
-    def stop(self) -> None:
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-    def running(self) -> bool:
-        return self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "status", check=False) == 0
-
-    def url(self, db: str, driver: str = "postgresql+psycopg") -> str:
-        return f"{driver}://postgres@127.0.0.1:{self.port}/{db}"
-
 
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[PrivatePostgres]:

@@ -38,7 +38,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.conftest import throwaway_database  # noqa: E402
+from tests.support.servers import throwaway_database  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from genq.workers.runners.png import read_png_parameters
-from tests.conftest import Stack, wait_for
+from tests.support.processes import Stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Stack, wait_for
+from tests.support.processes import Stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,9 @@ from genq.services.webhooks import Dispatcher, tenant_secret
 from genq.shared.db import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, session_factory, session_scope
 from genq.shared.migrate import upgrade
 from genq.shared.webhooks import enqueue_job_event
-from tests.conftest import free_port, throwaway_database, wait_for
+from tests.support.processes import free_port
+from tests.support.servers import throwaway_database
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

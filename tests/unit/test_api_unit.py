@@ -6,15 +6,11 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from genq.services.app import create_app
-from genq.services.state import Limits
-from genq.shared.config import build_settings
+from tests.support.app import api_client
 
 
 def _app(tmp_path: Path, broker: str = "memory://", **limits: int) -> TestClient:
-    settings = build_settings(database_url=f"sqlite:///{tmp_path}/g.db", broker_url=broker,
-                              storage_url=f"file://{tmp_path}/obj")
-    return TestClient(create_app(settings, limits=Limits(**limits)))
+    return api_client(tmp_path, broker_url=broker, limits=limits, maintenance=True)
 
 
 def test_readyz_reports_a_broken_broker(tmp_path: Path) -> None:

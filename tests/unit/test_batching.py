@@ -13,6 +13,7 @@ from genq.shared.registry import ModelSpec, model_spec
 from genq.workers.batching import Batcher
 from genq.workers.cache import ModelCache, parse_bytes
 from genq.workers.runners.base import BatchItem, Outcome, RunContext
+from tests.support.waiting import wait_for
 
 
 class _Body:
@@ -58,9 +59,13 @@ def submit_all(batcher: Batcher, runner: ListRunner, bodies: list[_Body]) -> lis
             results[i] = exc
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-        time.sleep(0.01)  # keep arrival order = list order
+    def seen() -> int:  # items the batcher holds or has handed to the runner
+        return len(batcher._waiting) + sum(len(c) for c in runner.calls)
+
+    before = seen()
+    for i, t in enumerate(threads):
+        t.start()  # arrival order = list order: the next starts once this one is in the batcher
+        wait_for(lambda i=i: seen() > before + i, 10, 0.001, f"item {i} in the batcher")
     for t in threads:
         t.join(20)
     return results
@@ -72,13 +77,11 @@ def test_waiting_items_share_batches_up_to_the_limit_in_arrival_order() -> None:
     done: list[Any] = []
     first = threading.Thread(target=lambda: done.append(submit_all(batcher, runner, [_Body("first")])))
     first.start()
-    while not runner.calls:
-        time.sleep(0.005)
+    wait_for(lambda: runner.calls, 10, 0.005, "the first call")
     rest = threading.Thread(target=lambda: done.append(
         submit_all(batcher, runner, [_Body(f"j{i}") for i in range(6)] + [_Body("other", key="x")])))
     rest.start()
-    while len(batcher._waiting) < 7:
-        time.sleep(0.005)
+    wait_for(lambda: len(batcher._waiting) >= 7, 10, 0.005, "7 items waiting")
     hold.set()
     first.join(20)
     rest.join(20)
@@ -92,13 +95,11 @@ def test_rows_bound_a_batch_and_a_big_item_runs_alone() -> None:
     hold = threading.Event()
     runner, batcher = ListRunner(max_batch_size=4, hold=hold), Batcher()
     threading.Thread(target=submit_all, args=(batcher, runner, [_Body("first")])).start()
-    while not runner.calls:
-        time.sleep(0.005)
+    wait_for(lambda: runner.calls, 10, 0.005, "the first call")
     waiter = threading.Thread(target=submit_all, args=(
         batcher, runner, [_Body("a", rows=3), _Body("b", rows=2), _Body("huge", rows=9), _Body("c", rows=1)]))
     waiter.start()
-    while len(batcher._waiting) < 4:
-        time.sleep(0.005)
+    wait_for(lambda: len(batcher._waiting) >= 4, 10, 0.005, "4 items waiting")
     hold.set()
     waiter.join(20)
     assert runner.calls[1:] == [["a", "c"], ["b"], ["huge"]]
@@ -116,8 +117,7 @@ def test_a_batch_waits_for_a_job_on_its_way_in() -> None:
     arrival = batcher.arrival().__enter__()  # another job is being claimed
     first = threading.Thread(target=submit_all, args=(batcher, runner, [_Body("early")]))
     first.start()
-    while not batcher._waiting:
-        time.sleep(0.005)
+    wait_for(lambda: batcher._waiting, 10, 0.005, "an item waiting")
     assert not runner.calls  # held for the arriving job
     out = batcher.submit("m", runner, BatchItem(_Body("late"), RunContext()), arrival)  # type: ignore[arg-type]
     first.join(20)
@@ -134,14 +134,12 @@ def test_a_failing_job_fails_alone_and_the_batch_mates_finish() -> None:
     hold = threading.Event()
     runner, batcher = ListRunner(max_batch_size=8, hold=hold), Batcher()
     threading.Thread(target=submit_all, args=(batcher, runner, [_Body("first")])).start()
-    while not runner.calls:
-        time.sleep(0.005)
+    wait_for(lambda: runner.calls, 10, 0.005, "the first call")
     bodies = [_Body(v) for v in ("a", "b", "bad", "c", "d")]
     results: list[Any] = []
     waiter = threading.Thread(target=lambda: results.extend(submit_all(batcher, runner, bodies)))
     waiter.start()
-    while len(batcher._waiting) < 5:
-        time.sleep(0.005)
+    wait_for(lambda: len(batcher._waiting) >= 5, 10, 0.005, "5 items waiting")
     hold.set()
     waiter.join(20)
     assert [r if isinstance(r, dict) else str(r) for r in results] == [

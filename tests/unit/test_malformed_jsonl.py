@@ -12,11 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from genq.services.app import create_app
-from genq.services.state import Limits
-from genq.shared.config import build_settings
 from genq.shared.db import Batch, Job
 from tests.fuzz.malformed_corpus import BOM, CORPUS, Case, cases
+from tests.support.app import api_client
 
 CASES = cases()
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -24,10 +22,7 @@ NDJSON = {"Content-Type": "application/x-ndjson"}
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    tmp = tmp_path_factory.mktemp("malformed")
-    settings = build_settings(database_url=f"sqlite:///{tmp}/g.db", broker_url="memory://",
-                              storage_url=f"file://{tmp}/obj")
-    with TestClient(create_app(settings, limits=Limits(), maintenance=False)) as c:
+    with api_client(tmp_path_factory.mktemp("malformed")) as c:
         yield c
 
 

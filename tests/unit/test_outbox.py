@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -156,12 +155,9 @@ def test_retry_unavailable_rides_out_a_database_outage() -> None:
 
 
 def test_api_answers_503_when_the_database_is_down(tmp_path: Path) -> None:
-    from genq.services.app import create_app
-    from genq.shared.config import build_settings
+    from tests.support.app import api_client
 
-    settings = build_settings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
-                              broker_url="memory://", storage_url=f"file://{tmp_path}/obj")
-    with TestClient(create_app(settings, migrate=False, maintenance=False)) as c:
+    with api_client(tmp_path, migrate=False, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none") as c:
         resp = c.post("/v1/jobs", json={"url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "x"}})
     assert resp.status_code == 503, resp.text
     assert resp.json()["error"]["code"] == "database_unavailable"

@@ -10,21 +10,19 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from genq.services.app import create_app
 from genq.services.auth import create_key
 from genq.services.guards import TokenBuckets
 from genq.services.state import Limits
 from genq.services.validation import validate_line
 from genq.shared.config import ConfigError, build_settings
+from tests.support.app import api_client
 from tests.unit.test_validation import REG
 
 LINE = {"url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 2}}
 
 
 def _client(tmp_path: Path, auth: str = "required", **limits: Any) -> TestClient:
-    settings = build_settings(database_url=f"sqlite:///{tmp_path}/g.db", broker_url="memory://",
-                              storage_url=f"file://{tmp_path}/obj", auth=auth)
-    return TestClient(create_app(settings, limits=Limits(**limits), maintenance=False))
+    return api_client(tmp_path, auth=auth, limits=limits)
 
 
 def _key(client: TestClient, tenant: str) -> dict[str, str]:

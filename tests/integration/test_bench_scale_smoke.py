@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_benchmark
+from tests.support.bench import run_benchmark
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "batch_scale.py"
 LINES = 300

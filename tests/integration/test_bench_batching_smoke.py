@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_benchmark
+from tests.support.bench import run_benchmark
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 BUSY = "another batching benchmark run holds the lock"

@@ -21,7 +21,7 @@ from genq.shared.storage import FileStorage
 REG = parse_registry('[models.m]\nkind = "text"\nsource = "x"\n', Path("."))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     url = f"sqlite:///{tmp_path}/t.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     upgrade(url)
