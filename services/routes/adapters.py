@@ -17,6 +17,7 @@ from genq.services.adapters import AdapterError, AdapterTooLarge
 from genq.services.body import refuse_nul_params
 from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, not_found
+from genq.services.objects import AdapterObject, Deleted, Page
 from genq.services.resources import Once, create_once
 from genq.shared.kinds import ADAPTER_KINDS
 
@@ -33,7 +34,7 @@ def _exists(name: str, where: str) -> APIError:
                     "another name", code="adapter_exists", param="name")
 
 
-@router.post("")
+@router.post("", response_model=AdapterObject)
 async def create_adapter(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                          file: Annotated[UploadFile, File(description="zip, tar or tar.gz of the adapter directory")],
                          name: Annotated[str, Form(max_length=64)],
@@ -86,7 +87,7 @@ async def create_adapter(request: Request, state: StateDep, session: SessionDep,
     return await create_once(request, session, tenant, "adapter", content(), create, replay)
 
 
-@router.get("")
+@router.get("", response_model=Page[AdapterObject])
 def list_adapters(state: StateDep, session: SessionDep, tenant: TenantDep, model: str | None = None) -> dict[str, Any]:
     """The caller's uploads (oldest first), then the registry's adapters; `model` filters by base model."""
     data = [adapters_data.adapter_object(r) for r in adapters_data.list_uploaded(session, tenant=tenant, model=model)]
@@ -96,7 +97,7 @@ def list_adapters(state: StateDep, session: SessionDep, tenant: TenantDep, model
             "last_id": data[-1]["id"] if data else None, "has_more": False}
 
 
-@router.get("/{adapter_id}")
+@router.get("/{adapter_id}", response_model=AdapterObject)
 def get_adapter(adapter_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     row = adapters_data.get(session, tenant=tenant, adapter_id=adapter_id)
     if row is not None:
@@ -106,7 +107,7 @@ def get_adapter(adapter_id: str, state: StateDep, session: SessionDep, tenant: T
     raise not_found("adapter", adapter_id)
 
 
-@router.delete("/{adapter_id}")
+@router.delete("/{adapter_id}", response_model=Deleted)
 def delete_adapter(adapter_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     """Delete an uploaded adapter and its files. Jobs already queued with it fail when they run."""
     row = adapters_data.get(session, tenant=tenant, adapter_id=adapter_id)

@@ -29,6 +29,7 @@ from genq.services.body import (
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
 from genq.services.intake import validate_file_batch
+from genq.services.objects import BatchObject, JobObject, Page
 from genq.services.resources import Once, create_once, cursor_page, get_owned, list_page
 from genq.services.validation import validate_batch
 from genq.services.webhooks import validate_subscription
@@ -99,7 +100,7 @@ def _batch_create_schema() -> dict[str, Any]:
     return schema
 
 
-@router.post("", status_code=202,
+@router.post("", status_code=202, response_model=BatchObject,
              openapi_extra=request_body_doc(_batch_create_schema(), ndjson=request_line_schema(batch=True)))
 async def create_batch(request: Request, background: BackgroundTasks, state: StateDep, session: SessionDep,
                        tenant: TenantDep) -> dict[str, Any]:
@@ -140,7 +141,7 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
                              lambda batch_id: batch_view(session, load_batch(session, batch_id, tenant)))
 
 
-@router.get("")
+@router.get("", response_model=Page[BatchObject])
 def list_batches(session: SessionDep, tenant: TenantDep, limit: Limit = 20,
                  after: str | None = None) -> dict[str, Any]:
     """Newest first; `after` is the last id of the previous page."""
@@ -148,12 +149,12 @@ def list_batches(session: SessionDep, tenant: TenantDep, limit: Limit = 20,
                        limit=limit, view=lambda b: batch_view(session, b))
 
 
-@router.get("/{batch_id}")
+@router.get("/{batch_id}", response_model=BatchObject)
 def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     return batch_view(session, load_batch(session, batch_id, tenant))
 
 
-@router.get("/{batch_id}/jobs")
+@router.get("/{batch_id}/jobs", response_model=Page[JobObject])
 def list_batch_jobs(batch_id: str, session: SessionDep, tenant: TenantDep, renderer: RendererDep, limit: Limit = 100,
                     after: str | None = None, status: str | None = None) -> dict[str, Any]:
     """The batch's jobs in input order; `after` is the last job id of the previous page."""
@@ -192,7 +193,7 @@ def batch_results(batch_id: str, state: StateDep, session: SessionDep, tenant: T
     return StreamingResponse(lines(), media_type="application/jsonl")
 
 
-@router.post("/{batch_id}/cancel")
+@router.post("/{batch_id}/cancel", response_model=BatchObject)
 def cancel_batch(batch_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     """Cancel every job not yet finished; the batch ends `cancelled` with its partial output."""
     batch = load_batch(session, batch_id, tenant)
@@ -210,7 +211,7 @@ class RetryRequest(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-@router.post("/{batch_id}/retry", status_code=202,
+@router.post("/{batch_id}/retry", status_code=202, response_model=BatchObject,
              openapi_extra=request_body_doc(model_schema(RetryRequest), required=False))
 async def retry_batch(batch_id: str, request: Request, state: StateDep, session: SessionDep,
                       tenant: TenantDep) -> dict[str, Any]:

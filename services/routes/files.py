@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from genq.services.body import NUL_MESSAGE, has_nul, refuse_nul_params
 from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
+from genq.services.objects import Deleted, FileObject, Page
 from genq.services.resources import Once, create_once, cursor_page, get_owned
 from genq.shared.db import File as FileRow
 from genq.shared.db import new_id, owned_by
@@ -38,7 +39,7 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("")
+@router.post("", response_model=FileObject)
 async def upload_file(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                       file: Annotated[UploadFile, File()],
                       purpose: Purpose) -> dict[str, Any]:
@@ -74,7 +75,7 @@ async def upload_file(request: Request, state: StateDep, session: SessionDep, te
                              lambda file_id: file_object(load_file(session, file_id, tenant)))
 
 
-@router.get("")
+@router.get("", response_model=Page[FileObject])
 def list_files(session: SessionDep, tenant: TenantDep, purpose: str | None = None, limit: int = 100,
                after: str | None = None) -> dict[str, Any]:
     q = select(FileRow).where(owned_by(FileRow.tenant, tenant))
@@ -83,7 +84,7 @@ def list_files(session: SessionDep, tenant: TenantDep, purpose: str | None = Non
     return cursor_page(session, q, FileRow.id, after=after, limit=max(1, min(limit, 10_000)), view=file_object)
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", response_model=FileObject)
 def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     return file_object(load_file(session, file_id, tenant))
 
@@ -95,7 +96,7 @@ def file_content(file_id: str, state: StateDep, session: SessionDep, tenant: Ten
     return Response(state.storage.get(row.key), media_type="application/jsonl")
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", response_model=Deleted)
 def delete_file(file_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     row = load_file(session, file_id, tenant)
     session.delete(row)

@@ -19,6 +19,7 @@ from genq.services.body import (
 )
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
+from genq.services.objects import JobObject
 from genq.services.resources import Once, create_once, get_owned
 from genq.services.validation import validate_line
 from genq.shared.db import Job
@@ -33,7 +34,7 @@ def load_job(session: SessionDep, job_id: str, tenant: str | None) -> Job:
     return get_owned(session, Job, job_id, tenant, "job")
 
 
-@router.post("", status_code=202, openapi_extra=request_body_doc(request_line_schema()))
+@router.post("", status_code=202, response_model=JobObject, openapi_extra=request_body_doc(request_line_schema()))
 async def submit_job(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                      renderer: RendererDep) -> dict[str, Any]:
     """Submit one request line; answers 202 with the queued job."""
@@ -59,7 +60,7 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
     return await create_once(request, session, tenant, "job", [raw], create, replay)
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=JobObject)
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep, renderer: RendererDep) -> dict[str, Any]:
     job = load_job(session, job_id, tenant)
     return job_object(job, renderer.render(job))
@@ -79,7 +80,7 @@ def get_output(job_id: str, name: str, state: StateDep, session: SessionDep, ten
     return Response(state.storage.get(key), media_type=media)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", response_model=JobObject)
 def cancel_job(job_id: str, state: StateDep, session: SessionDep, tenant: TenantDep,
                renderer: RendererDep) -> dict[str, Any]:
     """Cancel a queued or running job. Cancelling a finished job changes nothing (idempotent)."""
