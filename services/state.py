@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from genq.services.auth import KeyCache
-from genq.services.guards import TokenBuckets
+from genq.services.guards import RequestRate
 from genq.shared.broker import CeleryPublisher, Publisher, make_celery
 from genq.shared.config import Settings
 from genq.shared.db import session_factory
@@ -23,7 +23,7 @@ class Limits:
     sync_start_timeout_s: float = 30.0  # synchronous endpoints: how long a job may wait for a worker
     sync_timeout_s: float = 600.0  # ... and how long in all before answering 504 with the job id
     max_queued_jobs: int = 1_000_000  # per tenant, queued plus running
-    rate_limit_per_minute: int = 0  # create requests per tenant in this process; 0 = unlimited
+    rate_limit_per_minute: int = 0  # create requests per tenant per minute, all replicas; 0 = unlimited
     max_prompt_chars: int = 32_000
 
     @classmethod
@@ -43,7 +43,7 @@ class AppState:
     publisher: Publisher
     limits: Limits = field(default_factory=Limits)
     keys: KeyCache = field(default_factory=KeyCache)  # recent API key lookups
-    rate: TokenBuckets = field(default_factory=TokenBuckets)  # request rate per tenant
+    rate: RequestRate = field(default_factory=RequestRate)  # request rate per tenant (in memory)
 
 
 def build_state(settings: Settings, limits: Limits | None = None) -> AppState:
@@ -54,4 +54,5 @@ def build_state(settings: Settings, limits: Limits | None = None) -> AppState:
         storage=storage_from_settings(settings),
         publisher=CeleryPublisher(make_celery(settings)),
         limits=limits or Limits.from_settings(settings),
+        rate=RequestRate.for_broker(settings.broker_url),  # Redis, shared by the replicas, if the broker is
     )
