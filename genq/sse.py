@@ -1,4 +1,10 @@
-"""A Server-Sent Events parser (the WHATWG `text/event-stream` rules) over a stream of byte chunks."""
+"""A Server-Sent Events parser (the WHATWG `text/event-stream` rules) over a stream of byte chunks.
+
+Kept rather than httpx-sse (0.4.3): its EventSource.iter_sse drops comments, so the client could
+not see the server's keepalives (Client.wait_batch checks its deadline on them); and
+once an id has been seen it dispatches an empty "message" event for every blank line, so each
+`: keepalive` would arrive as a phantom event. It also forgets `retry:` after one event and
+reports a missing id as "" rather than None."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from cachetools import TLRUCache
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
@@ -84,26 +85,27 @@ def list_keys(session: Session, *, tenant: str | None = None) -> list[ApiKey]:
 class KeyCache:
     """Recent key lookups (hash -> tenant, or None for a bad key) kept briefly in this process, so
     most requests need no query. A revoked key therefore works for up to `ttl_s` more seconds in a
-    process that used it just before; unknown keys are remembered for a shorter time."""
+    process that used it just before; unknown keys are remembered for a shorter time. A cachetools
+    TLRUCache: each entry's lifetime is chosen when it is stored, and past `max_entries` the least
+    recently used entry goes (expired ones first)."""
 
     def __init__(self, ttl_s: float = 30.0, miss_ttl_s: float = 5.0, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s, self.miss_ttl_s, self.max_entries, self.clock = ttl_s, miss_ttl_s, max_entries, clock
-        self._entries: dict[str, tuple[float, str | None]] = {}
-        self._lock = threading.Lock()
+        self._entries: TLRUCache[str, str | None] = TLRUCache(maxsize=max_entries, ttu=self._expires, timer=clock)
+        self._lock = threading.Lock()  # cachetools caches are not thread-safe; a read reorders too
+
+    def _expires(self, _key_hash: str, tenant: str | None, now: float) -> float:
+        return now + (self.ttl_s if tenant else self.miss_ttl_s)
 
     def get(self, key_hash: str) -> tuple[bool, str | None]:
         """(found, tenant): found is False when the hash is not cached or its entry expired."""
-        entry = self._entries.get(key_hash)
-        if entry is None or entry[0] <= self.clock():
-            return False, None
-        return True, entry[1]
+        with self._lock:
+            try:
+                return True, self._entries[key_hash]
+            except KeyError:
+                return False, None
 
     def put(self, key_hash: str, tenant: str | None) -> None:
         with self._lock:
-            if len(self._entries) >= self.max_entries:  # a flood of random keys must not grow memory
-                now = self.clock()
-                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
-                if len(self._entries) >= self.max_entries:
-                    self._entries.clear()
-            self._entries[key_hash] = (self.clock() + (self.ttl_s if tenant else self.miss_ttl_s), tenant)
+            self._entries[key_hash] = tenant

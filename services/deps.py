@@ -17,7 +17,7 @@ from genq.shared.results import ResultRenderer
 
 # Paths open without a key when GENQ_AUTH=required (probes must work without secrets).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-# The create endpoints: each request takes a token from its tenant's bucket (GENQ_RATE_LIMIT_PER_MINUTE).
+# The create endpoints: each request counts against its tenant's rate (GENQ_RATE_LIMIT_PER_MINUTE).
 RATE_LIMITED = frozenset({"/v1/jobs", "/v1/batches", "/v1/batches/{batch_id}/retry", "/v1/files", "/v1/adapters",
                           *ENDPOINTS})
 
@@ -73,8 +73,9 @@ async def guard(request: Request, state: Annotated[AppState, Depends(get_state)]
                 tenant: Annotated[str | None, Depends(get_tenant)]) -> None:
     """Every route's gate (an app-wide dependency): authenticates through get_tenant, and answers
     429 with Retry-After when a create request takes its tenant over the request rate."""
-    if request.method == "POST" and _route_path(request) in RATE_LIMITED:
-        check_rate(state.rate, tenant, state.limits.rate_limit_per_minute)
+    per_minute = state.limits.rate_limit_per_minute
+    if per_minute and request.method == "POST" and _route_path(request) in RATE_LIMITED:
+        await run_in_threadpool(check_rate, state.rate, tenant, per_minute)
 
 
 def get_renderer(request: Request, state: Annotated[AppState, Depends(get_state)]) -> ResultRenderer:

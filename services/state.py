@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from genq.services.auth import KeyCache
-from genq.services.guards import TokenBuckets
+from genq.services.guards import RequestRate
 from genq.shared.broker import CeleryPublisher, Publisher, make_celery
 from genq.shared.config import Settings
 from genq.shared.db import session_factory
@@ -52,7 +52,7 @@ class AppState:
     publisher: Publisher
     limits: Limits = field(default_factory=Limits)
     keys: KeyCache = field(default_factory=KeyCache)  # recent API key lookups
-    rate: TokenBuckets = field(default_factory=TokenBuckets)  # request rate per tenant
+    rate: RequestRate = field(default_factory=RequestRate)  # request rate per tenant (in memory)
 
 
 def build_state(settings: Settings, limits: Limits | None = None) -> AppState:
@@ -63,4 +63,5 @@ def build_state(settings: Settings, limits: Limits | None = None) -> AppState:
         storage=storage_from_settings(settings),
         publisher=CeleryPublisher(make_celery(settings)),
         limits=limits or Limits.from_settings(settings),
+        rate=RequestRate.for_broker(settings.broker_url),  # Redis, shared by the replicas, if the broker is
     )

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     auth: Literal["off", "required"] = "off"
     # Limits (services.state.Limits is built from these).
     max_queued_jobs: int = 1_000_000  # per tenant, queued plus running
-    rate_limit_per_minute: int = 0  # create requests per tenant per API process; 0 = unlimited
+    rate_limit_per_minute: int = 0  # create requests per tenant per minute (shared by replicas on Redis); 0: unlimited
     max_batch_lines: int = 50_000
     max_body_bytes: int = 200 * 1024 * 1024  # request bodies and uploaded files
     max_prompt_chars: int = 32_000

@@ -19,6 +19,7 @@ from sqlalchemy import JSON, Float, Index, Integer, String, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 
 def new_id(prefix: str) -> str:
@@ -268,16 +269,17 @@ def is_unavailable(exc: BaseException) -> bool:
 def retry_unavailable(fn: Callable[[], T], *, what: str, deadline_s: float = 60.0,
                       first_delay_s: float = 0.2, max_delay_s: float = 5.0) -> T:
     """Run one unit of database work, retrying with backoff while the database is unreachable,
-    for up to `deadline_s`. `fn` must be safe to run again (its own transaction, guarded writes)."""
-    deadline = time.monotonic() + deadline_s
-    delay = first_delay_s
-    while True:
-        try:
-            return fn()
-        except DBAPIError as exc:
-            if not is_unavailable(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("database unavailable while %s (%s); retrying in %.1fs", what,
-                        type(exc.orig).__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, max_delay_s)
+    for up to `deadline_s`. `fn` must be safe to run again (its own transaction, guarded writes).
+
+    The waits double from `first_delay_s` up to `max_delay_s`; no wait runs past the deadline
+    (stop_before_delay), and the last error is raised as it is."""
+
+    def warn(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("database unavailable while %s (%s); retrying in %.1fs", what,
+                    type(getattr(exc, "orig", exc)).__name__, state.upcoming_sleep)
+
+    retrying = Retrying(retry=retry_if_exception(is_unavailable),
+                        wait=wait_exponential(multiplier=first_delay_s, max=max_delay_s),
+                        stop=stop_before_delay(deadline_s), before_sleep=warn, reraise=True)
+    return retrying(fn)

@@ -8,7 +8,11 @@ numbering and starts again with a snapshot):
     event: counts  data: {"status", "request_counts"} whenever either changes
     event: job     data: {"id", "custom_id", "status", "error"} when a job starts or ends
     event: done    data: {"id", "status"}
-    : keepalive    (a comment after ~15 s without an event)
+    : keepalive    (a comment every ~15 s, sse-starlette's ping)
+
+sse-starlette's EventSourceResponse writes the frames, sends the keepalive pings from a task of its
+own (so they go out even while a poll is slow) and ends the stream when the client disconnects or
+the server shuts down.
 
 The first poll replays the current status of every job that has started or ended, so a client that
 connects late (or to an ended batch: batch, job..., batch, done) still sees each job; later polls
@@ -26,9 +30,9 @@ import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from genq.services.body import refuse_nul_params
 from genq.services.deps import StateDep, TenantDep
@@ -41,7 +45,7 @@ from genq.shared.views import batch_object
 router = APIRouter(tags=["batches"], dependencies=[Depends(refuse_nul_params)])
 
 POLL_S = 0.5
-KEEPALIVE_S = 15.0
+KEEPALIVE_S = 15.0  # the ping interval, read when each stream starts
 # Job times come from the workers' clocks and are committed a moment after they are taken, so each
 # poll looks this far behind the newest time it has seen; (id, status) pairs already sent are skipped.
 OVERLAP_S = 5.0
@@ -103,34 +107,28 @@ class BatchFollower:
         return events, ended
 
 
-def _sse(event_id: int, name: str, data: dict[str, Any]) -> bytes:
-    # json.dumps never emits a newline, so one `data:` line carries the whole object.
-    return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+SEP = "\n"  # each event carries its own line ending in sse-starlette
 
 
-async def _stream(request: Request, follower: BatchFollower, first: dict[str, Any],
-                  last_id: int) -> AsyncIterator[bytes]:
+def _keepalive() -> ServerSentEvent:
+    return ServerSentEvent(comment="keepalive", sep=SEP)
+
+
+async def _stream(follower: BatchFollower, first: dict[str, Any], last_id: int) -> AsyncIterator[ServerSentEvent]:
     event_id = last_id
 
-    def frame(name: str, data: dict[str, Any]) -> bytes:
+    def frame(name: str, data: dict[str, Any]) -> ServerSentEvent:
         nonlocal event_id
         event_id += 1
-        return _sse(event_id, name, data)
+        # json.dumps never emits a newline, so one `data:` line carries the whole object.
+        return ServerSentEvent(json.dumps(data, separators=(",", ":")), event=name, id=str(event_id), sep=SEP)
 
     yield frame("batch", first)
-    silent_since = anyio.current_time()
     while True:
         events, ended = await anyio.to_thread.run_sync(follower.poll)
         for name, data in events:
             yield frame(name, data)
         if ended:
-            return
-        if events:
-            silent_since = anyio.current_time()
-        elif anyio.current_time() - silent_since >= KEEPALIVE_S:
-            silent_since = anyio.current_time()
-            yield b": keepalive\n\n"
-        if await request.is_disconnected():
             return
         await anyio.sleep(POLL_S)
 
@@ -140,10 +138,10 @@ def _last_event_id(request: Request) -> int:
     return int(value) if value.isdigit() else 0
 
 
-@router.get("/v1/batches/{batch_id}/events", response_class=StreamingResponse,
+@router.get("/v1/batches/{batch_id}/events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "Server-Sent Events until the batch ends"}})
-async def batch_events(batch_id: str, request: Request, state: StateDep, tenant: TenantDep) -> StreamingResponse:
+async def batch_events(batch_id: str, request: Request, state: StateDep, tenant: TenantDep) -> EventSourceResponse:
     """Follow a batch live: a snapshot, then counts and job transitions, until it is terminal."""
 
     def _load() -> dict[str, Any]:
@@ -154,6 +152,7 @@ async def batch_events(batch_id: str, request: Request, state: StateDep, tenant:
 
     first = await run_in_threadpool(_load)
     follower = BatchFollower(state.sessions, batch_id, first["status"], first["request_counts"])
-    return StreamingResponse(_stream(request, follower, first, _last_event_id(request)),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # The library watches for the client leaving (and for shutdown) and then cancels the stream.
+    return EventSourceResponse(_stream(follower, first, _last_event_id(request)), sep=SEP,
+                               ping=KEEPALIVE_S, ping_message_factory=_keepalive,
+                               headers={"Cache-Control": "no-cache"})

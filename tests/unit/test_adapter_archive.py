@@ -218,7 +218,7 @@ def test_non_lora_tensor_names_are_refused() -> None:
              "not a LoRA weight")
 
 
-@pytest.mark.parametrize("weights, words", [
+CORRUPT_SAFETENSORS = [
     (_weights()[:5], "shorter than its 8-byte header length"),
     (_weights()[:60], "runs past the end of the file"),  # truncated inside the header
     (_raw_safetensors({}, b"", declared=2**40), "runs past the end"),
@@ -237,7 +237,10 @@ def test_non_lora_tensor_names_are_refused() -> None:
     (_raw_safetensors({"x.lora_A.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12),
      "cover 8 bytes but the file holds 12"),
     (_raw_safetensors({}, b""), "holds no tensors"),
-])
+]
+
+
+@pytest.mark.parametrize("weights, words", CORRUPT_SAFETENSORS)
 def test_a_corrupt_safetensors_file_is_refused(weights: bytes, words: str) -> None:
     message = _refused(_with_weights(weights), words)
     assert message.startswith("adapter_model.safetensors: ")
@@ -248,6 +251,34 @@ def test_parse_safetensors_reads_what_the_library_wrote() -> None:
                                                        metadata={"format": "pt"}), "w")
     assert tensors["a.lora_A.weight"].dtype == "F16" and tensors["a.lora_A.weight"].shape == (2, 3)
     assert meta == {"format": "pt"}
+
+
+@pytest.mark.parametrize("weights, words", CORRUPT_SAFETENSORS)
+def test_the_safetensors_library_refuses_what_parse_safetensors_refuses(weights: bytes, words: str,
+                                                                       tmp_path: Path) -> None:
+    """genq's parser is kept for its messages; the library's own reader must not accept a file it
+    refuses (an empty one aside: the library opens it, an adapter needs tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(weights)
+    if words == "holds no tensors":
+        with safe_open(str(path), framework="numpy") as st:
+            assert list(st.keys()) == []
+        return
+    with pytest.raises(SafetensorError):
+        safe_open(str(path), framework="numpy")
+
+
+def test_parse_safetensors_agrees_with_the_library_on_real_files(built: dict[str, Path]) -> None:
+    from safetensors import safe_open
+
+    for path in [built["text"] / "adapter_model.safetensors", *built["image"].glob("*.safetensors")]:
+        tensors, meta = parse_safetensors(path.read_bytes(), path.name)
+        with safe_open(str(path), framework="numpy") as st:
+            assert {n: (t.dtype, list(t.shape)) for n, t in tensors.items()} == {
+                n: (st.get_slice(n).get_dtype(), st.get_slice(n).get_shape()) for n in st.keys()}
+            assert meta == (st.metadata() or {})
 
 
 # --- sizes ---------------------------------------------------------------------------------------------

@@ -109,6 +109,15 @@ def test_key_cache_stays_bounded() -> None:
     assert len(cache._entries) <= 10 and cache.get("h24") == (True, None)
 
 
+def test_key_cache_keeps_a_key_in_use_through_a_flood_of_bad_ones() -> None:
+    cache = KeyCache(max_entries=10)
+    cache.put("good", "acme")
+    for i in range(100):  # random keys, each a miss; the good key is used in between
+        cache.put(f"bad{i}", None)
+        assert cache.get("good") == (True, "acme")
+    assert len(cache._entries) <= 10 and cache.get("bad0") == (False, None)  # least recently used: gone
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 @pytest.fixture()

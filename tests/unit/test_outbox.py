@@ -154,6 +154,28 @@ def test_retry_unavailable_rides_out_a_database_outage() -> None:
         retry_unavailable(down, what="test", deadline_s=0.05, first_delay_s=0.01)
 
 
+def test_retry_unavailable_backs_off_exponentially_up_to_its_cap(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) <= 8:
+            raise OperationalError("UPDATE jobs", {}, ConnectionRefusedError("connection refused"))
+        return "done"
+
+    with caplog.at_level("WARNING", logger="genq.db"):
+        assert retry_unavailable(flaky, what="claiming job job_1") == "done"
+    assert slept == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0])
+    assert caplog.messages[0] == ("database unavailable while claiming job job_1 (ConnectionRefusedError); "
+                                  "retrying in 0.2s")
+    assert len(caplog.messages) == 8
+
+
 def test_api_answers_503_when_the_database_is_down(tmp_path: Path) -> None:
     from tests.support.app import api_client
 

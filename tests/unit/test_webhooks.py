@@ -69,6 +69,23 @@ def test_verify_uses_the_clock_by_default() -> None:
     assert not wh.verify(SPEC_SECRET, headers(SPEC_ID, SPEC_TS, SPEC_SIG), SPEC_BODY)  # 2021 is long gone
 
 
+def test_a_receiver_using_the_standardwebhooks_library_accepts_our_signature() -> None:
+    from standardwebhooks import Webhook
+
+    now = int(time.time())
+    body = b'{"type":"job.completed","data":{"id":"job_1"}}'
+    sent = headers("msg_lib", now, wh.sign(SPEC_SECRET, "msg_lib", now, body))
+    assert Webhook(SPEC_SECRET).verify(body, sent) == {"type": "job.completed", "data": {"id": "job_1"}}
+
+
+def test_verify_refuses_malformed_signatures_and_bodies_without_raising() -> None:
+    for sigs in ("garbage", f"garbage {SPEC_SIG.replace('=', 'A')}", "v1,", ","):
+        assert not wh.verify(SPEC_SECRET, headers(SPEC_ID, SPEC_TS, sigs), SPEC_BODY, now=SPEC_TS)
+    assert wh.verify(SPEC_SECRET, headers(SPEC_ID, SPEC_TS, f"garbage {SPEC_SIG}"), SPEC_BODY, now=SPEC_TS)
+    assert not wh.verify(SPEC_SECRET, headers(SPEC_ID, SPEC_TS, SPEC_SIG), b"\xff\xfe", now=SPEC_TS)
+    assert not wh.verify(SPEC_SECRET, headers(SPEC_ID, f"{SPEC_TS}.5", SPEC_SIG), SPEC_BODY, now=SPEC_TS)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("url", "events", "message"), [
     ("ftp://example.com/hook", None, "http:// or https://"),
     ("https:///nohost", None, "with a host"),
