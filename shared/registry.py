@@ -114,7 +114,7 @@ def _spec(name: str, raw: dict[str, Any], base: Path, where: str) -> ModelSpec:
     if not valid_name(name):
         raise RegistryError(f"{where}: model name {name!r} must use only a-z, 0-9, '-', '_' and '.'")
     kind = raw.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise RegistryError(f"{where}: models.{name}.kind must be one of {', '.join(KINDS)}")
     source = raw.get("source")
     if not isinstance(source, str) or not source:

@@ -35,7 +35,7 @@ class ResultRenderer:
                 item["url"] = (self.storage.presigned_url(key, self.expires_s)
                                or f"{self.base_url}/v1/jobs/{job.id}/outputs/{name}")
             data.append(item)
-        return public_result(result) | {"data": data}
+        return {**(public_result(result) or {}), "data": data}
 
 
 def public_result(result: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from genq.workers.runners.base import BatchItem, Outcome, finish
+from genq.workers.runners.base import BatchItem, Outcome, Runner, finish
 
 log = logging.getLogger("genq.worker")
 GRACE_S = 0.005
@@ -34,7 +34,7 @@ GRACE_S = 0.005
 @dataclass
 class _Waiting:
     model: str
-    runner: Any
+    runner: Runner
     item: BatchItem
     key: Hashable
     rows: int
@@ -93,7 +93,7 @@ class Batcher:
     def arrival(self) -> Arrival:
         return Arrival(self)
 
-    def submit(self, model: str, runner: Any, item: BatchItem, arrival: Arrival | None = None) -> dict[str, Any]:
+    def submit(self, model: str, runner: Runner, item: BatchItem, arrival: Arrival | None = None) -> dict[str, Any]:
         """Run one prepared item, batched with others; return its response body or raise its error."""
         waiting = _Waiting(model, runner, item, runner.batch_key(item), max(1, runner.rows(item)))
         with self._cond:

@@ -18,9 +18,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from genq.shared.registry import ModelSpec
+from genq.workers.runners.base import Runner
 
 log = logging.getLogger("genq.worker")
 PIN_WAIT_S = 120.0
@@ -77,13 +77,13 @@ def device_budget(device: str) -> int:
 
 
 class ModelCache:
-    def __init__(self, specs: dict[str, ModelSpec], make: Callable[[ModelSpec], Any], *,
+    def __init__(self, specs: dict[str, ModelSpec], make: Callable[[ModelSpec], Runner], *,
                  budget_bytes: int = 0, on_change: Callable[[], None] | None = None,
                  pin_wait_s: float = PIN_WAIT_S) -> None:
         """`budget_bytes` 0 means no limit; `on_change` is called after each load and eviction."""
         self.specs, self.make, self.budget, self.on_change = specs, make, budget_bytes, on_change
         self.pin_wait_s = pin_wait_s
-        self._runners: OrderedDict[str, Any] = OrderedDict()  # resident, least recently used first
+        self._runners: OrderedDict[str, Runner] = OrderedDict()  # resident, least recently used first
         self._pins: dict[str, int] = {}
         self._loading: set[str] = set()
         self._cond = threading.Condition()
@@ -91,7 +91,7 @@ class ModelCache:
 
     # --- use -------------------------------------------------------------------------------
 
-    def acquire(self, model: str) -> Any:
+    def acquire(self, model: str) -> Runner:
         """The model's runner, loaded if needed, pinned until `release(model)`."""
         with self._cond:
             while model in self._loading:
@@ -124,7 +124,7 @@ class ModelCache:
         with self._cond:
             return not self.budget or self._used() + self._estimate(model) <= self.budget
 
-    def loaded(self, model: str) -> Any | None:
+    def loaded(self, model: str) -> Runner | None:
         """The model's runner if it is loaded now (not pinned: for reports)."""
         with self._cond:
             return self._runners.get(model)
@@ -174,7 +174,7 @@ class ModelCache:
         log.info("evicted model %s (%d MiB) in %.2fs to stay within the %d MiB budget", model,
                  stats.bytes >> 20, time.perf_counter() - started, self.budget >> 20)
 
-    def _load(self, model: str) -> Any:
+    def _load(self, model: str) -> Runner:
         spec = self.specs[model]
         self._make_room(model, self._estimate(model))
         started = time.perf_counter()

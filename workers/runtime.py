@@ -34,7 +34,7 @@ from genq.workers.adapters import AdapterFiles
 from genq.workers.batching import Arrival, Batcher
 from genq.workers.cache import ModelCache
 from genq.workers.runners import make_runner
-from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext
+from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext, Runner
 from genq.workers.state import report_state
 from genq.workers.watch import JobWatch
 
@@ -79,7 +79,7 @@ class WorkerRuntime:
 
     # --- models --------------------------------------------------------------------------
 
-    def runner(self, model: str) -> Any:
+    def runner(self, model: str) -> Runner:
         """The model's runner, loaded if needed (not pinned: for inspection and preloading)."""
         runner = self.cache.acquire(model)
         self.cache.release(model)

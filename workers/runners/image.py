@@ -51,7 +51,7 @@ from pydantic import BaseModel
 
 from genq.shared.options import ImageOptions
 from genq.shared.registry import ModelSpec
-from genq.shared.schemas import ImageBody, ImageDatum
+from genq.shared.schemas import SCHEDULERS, ImageBody, ImageDatum
 from genq.workers.runners.base import (
     BatchItem,
     Deferred,
@@ -73,15 +73,11 @@ from genq.workers.runners.png import encode_png
 
 # Request scheduler names -> diffusers classes, each built from the model's own scheduler config.
 # LMSDiscreteScheduler is left out: it needs scipy, which genq does not install.
-SCHEDULER_CLASSES: dict[str, Any] = {
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_ancestral": EulerAncestralDiscreteScheduler,
-    "dpm_solver_multistep": DPMSolverMultistepScheduler,
-    "heun": HeunDiscreteScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
+# The classes behind the request's scheduler names, in the order genq.shared.schemas.SCHEDULERS
+# lists them (the names are written there only).
+SCHEDULER_CLASSES: dict[str, Any] = dict(zip(SCHEDULERS, (
+    DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+    DPMSolverMultistepScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler), strict=True))
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 
 
@@ -126,8 +122,7 @@ class ImageRunner:
         self._default_scheduler: Any = None
         self._schedulers: dict[str, Any] = {}
         # adapter id -> its name in the pipeline
-        self.adapters: AdapterLRU[str] = AdapterLRU(self.options.max_adapters,
-                                                    lambda _, name: self.pipe.delete_adapters([name]))
+        self.adapters: AdapterLRU[str] = AdapterLRU(self.options.max_adapters, self._unload_adapter)
         self._lora_state: str | None = "off"  # "on", "off", or None when unknown (after a load)
         # One pipeline, one scheduler slot, one set of active adapters: batches take turns.
         self._lock = threading.RLock()
@@ -347,6 +342,9 @@ class ImageRunner:
         self.adapters.loaded(adapter.id, name, time.perf_counter() - started)
         self.adapters.evict_beyond(self.adapters.capacity, keep=[adapter.id])
         return name
+
+    def _unload_adapter(self, _adapter_id: str, name: str) -> None:
+        self.pipe.delete_adapters([name])
 
     def _drop(self, name: str) -> None:
         try:

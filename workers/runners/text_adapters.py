@@ -21,7 +21,10 @@ class PeftAdapters:
     def __init__(self, model_name: str, capacity: int) -> None:
         self.model_name = model_name
         self.model: Any = None  # the causal LM, or a peft PeftModel around it once an adapter is loaded
-        self.lru: AdapterLRU[LocalAdapter] = AdapterLRU(capacity, lambda name, _: self.model.delete_adapter(name))
+        self.lru: AdapterLRU[LocalAdapter] = AdapterLRU(capacity, self._unload)
+
+    def _unload(self, adapter_id: str, _adapter: LocalAdapter) -> None:
+        self.model.delete_adapter(adapter_id)
 
     def attach(self, model: Any) -> None:
         """A freshly loaded model (or None once unloaded): no adapter is on it."""
