@@ -13,7 +13,6 @@ from genq.services.errors import APIError
 from genq.services.validation import LineError, parse_json_line
 from genq.shared.kinds import ENDPOINTS
 from genq.shared.requests import RequestLine
-from genq.shared.webhooks import EVENTS
 
 BOM = codecs.BOM_UTF8
 NUL_MESSAGE = "must not contain NUL (\\u0000) characters"
@@ -89,42 +88,10 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
-# What the models' validators check beyond their types, for the document only (validation stays
-# with the models, whose messages name the field).
-_WEBHOOK = {
-    "webhook_url": {"anyOf": [{"type": "string", "pattern": r"^https?://[A-Za-z0-9.-]+(:[0-9]+)?(/.*)?$",
-                               "maxLength": 2000}, {"type": "null"}]},
-    "webhook_events": {"anyOf": [{"type": "array", "items": {"enum": list(EVENTS)}}, {"type": "null"}]},
-}
-_DOC_CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
-    "CompletionBody": {
-        "prompt": {"anyOf": [{"type": "string", "minLength": 1},
-                             {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
-                              "maxItems": 64}]},
-        "stop": {"anyOf": [{"type": "string", "minLength": 1},
-                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
-                           {"type": "null"}]},
-    },
-    "ImageBody": {"size": {"type": "string", "pattern": r"^[0-9]+x[0-9]+$"}},
-    "RequestLine": _WEBHOOK,
-    "BatchCreate": {
-        **_WEBHOOK,
-        "completion_window": {"type": "string", "description": "A number and s, m, h or d; at most 7 days.",
-                              "pattern": r"^([1-9][0-9]{0,4}s|[1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-7]d)$"},
-        "endpoint": {"anyOf": [{"enum": list(ENDPOINTS)}, {"type": "null"}]},
-    },
-}
-
-
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A request body model's schema for the document, with its validators' rules spelled out."""
-    schema = model_schema(model)
-    for name, extra in _DOC_CONSTRAINTS.get(model.__name__, {}).items():
-        prop = {k: v for k, v in schema["properties"][name].items() if k not in ("type", "anyOf")}
-        schema["properties"][name] = {**prop, **extra}
-    if "webhook_events" in schema["properties"]:
-        schema["dependentRequired"] = {"webhook_events": ["webhook_url"]}
-    return schema
+    """A request body model's schema for the document; each model spells out its validators'
+    rules itself (genq.shared.schemas.documented)."""
+    return model_schema(model)
 
 
 def request_line_schema(*, batch: bool = False) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
 from genq.shared.db import Batch, Job, Tenant, WebhookAttempt, WebhookDelivery, session_scope, tenant_key
-from genq.shared.webhooks import EVENTS, PROGRESS_STATUSES, counts, enqueue_batch_event, enqueue_job_event
+from genq.shared.schemas import EVENTS
+from genq.shared.webhooks import PROGRESS_STATUSES, counts, enqueue_batch_event, enqueue_job_event
 
 log = logging.getLogger("genq.webhooks")
 

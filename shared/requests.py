@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genq.shared.kinds import ENDPOINTS
+from genq.shared.schemas import WEBHOOK_FIELDS, documented
 
 
 class _Strict(BaseModel):
@@ -15,6 +16,8 @@ class _Strict(BaseModel):
 
 class RequestLine(_Strict):
     """One request: the OpenAI Batch input line format, plus genq's optional extras."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=documented(**WEBHOOK_FIELDS))
 
     custom_id: str | None = Field(default=None, min_length=1, max_length=512)
     method: Literal["POST"] = "POST"
@@ -48,6 +51,12 @@ def window_seconds(window: str) -> int:
 class BatchCreate(_Strict):
     """`POST /v1/batches` in either shape: requests inline, or OpenAI's `input_file_id` +
     `endpoint` + `completion_window` (an NDJSON body is parsed by the route into `requests`)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=documented(
+        **WEBHOOK_FIELDS,
+        completion_window={"type": "string", "description": "A number and s, m, h or d; at most 7 days.",
+                           "pattern": r"^([1-9][0-9]{0,4}s|[1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-7]d)$"},
+        endpoint={"anyOf": [{"enum": list(ENDPOINTS)}, {"type": "null"}]}))
 
     requests: list[Any] | None = None
     input_file_id: str | None = Field(default=None, max_length=64)

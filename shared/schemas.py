@@ -6,6 +6,7 @@ worker parses the stored body again with the same model, so both sides agree on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +19,32 @@ BATCH_STATUSES = (
 TERMINAL_BATCH_STATUSES = ("completed", "failed", "expired", "cancelled")
 
 MAX_SEED = 2**63 - 1
+# Webhook events a job or batch may subscribe to (`webhook_events`), and those it gets by default.
+EVENTS = ("completed", "failed", "cancelled", "expired", "progress")
+DEFAULT_EVENTS = ("completed", "failed", "cancelled", "expired")
+
+
+def documented(**properties: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A model's `json_schema_extra`: the JSON schema of fields whose validators check more than
+    their types, so that the OpenAPI document (and clients, and fuzzers) states the rule. Checking
+    stays with the validators, whose messages name the field."""
+
+    def patch(schema: dict[str, Any]) -> None:
+        for name, rule in properties.items():
+            kept = {k: v for k, v in schema["properties"][name].items() if k not in ("type", "anyOf")}
+            schema["properties"][name] = {**kept, **rule}
+        if "webhook_events" in schema["properties"]:
+            schema["dependentRequired"] = {"webhook_events": ["webhook_url"]}
+
+    return patch
+
+
+# What the webhook fields of request lines and batches accept (checked by the API's validation).
+WEBHOOK_FIELDS: dict[str, dict[str, Any]] = {
+    "webhook_url": {"anyOf": [{"type": "string", "pattern": r"^https?://[A-Za-z0-9.-]+(:[0-9]+)?(/.*)?$",
+                               "maxLength": 2000}, {"type": "null"}]},
+    "webhook_events": {"anyOf": [{"type": "array", "items": {"enum": list(EVENTS)}}, {"type": "null"}]},
+}
 
 
 class _Strict(BaseModel):
@@ -38,6 +65,14 @@ class JobBody(_Strict):
 
 class CompletionBody(JobBody):
     """An OpenAI `/v1/completions` body plus genq's sampling extras."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=documented(
+        prompt={"anyOf": [{"type": "string", "minLength": 1},
+                          {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                           "maxItems": 64}]},
+        stop={"anyOf": [{"type": "string", "minLength": 1},
+                        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+                        {"type": "null"}]}))
 
     prompt: str | list[str] = Field(description="One prompt, or a list of prompts answered in order.")
     max_tokens: int = Field(default=16, ge=1, le=4096)
@@ -112,6 +147,9 @@ MAX_IMAGE_SIDE = 2048
 
 class ImageBody(JobBody):
     """An OpenAI `/v1/images/generations` body plus diffusion extras."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=documented(
+        size={"type": "string", "pattern": r"^[0-9]+x[0-9]+$"}))
 
     prompt: str = Field(default="", max_length=4000)
     n: int = Field(default=1, ge=1, le=10)

@@ -16,10 +16,9 @@ from sqlalchemy.orm import Session
 from genq.shared.db import Batch, Job, WebhookDelivery, new_id
 from genq.shared.jobs import batch_counts, request_counts
 from genq.shared.results import public_result
+from genq.shared.schemas import DEFAULT_EVENTS, EVENTS
 from genq.shared.views import batch_object, job_object
 
-EVENTS = ("completed", "failed", "cancelled", "expired", "progress")
-DEFAULT_EVENTS = ("completed", "failed", "cancelled", "expired")
 JOB_STATUS_EVENTS = {"succeeded": "completed", "failed": "failed", "cancelled": "cancelled"}
 BATCH_STATUS_EVENTS = {"completed": "completed", "failed": "failed", "cancelled": "cancelled", "expired": "expired"}
 PROGRESS_STATUSES = ("in_progress", "finalizing")
