@@ -1,6 +1,6 @@
 """Object storage behind one small interface: a local directory or S3 (MinIO) via `minio`.
 
-Keys are built by genq from ids (`jobs/<job id>/result.json`), never from user text.
+Keys are built by genq from ids (`jobs/<job id>/<attempt>/0.png`), never from user text.
 """
 
 from __future__ import annotations

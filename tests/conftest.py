@@ -73,6 +73,7 @@ source = "none"
 [models.slow-echo]
 kind = "echo"
 source = "none"
+runner = "tests.support.runners:RecordingEchoRunner"
 delay_s = 4.0
 
 [models.paced-echo]
@@ -87,6 +88,7 @@ source = "none"
 [models.fault-echo]
 kind = "echo"
 source = "none"
+runner = "tests.support.runners:RecordingEchoRunner"
 delay_s = 0.05
 
 [models.poison-echo]

@@ -8,7 +8,6 @@ the batcher to run it together with other jobs of that model; then it records it
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -258,10 +257,6 @@ class WorkerRuntime:
             return "failed"
         try:
             result = self._serve(job, written, arrival)
-            # A key per attempt, so a late duplicate can never overwrite or delete the winner's output.
-            key = output_key(job.id, job.attempts, "result.json")
-            self.storage.put(key, json.dumps(result).encode(), "application/json")
-            written.append(key)
         except JobCancelled:
             if self.stopping.is_set():
                 self._abandon(job, written)

@@ -40,7 +40,7 @@ def test_job_of_killed_worker_completes_once_on_another_worker(stack: Stack, set
         client = Minio(s.s3_endpoint, access_key=s.s3_access_key, secret_key=s.s3_secret_key, secure=False)
         keys = [o.object_name for o in client.list_objects("genq-test", prefix=f"out/jobs/{job['id']}/",
                                                            recursive=True)]
-        assert keys == [f"out/jobs/{job['id']}/2/result.json"]
+        assert keys == [f"out/jobs/{job['id']}/2/echo.json"]
 
         # It stays succeeded: a second delivery of the same message is skipped, not re-run.
         log = (stack.logdir / "worker-rescuer.log").read_text()

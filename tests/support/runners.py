@@ -4,6 +4,7 @@ names them with `runner = "tests.support.runners:Class"`; workers import them fr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -18,7 +19,19 @@ POISON_PROMPT = "poison"
 FAILING_PROMPT = "boom"
 
 
-class PoisonEchoRunner(EchoRunner):
+class RecordingEchoRunner(EchoRunner):
+    """Stores its answer as an output object (`echo.json`), through the worker's own output path,
+    so the fault tests can count what each attempt left in storage: exactly one object for a
+    succeeded job, none for any other, whatever was killed on the way."""
+
+    def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
+        result = super().run(body, ctx)
+        assert ctx.put_output is not None
+        ctx.put_output("echo.json", json.dumps(result).encode(), "application/json")
+        return result
+
+
+class PoisonEchoRunner(RecordingEchoRunner):
     """Kills its worker process outright on the prompt "poison", as an out-of-memory kill or a
     crashing CUDA kernel would: a poison job."""
 
