@@ -3,13 +3,20 @@ its jobs are recorded, admission (quotas) and publishing to the broker."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.orm import Session
 
+from genq.services import jobs as records
 from genq.services.adapters import AdapterCatalog
+from genq.services.body import batch_error
 from genq.services.guards import check_queue_ceiling
+from genq.services.resources import Once
 from genq.services.state import AppState
+from genq.services.validation import validate_line
 from genq.shared import outbox
 from genq.shared.broker import Publish
+from genq.shared.db import Job
 
 
 def adapters(state: AppState, session: Session, tenant: str | None) -> AdapterCatalog:
@@ -27,3 +34,19 @@ def publish(state: AppState, items: list[Publish]) -> None:
     """Hand committed jobs to the broker and mark them published. A broker outage does not fail
     the submission: the jobs stay unpublished and the outbox sweeper sends them later."""
     outbox.publish_and_mark(state.sessions, state.publisher, items)
+
+
+def one_job(state: AppState, session: Session, tenant: str | None, line_obj: Any, once: Once) -> Job:
+    """Every single-job path (POST /v1/jobs, the synchronous endpoints): validate the request line
+    (400 naming the field), admit it (429 over the quota), record the job with the request's
+    idempotency key, commit, publish."""
+    line, errors = validate_line(line_obj, None, state.registry, max_prompt_chars=state.limits.max_prompt_chars,
+                                 adapters=adapters(state, session, tenant))
+    if line is None:
+        raise batch_error(errors)
+    admit(state, session, tenant, 1)
+    job, item = records.create_job(session, line=line, tenant=tenant)
+    once.remember(job.id)
+    session.commit()
+    publish(state, [item])
+    return job

@@ -31,7 +31,7 @@ from genq.services.errors import APIError
 from genq.services.intake import validate_file_batch
 from genq.services.objects import BatchObject, JobObject, Page
 from genq.services.resources import Once, create_once, cursor_page, get_owned, list_page
-from genq.services.validation import validate_batch
+from genq.services.validation import ValidLine, validate_batch
 from genq.services.webhooks import validate_subscription
 from genq.shared import jobs as job_state
 from genq.shared.db import Batch, File, Job, owned_by
@@ -92,6 +92,18 @@ def _batch_fields(spec: BatchCreate) -> dict[str, Any]:
             "webhook_url": url, "webhook_events": events}
 
 
+def _start(state: StateDep, session: SessionDep, tenant: str | None, once: Once, lines: list[ValidLine], *,
+           endpoint: str, **fields: Any) -> dict[str, Any]:
+    """Admit validated lines (429 over the quota), record the batch and its jobs with the request's
+    idempotency key, commit and publish; the new batch's object."""
+    submit.admit(state, session, tenant, len(lines))
+    batch, to_publish = jobs_data.create_batch(session, lines=lines, endpoint=endpoint, tenant=tenant, **fields)
+    once.remember(batch.id)
+    session.commit()
+    submit.publish(state, to_publish)
+    return batch_object(batch, job_state.request_counts({"queued": len(lines)}))
+
+
 def _batch_create_schema() -> dict[str, Any]:
     schema = body_schema(BatchCreate)
     lines = {"type": "array", "items": request_line_schema(batch=True), "minItems": 1}
@@ -130,12 +142,7 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
         endpoint = spec.endpoint or lines[0].request.url
         if any(v.request.url != endpoint for v in lines):
             endpoint = "mixed"
-        submit.admit(state, session, tenant, len(lines))
-        batch, to_publish = jobs_data.create_batch(session, lines=lines, endpoint=endpoint, tenant=tenant, **fields)
-        once.remember(batch.id)
-        session.commit()
-        submit.publish(state, to_publish)
-        return batch_object(batch, job_state.request_counts({"queued": len(lines)}))
+        return _start(state, session, tenant, once, lines, endpoint=endpoint, **fields)
 
     return await create_once(request, session, tenant, "batch", [raw], create,
                              lambda batch_id: batch_view(session, load_batch(session, batch_id, tenant)))
@@ -240,17 +247,11 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
                                        adapters=submit.adapters(state, session, tenant))
         if errors:
             raise batch_error(errors)
-        submit.admit(state, session, tenant, len(lines))
-        endpoint = original.endpoint
         metadata = {**(original.meta or {}), **(opts.metadata or {}), "retry_of": original.id}
-        batch, to_publish = jobs_data.create_batch(
-            session, lines=lines, endpoint=endpoint, tenant=tenant, completion_window=original.completion_window,
-            meta=metadata, priority=original.priority, webhook_url=original.webhook_url,
-            webhook_events=original.webhook_events, retry_of=original.id, input_file_id=original.input_file_id)
-        once.remember(batch.id)
-        session.commit()
-        submit.publish(state, to_publish)
-        return batch_object(batch, job_state.request_counts({"queued": len(lines)}))
+        return _start(state, session, tenant, once, lines, endpoint=original.endpoint,
+                      completion_window=original.completion_window, meta=metadata, priority=original.priority,
+                      webhook_url=original.webhook_url, webhook_events=original.webhook_events,
+                      retry_of=original.id, input_file_id=original.input_file_id)
 
     return await create_once(request, session, tenant, "batch", [raw], retry,
                              lambda new_id: batch_view(session, load_batch(session, new_id, tenant)))

@@ -10,7 +10,6 @@ from fastapi.responses import Response
 from genq.services import jobs as jobs_data
 from genq.services import submit
 from genq.services.body import (
-    batch_error,
     parse_json_body,
     read_body,
     refuse_nul_params,
@@ -21,7 +20,6 @@ from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
 from genq.services.objects import JobObject
 from genq.services.resources import Once, create_once, get_owned
-from genq.services.validation import validate_line
 from genq.shared.db import Job
 from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.views import job_object
@@ -42,16 +40,7 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
     obj = parse_json_body(raw)
 
     def create(once: Once) -> dict[str, Any]:
-        line, errors = validate_line(obj, None, state.registry, max_prompt_chars=state.limits.max_prompt_chars,
-                                     adapters=submit.adapters(state, session, tenant))
-        if line is None:
-            raise batch_error(errors)
-        submit.admit(state, session, tenant, 1)
-        job, item = jobs_data.create_job(session, line=line, tenant=tenant)
-        once.remember(job.id)
-        session.commit()
-        submit.publish(state, [item])
-        return job_object(job)
+        return job_object(submit.one_job(state, session, tenant, obj, once))
 
     def replay(job_id: str) -> dict[str, Any]:
         job = load_job(session, job_id, tenant)

@@ -11,11 +11,10 @@ from fastapi import APIRouter, Query, Request
 
 from genq.services import jobs as jobs_data
 from genq.services import submit
-from genq.services.body import batch_error, body_schema, parse_json_body, read_body, request_body_doc
+from genq.services.body import body_schema, parse_json_body, read_body, request_body_doc
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, error_response
 from genq.services.resources import Once, create_once, get_owned
-from genq.services.validation import validate_line
 from genq.shared.db import Job
 from genq.shared.errors import ErrorCode
 from genq.shared.kinds import ENDPOINTS, Endpoint
@@ -78,17 +77,7 @@ async def _serve(url: str, request: Request, state: StateDep, session: SessionDe
         return _answer(done, renderer)
 
     def create(once: Once) -> dict[str, Any]:
-        line, errors = validate_line({"url": url, "body": body}, None, state.registry,
-                                     max_prompt_chars=state.limits.max_prompt_chars,
-                                     adapters=submit.adapters(state, session, tenant))
-        if line is None:
-            raise batch_error(errors)
-        submit.admit(state, session, tenant, 1)
-        job, item = jobs_data.create_job(session, line=line, tenant=tenant)
-        once.remember(job.id)
-        session.commit()
-        submit.publish(state, [item])
-        return answer(job.id)
+        return answer(submit.one_job(state, session, tenant, {"url": url, "body": body}, once).id)
 
     def replay(job_id: str) -> dict[str, Any]:
         get_owned(session, Job, job_id, tenant, "job")
