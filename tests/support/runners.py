@@ -48,6 +48,5 @@ class FailingBatchEchoRunner(EchoRunner):
 
     def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
         if self.batched and any(FAILING_PROMPT in it.body.prompts for it in items):  # type: ignore[attr-defined]
-            self.calls.append(len(items))
             raise RuntimeError(f"the batched call failed on prompt {FAILING_PROMPT!r}")
         return super().run_batch(items)

@@ -37,7 +37,6 @@ class EchoRunner(SerialRunner):
         self.options = typed_options(spec, EchoOptions)
         self.delay_s = self.options.delay_s
         self.batched = self.options.batch
-        self.calls: list[int] = []  # items per call, for tests
 
     def load(self) -> None:
         pass
@@ -51,7 +50,6 @@ class EchoRunner(SerialRunner):
         return len(body.prompts) * body.n if self.batched else 1
 
     def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
-        self.calls.append(len(items))
         if not self.batched:
             return super().run_batch(items)
         for step in range(10 if self.delay_s > 0 else 0):
