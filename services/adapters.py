@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from genq.services.adapter_archive import CONFIG_NAME, AdapterError, CheckedAdapter
 from genq.services.adapter_archive import AdapterTooLarge as AdapterTooLarge  # re-exported: the routes catch it here
 from genq.shared.adapters import storage_key
-from genq.shared.db import Adapter, new_id, owned_by
+from genq.shared.db import Adapter, IdempotencyKey, new_id, owned_by
 from genq.shared.kinds import ADAPTER_KINDS
 from genq.shared.registry import ModelSpec, Registry
 from genq.shared.storage import Storage
@@ -121,6 +122,9 @@ def create(session: Session, storage: Storage, *, tenant: str | None, name: str,
     others = session.execute(select(Adapter.id).where(owned_by(Adapter.tenant, tenant), Adapter.name == name,
                                                       Adapter.id != adapter_id)).first()
     if others is not None:
+        # This upload's idempotency key goes too: a retry with it is refused by name, as this was.
+        session.execute(sql_delete(IdempotencyKey).where(IdempotencyKey.object_type == "adapter",
+                                                         IdempotencyKey.object_id == adapter_id))
         delete(session, storage, row)
         return None
     return row

@@ -55,6 +55,11 @@ def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: 
         delay = min(delay * 1.5, 0.25)
 
 
+def _known(code: str | None) -> ErrorCode:
+    """A stored job error's code, or runtime_error for one outside the catalogue (a plugin runner's)."""
+    return ErrorCode(code) if code in {c.value for c in ErrorCode} else ErrorCode.RUNTIME_ERROR
+
+
 def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
     if job.status == "succeeded":
         return renderer.render(job) or {}
@@ -62,7 +67,7 @@ def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
     if job.status == "cancelled":
         raise APIError(409, f"job {job.id} was cancelled", code="cancelled")
     status = 400 if error.get("code") == "invalid_request" else 500
-    raise APIError(status, error.get("message", "generation failed"), code=error.get("code") or ErrorCode.RUNTIME_ERROR,
+    raise APIError(status, error.get("message", "generation failed"), code=_known(error.get("code")),
                    param=error.get("param"), extra={"job_id": job.id})
 
 

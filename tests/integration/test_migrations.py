@@ -48,3 +48,12 @@ def test_0005_moves_image_output_keys_into_their_own_list(tmp_path: Path) -> Non
         "data": [{"seed": 3, "index": 0, "revised_prompt": None}, {"seed": 4, "index": 1, "revised_prompt": None}]}
     assert json.loads(rows["job_txt"]) == text_result
     assert "output_key" not in columns
+
+    from alembic import command
+
+    from genq.shared.migrate import alembic_config
+
+    command.downgrade(alembic_config(url), "0004")  # and back: the old code finds its keys again
+    with engine_for(url).connect() as conn:
+        back = dict(conn.execute(text("SELECT id, result FROM jobs")).all())
+    assert json.loads(back["job_img"]) == old and json.loads(back["job_txt"]) == text_result

@@ -456,6 +456,24 @@ def test_a_second_upload_of_a_name_steps_back(db: Any, tmp_path: Path) -> None:
     assert not list((tmp_path / "objects" / "adapters").glob("*/*"))
 
 
+def test_an_upload_that_steps_back_takes_its_idempotency_key_with_it(db: Any, tmp_path: Path) -> None:
+    """A retry of the upload that lost the name race is refused by name again, not answered 404."""
+    from genq.services import adapters
+    from genq.services.idempotency import remember
+    from genq.shared.db import IdempotencyKey
+    from genq.shared.registry import parse_registry
+    from genq.shared.storage import FileStorage
+
+    registry = parse_registry(REGISTRY_TOML, tmp_path)
+    storage = FileStorage(tmp_path / "objects")
+    _store(db, storage, "acme", "style", registry.models["t"])
+    checked = check_archive(_tar(_peft()), model=registry.models["t"], max_bytes=BIG)
+    with db() as session:
+        lost = adapters.create(session, storage, tenant="acme", name="style", model=registry.models["t"],
+                               checked=checked, remember=lambda i: remember(session, "acme", "k", "fp", "adapter", i))
+        assert lost is None and session.get(IdempotencyKey, ("acme", "k")) is None
+
+
 def test_a_batch_reads_the_tenants_adapters_once(db: Any, tmp_path: Path) -> None:
     from sqlalchemy import event
 

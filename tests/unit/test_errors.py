@@ -45,3 +45,10 @@ def test_the_status_comes_from_the_catalogue_unless_given() -> None:
 def test_job_errors_name_the_field_only_when_there_is_one() -> None:
     assert job_error(ErrorCode.WORKER_LOST, "gone") == {"code": "worker_lost", "message": "gone"}
     assert job_error(ErrorCode.INVALID_REQUEST, "bad", "body.prompt")["param"] == "body.prompt"
+
+
+def test_a_job_error_code_outside_the_catalogue_answers_as_a_runtime_error() -> None:
+    from genq.services.routes.sync import _known
+
+    assert _known("worker_lost") is ErrorCode.WORKER_LOST
+    assert _known("a_plugin_code") is ErrorCode.RUNTIME_ERROR and _known(None) is ErrorCode.RUNTIME_ERROR

@@ -44,6 +44,24 @@ def upgrade() -> None:
         batch.drop_column("output_key")
 
 
+def _restored(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The reverse of `_moved`: output_keys[i] back into data[i].output_key."""
+    keys = result.get("output_keys")
+    data = result.get("data")
+    if not isinstance(keys, list) or not isinstance(data, list):
+        return None
+    rest = {k: v for k, v in result.items() if k != "output_keys"}
+    return {**rest, "data": [{**d, "output_key": key} if isinstance(d, dict) else d
+                             for d, key in zip(data, keys, strict=False)]}
+
+
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("output_key", sa.String(300)))
+    conn = op.get_bind()
+    rows = conn.execute(sa.select(jobs.c.id, jobs.c.result).where(jobs.c.url == IMAGES_URL,
+                                                                   jobs.c.result.is_not(None))).all()
+    for job_id, result in rows:
+        restored = _restored(result) if isinstance(result, dict) else None
+        if restored is not None:
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(result=restored))
