@@ -82,16 +82,11 @@ def batch_error(errors: list[LineError]) -> APIError:
 # cannot describe them; these give the OpenAPI document (and clients, and fuzzers) the real shapes.
 
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A model's JSON schema, inline (the request models nest no other models)."""
+    """A model's JSON schema, inline (the request models nest no other models). Each request model
+    spells out its validators' rules itself (genq.shared.schemas.documented)."""
     schema = model.model_json_schema()
     assert "$defs" not in schema, f"{model.__name__} nests models; give it $ref handling"
     return schema
-
-
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A request body model's schema for the document; each model spells out its validators'
-    rules itself (genq.shared.schemas.documented)."""
-    return model_schema(model)
 
 
 def request_line_schema(*, batch: bool = False) -> dict[str, Any]:
@@ -99,13 +94,13 @@ def request_line_schema(*, batch: bool = False) -> dict[str, Any]:
     plain object so that the model of its `url` checks it). In a batch, `custom_id` is required."""
     variants = []
     for url, endpoint in ENDPOINTS.items():
-        schema = body_schema(RequestLine)
+        schema = model_schema(RequestLine)
         if batch:
             schema["properties"]["custom_id"] = {"type": "string", "minLength": 1, "maxLength": 512,
                                                  "title": "Custom Id", "description": "Unique within the batch."}
             schema["required"] = [*schema.get("required", []), "custom_id"]
         schema["properties"]["url"] = {"const": url, "title": "Url"}
-        schema["properties"]["body"] = body_schema(endpoint.body)
+        schema["properties"]["body"] = model_schema(endpoint.body)
         variants.append(schema)
     return {"title": "RequestLine", "description": RequestLine.__doc__, "anyOf": variants}
 

@@ -16,7 +16,6 @@ from genq.services import submit
 from genq.services.body import (
     NUL_MESSAGE,
     batch_error,
-    body_schema,
     has_nul,
     model_schema,
     ndjson_lines,
@@ -105,7 +104,7 @@ def _start(state: StateDep, session: SessionDep, tenant: str | None, once: Once,
 
 
 def _batch_create_schema() -> dict[str, Any]:
-    schema = body_schema(BatchCreate)
+    schema = model_schema(BatchCreate)
     lines = {"type": "array", "items": request_line_schema(batch=True), "minItems": 1}
     schema["properties"]["requests"] = {**lines, "title": "Requests"}
     schema["anyOf"] = [{"required": ["requests"]}, {"required": ["input_file_id", "endpoint"]}]

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 
 from genq.services import jobs as jobs_data
 from genq.services import submit
-from genq.services.body import body_schema, parse_json_body, read_body, request_body_doc
+from genq.services.body import model_schema, parse_json_body, read_body, request_body_doc
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, error_response
 from genq.services.resources import Once, create_once, get_owned
@@ -105,4 +105,4 @@ def _route(endpoint: Endpoint) -> Callable[..., Awaitable[dict[str, Any]]]:
 # One synchronous route per endpoint of the table of kinds, at the endpoint's own url.
 for _endpoint in ENDPOINTS.values():
     router.add_api_route(_endpoint.url, _route(_endpoint), methods=["POST"], responses=WAIT_RESPONSES,
-                         openapi_extra=request_body_doc(body_schema(_endpoint.body)))
+                         openapi_extra=request_body_doc(model_schema(_endpoint.body)))

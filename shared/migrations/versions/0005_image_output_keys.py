@@ -8,6 +8,7 @@ Create Date: 2026-12-02
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,14 +33,19 @@ def _moved(result: dict[str, Any]) -> dict[str, Any] | None:
     return {**result, "data": rest, "output_keys": keys}
 
 
-def upgrade() -> None:
+def _rewrite_image_results(change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+    """Store `change(result)` for every image job whose result it changes (None: leave it)."""
     conn = op.get_bind()
     rows = conn.execute(sa.select(jobs.c.id, jobs.c.result).where(jobs.c.url == IMAGES_URL,
                                                                    jobs.c.result.is_not(None))).all()
     for job_id, result in rows:
-        moved = _moved(result) if isinstance(result, dict) else None
-        if moved is not None:
-            conn.execute(jobs.update().where(jobs.c.id == job_id).values(result=moved))
+        changed = change(result) if isinstance(result, dict) else None
+        if changed is not None:
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(result=changed))
+
+
+def upgrade() -> None:
+    _rewrite_image_results(_moved)
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("output_key")
 
@@ -58,10 +64,4 @@ def _restored(result: dict[str, Any]) -> dict[str, Any] | None:
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("output_key", sa.String(300)))
-    conn = op.get_bind()
-    rows = conn.execute(sa.select(jobs.c.id, jobs.c.result).where(jobs.c.url == IMAGES_URL,
-                                                                   jobs.c.result.is_not(None))).all()
-    for job_id, result in rows:
-        restored = _restored(result) if isinstance(result, dict) else None
-        if restored is not None:
-            conn.execute(jobs.update().where(jobs.c.id == job_id).values(result=restored))
+    _rewrite_image_results(_restored)
