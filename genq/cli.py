@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from genq import __version__
 from genq.client import ClientSettings
 
 
@@ -43,7 +44,7 @@ class _Commands(click.Group):
 
 
 @click.group(cls=_Commands)
-@click.version_option("0.1.0", prog_name="genq")
+@click.version_option(__version__, prog_name="genq")
 def main() -> None:
     """genq: a distributed job queue for generative models."""
 

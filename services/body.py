@@ -82,11 +82,26 @@ def batch_error(errors: list[LineError]) -> APIError:
 # cannot describe them; these give the OpenAPI document (and clients, and fuzzers) the real shapes.
 
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A model's JSON schema, inline (the request models nest no other models). Each request model
-    spells out its validators' rules itself (genq.shared.schemas.documented)."""
+    """A model's JSON schema with its nested models written inline (no `$defs`, so that it can be
+    placed anywhere in the OpenAPI document). Each request model spells out its validators' rules
+    itself (genq.shared.schemas.documented)."""
     schema = model.model_json_schema()
-    assert "$defs" not in schema, f"{model.__name__} nests models; give it $ref handling"
-    return schema
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            ref = node["$ref"].removeprefix("#/$defs/")
+            return inline({**defs[ref], **{k: v for k, v in node.items() if k != "$ref"}})
+        out = {k: inline(v) for k, v in node.items()}
+        if isinstance(out.get("discriminator"), dict):  # its mapping names $defs, gone now
+            out["discriminator"] = {"propertyName": out["discriminator"]["propertyName"]}
+        return out
+
+    return inline(schema)
 
 
 def request_line_schema(*, batch: bool = False) -> dict[str, Any]:

@@ -174,8 +174,11 @@ def _prompt_errors(body: JobBody, line: int | None, max_chars: int) -> list[Line
 
 def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: str | None = None,
                   max_prompt_chars: int = MAX_PROMPT_CHARS,
-                  adapters: AdapterCatalog | None = None) -> tuple[ValidLine | None, list[LineError]]:
+                  adapters: AdapterCatalog | None = None,
+                  stream: bool = False) -> tuple[ValidLine | None, list[LineError]]:
     """Check one request line against the schema, the prompt length limit and the registry.
+    `stream`: the caller answers `stream: true` bodies as Server-Sent Events (only the
+    synchronous endpoints do).
 
     A named adapter is resolved through `adapters` (the submitting tenant's uploads and the
     registry's; registry adapters only when None) and the body keeps its stable id, so a later
@@ -202,6 +205,9 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
         return None, _pydantic_errors(exc, line, "body", body_model(req.url))
     if errors := _prompt_errors(body, line, max_prompt_chars):
         return None, errors
+    if getattr(body, "stream", False) and not stream:
+        return None, [LineError(line, "body.stream", f"only POST {req.url} streams; jobs and batch lines "
+                                                     "are answered whole (leave stream out or false)")]
 
     model = req.body.get("model")
     spec = registry.get(model)
@@ -211,7 +217,7 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
     if spec.kind not in served_by(req.url):
         return None, [LineError(line, "body.model",
                                 f"model {model!r} is a {spec.kind} model and cannot serve {req.url}")]
-    if limits := spec.options.limit_errors(body, model):
+    if limits := spec.options.limit_errors(body, model, spec.source):
         param, message = limits[0]
         return None, [LineError(line, param, message)]
     ref = body.adapter

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from genq.shared.chat import CHAT_URL, ChatBody, ChatCompletion
 from genq.shared.options import EchoOptions, GanOptions, ImageOptions, ModelOptions, TextOptions
 from genq.shared.schemas import CompletionBody, ImageBody, ImagesResult, JobBody, TextCompletion
 
@@ -44,16 +45,18 @@ class Kind:
 
 COMPLETIONS = Endpoint(COMPLETIONS_URL, CompletionBody, TextCompletion, "completions",
                        "An OpenAI completion, answered through the queue")
+CHAT = Endpoint(CHAT_URL, ChatBody, ChatCompletion, "chat_completions",
+                "An OpenAI chat completion, answered through the queue")
 IMAGES = Endpoint(IMAGES_URL, ImageBody, ImagesResult, "image_generations",
                   "An OpenAI image generation, answered through the queue")
 
-ENDPOINTS: dict[str, Endpoint] = {e.url: e for e in (COMPLETIONS, IMAGES)}
+ENDPOINTS: dict[str, Endpoint] = {e.url: e for e in (COMPLETIONS, CHAT, IMAGES)}
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("text", (COMPLETIONS,), TextOptions, "genq.workers.runners.text:TextRunner", adapters=True),
+    Kind("text", (COMPLETIONS, CHAT), TextOptions, "genq.workers.runners.text:TextRunner", adapters=True),
     Kind("image", (IMAGES,), ImageOptions, "genq.workers.runners.image:ImageRunner", adapters=True),
     Kind("gan", (IMAGES,), GanOptions, "genq.workers.runners.gan:GANRunner"),
-    Kind("echo", (COMPLETIONS,), EchoOptions, "genq.workers.runners.echo:EchoRunner"),
+    Kind("echo", (COMPLETIONS, CHAT), EchoOptions, "genq.workers.runners.echo:EchoRunner"),
 )}
 
 ADAPTER_KINDS: tuple[str, ...] = tuple(k.name for k in KINDS.values() if k.adapters)

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from genq.shared.schemas import MAX_IMAGE_SIDE
+from genq.shared.chat import ChatBody, chat_errors, template_of
+from genq.shared.schemas import MAX_IMAGE_SIDE, SamplingBody
 
 
 def _positive_int(value: Any) -> Any:
@@ -37,8 +38,9 @@ class ModelOptions(BaseModel):
         """Whether jobs of this model may share a call (the worker sizes its concurrency by it)."""
         return self.max_batch_size > 1
 
-    def limit_errors(self, body: BaseModel, model: str) -> list[Limit]:
-        """What in `body` passes this model's limits (none by default)."""
+    def limit_errors(self, body: BaseModel, model: str, source: str) -> list[Limit]:
+        """What in `body` passes the limits of model `model` (registry name), whose weights are at
+        `source` (a hub id or a directory); none by default."""
         return []
 
 
@@ -48,11 +50,14 @@ class AdapterOptions(ModelOptions):
     max_adapters: PositiveInt = Field(default=8, description="LoRA adapters kept loaded (least recently used go)")
 
 
-def _max_tokens_errors(max_tokens: int, body: BaseModel, model: str) -> list[Limit]:
-    asked = getattr(body, "max_tokens", None)
-    if isinstance(asked, int) and asked > max_tokens:
-        return [("body.max_tokens", f"must be <= {max_tokens} for model {model!r}")]
-    return []
+def _text_errors(max_tokens: int, body: BaseModel, model: str) -> list[Limit]:
+    """A text body's bound on generated tokens, and for chat what the model cannot honour."""
+    errors: list[Limit] = []
+    asked = body.token_limit if isinstance(body, SamplingBody) else None
+    if asked is not None and asked > max_tokens:
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        errors.append((f"body.{field}", f"must be <= {max_tokens} for model {model!r}"))
+    return errors
 
 
 class TextOptions(AdapterOptions):
@@ -60,12 +65,18 @@ class TextOptions(AdapterOptions):
 
     max_tokens: PositiveInt = Field(default=1024, description="upper bound for a request's max_tokens")
     revision: str | None = Field(default=None, description="the hub revision (branch, tag or commit) to load")
+    chat_template: str | None = Field(default=None, min_length=1, description=(
+        "a Jinja chat template for /v1/chat/completions, for models whose tokenizer files have none "
+        "(it replaces theirs)"))
 
     def batches(self) -> bool:
         return True
 
-    def limit_errors(self, body: BaseModel, model: str) -> list[Limit]:
-        return _max_tokens_errors(self.max_tokens, body, model)
+    def limit_errors(self, body: BaseModel, model: str, source: str) -> list[Limit]:
+        errors = _text_errors(self.max_tokens, body, model)
+        if isinstance(body, ChatBody):
+            errors += chat_errors(body, model, self.chat_template or template_of(source, self.revision))
+        return errors
 
 
 class ImageOptions(AdapterOptions):
@@ -76,7 +87,7 @@ class ImageOptions(AdapterOptions):
     safety_checker: bool = Field(default=True, description="run the pipeline's safety checker")
     revision: str | None = Field(default=None, description="the hub revision (branch, tag or commit) to load")
 
-    def limit_errors(self, body: BaseModel, model: str) -> list[Limit]:
+    def limit_errors(self, body: BaseModel, model: str, source: str) -> list[Limit]:
         errors: list[Limit] = []
         width, height = getattr(body, "width", 0), getattr(body, "height", 0)
         if max(width, height) > self.max_size:
@@ -104,5 +115,8 @@ class EchoOptions(ModelOptions):
     def batches(self) -> bool:
         return self.batch
 
-    def limit_errors(self, body: BaseModel, model: str) -> list[Limit]:
-        return _max_tokens_errors(self.max_tokens, body, model)
+    def limit_errors(self, body: BaseModel, model: str, source: str) -> list[Limit]:
+        errors = _text_errors(self.max_tokens, body, model)
+        if isinstance(body, ChatBody):
+            errors += chat_errors(body, model, False)  # echo uses no template
+        return errors

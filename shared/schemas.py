@@ -7,9 +7,9 @@ worker parses the stored body again with the same model, so both sides agree on 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
@@ -24,19 +24,32 @@ EVENTS = ("completed", "failed", "cancelled", "expired", "progress")
 DEFAULT_EVENTS = ("completed", "failed", "cancelled", "expired")
 
 
-def documented(**properties: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+def documented(**properties: dict[str, Any]) -> Callable[[dict[str, Any], type[BaseModel]], None]:
     """A model's `json_schema_extra`: the JSON schema of fields whose validators check more than
     their types, so that the OpenAPI document (and clients, and fuzzers) states the rule. Checking
-    stays with the validators, whose messages name the field."""
+    stays with the validators, whose messages name the field. Fields of a model that lets null take
+    the default (`nulls_take_defaults`) are documented as nullable."""
 
-    def patch(schema: dict[str, Any]) -> None:
+    def patch(schema: dict[str, Any], cls: type[BaseModel]) -> None:
         for name, rule in properties.items():
             kept = {k: v for k, v in schema["properties"][name].items() if k not in ("type", "anyOf")}
             schema["properties"][name] = {**kept, **rule}
+        if getattr(cls, "nulls_take_defaults", False):
+            for name in _defaulted(cls):
+                prop = schema["properties"][name]
+                if {"type": "null"} in prop.get("anyOf", []):
+                    continue
+                notes = {k: prop.pop(k) for k in ("default", "description", "title") if k in prop}
+                schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **notes}
         if "webhook_events" in schema["properties"]:
             schema["dependentRequired"] = {"webhook_events": ["webhook_url"]}
 
     return patch
+
+
+def _defaulted(cls: type[BaseModel]) -> list[str]:
+    """Fields with a default other than None."""
+    return [name for name, f in cls.model_fields.items() if not f.is_required() and f.default is not None]
 
 
 # What the webhook fields of request lines and batches accept (checked by the API's validation).
@@ -51,6 +64,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted: genq's chunks carry no obfuscation padding
+
+
 class JobBody(_Strict):
     """What every request body has: the model it names, an optional adapter, and prompts whose
     length the API limits. Each endpoint's body (genq.shared.kinds) is one of these."""
@@ -63,34 +81,114 @@ class JobBody(_Strict):
         return []
 
 
-class CompletionBody(JobBody):
+def _stop_list_errors(v: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(v, list):
+        if len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in v):
+            raise ValueError("stop sequences must not be empty")
+    elif v == "":
+        raise ValueError("must not be empty")
+    return v
+
+
+STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+                         {"type": "null"}]}
+LOGIT_BIAS_SCHEMA = {"anyOf": [{"type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                                "maxProperties": 300}, {"type": "null"}]}
+
+
+class SamplingBody(JobBody):
+    """What text bodies (completions and chat) share: OpenAI's sampling fields plus genq's top_k and
+    repetition_penalty. OpenAI declares these fields nullable, so an explicit null takes the default
+    (batch files written for OpenAI often carry `"temperature": null`)."""
+
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0, description="0 keeps only the most likely token.")
+    top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k filtering.")
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) to a bias from -100 to 100 added to its logit.")
+    user: str | None = Field(default=None, max_length=256)  # accepted so that OpenAI batch files work unchanged
+
+    nulls_take_defaults: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_take_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            defaulted = set(_defaulted(cls))
+            data = {k: v for k, v in data.items() if not (v is None and k in defaulted)}
+        return data
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return _stop_list_errors(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > 300:
+            raise ValueError("at most 300 tokens may be biased")
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise ValueError(f"keys must be token ids written as strings, not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} must be between -100 and 100")
+        return v
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are sampled; `temperature: 0` means greedy."""
+        return self.temperature > 0
+
+    @property
+    def top_logprob_count(self) -> int | None:
+        """How many top logprobs each generated token reports; None: no logprobs asked."""
+        return None
+
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens a choice may generate; None: as many as the model allows."""
+        return None
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
+
+class CompletionBody(SamplingBody):
     """An OpenAI `/v1/completions` body plus genq's sampling extras."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=documented(
         prompt={"anyOf": [{"type": "string", "minLength": 1},
                           {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
                            "maxItems": 64}]},
-        stop={"anyOf": [{"type": "string", "minLength": 1},
-                        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
-                        {"type": "null"}]}))
+        stop=STOP_SCHEMA, logit_bias=LOGIT_BIAS_SCHEMA))
 
     prompt: str | list[str] = Field(description="One prompt, or a list of prompts answered in order.")
     max_tokens: int = Field(default=16, ge=1, le=4096)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k filtering.")
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     do_sample: bool | None = None
-    # Accepted so that existing OpenAI batch files work unchanged.
-    user: str | None = Field(default=None, max_length=256)
-    stream: Literal[False] = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -101,18 +199,6 @@ class CompletionBody(JobBody):
             if any(not p for p in v):
                 raise ValueError("prompts must not be empty")
         elif not v:
-            raise ValueError("must not be empty")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list):
-            if len(v) > 4:
-                raise ValueError("at most 4 stop sequences")
-            if any(not s for s in v):
-                raise ValueError("stop sequences must not be empty")
-        elif v == "":
             raise ValueError("must not be empty")
         return v
 
@@ -127,17 +213,19 @@ class CompletionBody(JobBody):
         return [(f"body.prompt[{i}]", p) for i, p in enumerate(self.prompt)]
 
     @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @property
     def sampling(self) -> bool:
         """Whether tokens are sampled; `temperature: 0` means greedy unless do_sample says otherwise."""
         if self.do_sample is not None:
             return self.do_sample
         return self.temperature > 0
+
+    @property
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
 
 
 # Scheduler names a request may give; runners map them to diffusers scheduler classes.

@@ -136,12 +136,12 @@ def stack_env(pg_url: str, redis_url: str, s3_endpoint: str, tiny_registry: Path
 
 @pytest.fixture(scope="session")
 def stack(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The API plus one worker for each of tiny-gpt2, tiny-sd, tiny-gan and echo, shared by the
+    """The API plus one worker for each of tiny-gpt2, tiny-chat, tiny-sd, tiny-gan and echo, shared by the
     integration tests."""
     s = Stack(stack_env, tmp_path_factory.mktemp("stack-logs"))
     try:
         s.start_api()
-        models = ("tiny-gpt2", "tiny-sd", "tiny-gan", "echo")
+        models = ("tiny-gpt2", "tiny-chat", "tiny-sd", "tiny-gan", "echo")
         workers = {m: s.start_worker(m, name=f"worker-{m}") for m in models}
         for model, proc in workers.items():
             s.wait_worker_ready(proc, f"worker-{model}")

@@ -63,29 +63,31 @@ dining car, which would open again at six o'clock with coffee, tea, eggs, toast 
 
 
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
-    """Write `tiny-gpt2/`, `tiny-sd/` and `tiny-gan/` under `out_dir`, registered in
+    """Write `tiny-gpt2/`, `tiny-chat/`, `tiny-sd/` and `tiny-gan/` under `out_dir`, registered in
     `out_dir/models.toml`; return the registry path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     build_tiny_text(out_dir / TINY_TEXT_NAME, seed=seed)
+    build_tiny_chat(out_dir / TINY_CHAT_NAME, seed=seed)
     entry = {"kind": "text", "source": f"./{TINY_TEXT_NAME}", "max_batch_size": 16, "max_tokens": 256}
-    write_registry(out_dir, {TINY_TEXT_NAME: entry})
+    write_registry(out_dir, {TINY_TEXT_NAME: entry,
+                             TINY_CHAT_NAME: {**entry, "source": f"./{TINY_CHAT_NAME}"}})
     build_tiny_sd(out_dir / TINY_SD_NAME, seed=seed)
     write_registry(out_dir, {TINY_SD_NAME: TINY_SD_ENTRY})
     build_tiny_gan(out_dir / TINY_GAN_NAME, seed=seed)
     return write_registry(out_dir, {TINY_GAN_NAME: TINY_GAN_ENTRY})
 
 
-def build_tiny_text(model_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer GPT-2 with random weights and a trained byte-level BPE tokenizer."""
+def build_tiny_text(model_dir: Path, seed: int = 0, tokenizer: Any = None) -> Path:
+    """A 2-layer GPT-2 with random weights and a trained byte-level BPE tokenizer (or `tokenizer`,
+    whose end-of-sequence token ends generation)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = train_tokenizer()
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    tokenizer = tokenizer or train_tokenizer()
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=2, n_head=4,
-        bos_token_id=eos_id, eos_token_id=eos_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids(EOS), eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
@@ -93,6 +95,34 @@ def build_tiny_text(model_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     return model_dir
+
+
+TINY_CHAT_NAME = "tiny-chat"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML, as many open chat models write it: each message between <|im_start|>role and <|im_end|>,
+# earlier tool calls as JSON in <tool_call> tags, and an open assistant turn to generate into.
+CHAT_TEMPLATE = (
+    r"{% for message in messages %}"
+    r"{{ '<|im_start|>' + message['role'] + '\n' }}"
+    r"{% for call in message.get('tool_calls') or [] %}"
+    r"{{ '<tool_call>' + (call['function'] | tojson) + '</tool_call>\n' }}"
+    r"{% endfor %}"
+    r"{{ (message['content'] or '') + '<|im_end|>\n' }}"
+    r"{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_chat(model_dir: Path, seed: int = 0) -> Path:
+    """The tiny GPT-2 as a chat model: ChatML special tokens, `<|im_end|>` as its end-of-sequence
+    token, and a real chat template in its tokenizer files."""
+    from tokenizers import AddedToken
+
+    tokenizer = train_tokenizer()
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in (IM_START, IM_END)], special_tokens=True)
+    tokenizer.eos_token = IM_END
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return build_tiny_text(model_dir, seed=seed, tokenizer=tokenizer)
 
 
 def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:

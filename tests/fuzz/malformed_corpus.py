@@ -115,7 +115,7 @@ def cases() -> list[Case]:
     c.add(text("w17", logprobs="many"), ("body.logprobs", "valid integer"))
     c.add(text("w18", echo=2), ("body.echo", "valid boolean"))
     c.add(text("w19", do_sample=[]), ("body.do_sample", "valid boolean"))
-    c.add(text("w20", stream=True), ("body.stream", "False"))
+    c.add(text("w20", stream=True), ("body.stream", "only POST /v1/completions streams"))
     c.add(text("w21", bogus=1), ("body.bogus", "unknown field"))
     c.add({**text("w22"), "extra": 1}, ("extra", "unknown field"))
     c.add({**text("w23"), "custom_id": ""}, ("custom_id", "at least 1 character"))

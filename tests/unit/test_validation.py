@@ -51,7 +51,7 @@ def test_valid_lines_are_normalised() -> None:
     (_text(stop=["a", "b", "c", "d", "e"]), "body.stop", "at most 4"),
     (_text(prompt=[]), "body.prompt", "between 1 and 64"),
     (_text(logprobs=21), "body.logprobs", "less than or equal to 20"),
-    (_text(stream=True), "body.stream", "False"),
+    (_text(stream=True), "body.stream", "only POST /v1/completions streams"),
     (_text(adapter="mine"), "body.adapter", "not registered"),
     ({**_text(), "method": "GET"}, "method", "POST"),
     ({**_text(), "extra": 1}, "extra", "unknown field"),

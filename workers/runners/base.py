@@ -7,6 +7,7 @@ them to `run_batch` together. A runner that cannot batch a kind of work gives ea
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 import uuid
@@ -76,6 +77,31 @@ def text_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: in
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+
+
+def chat_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int,
+                    fingerprint: str) -> dict[str, Any]:
+    """An OpenAI `chat.completion` response body."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "system_fingerprint": fingerprint,
+    }
+
+
+def fingerprint(spec: ModelSpec) -> str:
+    """OpenAI's `system_fingerprint`: names the serving configuration (weights, revision, dtype and
+    genq's version), so a client sees when the same seed may no longer give the same text."""
+    from genq import __version__
+
+    revision = getattr(spec.options, "revision", None)
+    digest = hashlib.sha256(f"{spec.source}|{revision}|{spec.dtype}|{__version__}".encode()).hexdigest()
+    return f"fp_{digest[:10]}"
 
 
 def images_result(data: list[ImageDatum], parameters: dict[str, Any], output_keys: list[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from genq.shared.chat import ChatBody
 from genq.shared.options import EchoOptions
 from genq.shared.registry import ModelSpec
 from genq.shared.schemas import CompletionBody
@@ -24,6 +25,8 @@ from genq.workers.runners.base import (
     Outcome,
     RunContext,
     SerialRunner,
+    chat_completion,
+    fingerprint,
     text_completion,
     typed_options,
 )
@@ -46,8 +49,9 @@ class EchoRunner(SerialRunner):
 
     def rows(self, item: BatchItem) -> int:
         body = item.body
-        assert isinstance(body, CompletionBody)
-        return len(body.prompts) * body.n if self.batched else 1
+        assert isinstance(body, CompletionBody | ChatBody)
+        prompts = len(body.prompts) if isinstance(body, CompletionBody) else 1
+        return prompts * body.n if self.batched else 1
 
     def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
         if not self.batched:
@@ -62,12 +66,19 @@ class EchoRunner(SerialRunner):
         return outcomes
 
     def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
-        assert isinstance(body, CompletionBody)
+        assert isinstance(body, CompletionBody | ChatBody)
         for step in range(10 if self.delay_s > 0 else 0):
             time.sleep(self.delay_s / 10)
             if ctx.is_cancelled():
                 raise JobCancelled(ctx.job_id)
             ctx.set_progress((step + 1) / 10)
+        if isinstance(body, ChatBody):  # the last message comes back, n times
+            text = body.messages[-1].text
+            words = sum(len(m.text.split()) for m in body.messages)
+            choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None, "finish_reason": "stop"} for i in range(body.n)]
+            return chat_completion(self.spec.name, choices, prompt_tokens=words, completion_tokens=0,
+                                   fingerprint=fingerprint(self.spec))
         choices = [
             {"text": prompt, "index": i, "logprobs": None, "finish_reason": "stop"}
             for i, prompt in enumerate(p for p in body.prompts for _ in range(body.n))

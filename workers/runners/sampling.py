@@ -9,12 +9,12 @@ its batch mates' parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor
 
-from genq.shared.schemas import CompletionBody
+from genq.shared.schemas import SamplingBody
 from genq.workers.runners.base import derive_seed
 
 
@@ -33,15 +33,17 @@ class RowParams:
     seed: int
     logprobs: int  # top logprobs to keep; -1: none asked
     stops: list[str]
+    bias: dict[int, float] = field(default_factory=dict)  # OpenAI logit_bias: token id -> added to its logit
 
 
-def row_params(body: CompletionBody, seed: int, index: int) -> RowParams:
+def row_params(body: SamplingBody, seed: int, index: int, max_tokens: int) -> RowParams:
     greedy = not (body.sampling and body.temperature > 0)
+    logprobs = body.top_logprob_count
     return RowParams(greedy=greedy, temperature=body.temperature or 1.0, top_k=body.top_k, top_p=body.top_p,
-                   repetition=body.repetition_penalty, presence=body.presence_penalty,
-                   frequency=body.frequency_penalty, max_tokens=body.max_tokens,
-                   seed=derive_seed(seed, index), logprobs=-1 if body.logprobs is None else body.logprobs,
-                   stops=body.stop_list)
+                     repetition=body.repetition_penalty, presence=body.presence_penalty,
+                     frequency=body.frequency_penalty, max_tokens=max_tokens,
+                     seed=derive_seed(seed, index), logprobs=-1 if logprobs is None else logprobs,
+                     stops=body.stop_list, bias=body.token_bias)
 
 
 class RowSampler(LogitsProcessor):
@@ -66,6 +68,9 @@ class RowSampler(LogitsProcessor):
         self.frequency = t([r.frequency for r in rows])
         self.any_repetition = any(r.repetition != 1.0 for r in rows)
         self.any_openai = any(r.presence or r.frequency for r in rows)
+        biased = [(i, token, value) for i, r in enumerate(rows) for token, value in r.bias.items()]
+        self.bias = (t([i for i, _, _ in biased], torch.long), t([k for _, k, _ in biased], torch.long),
+                     t([v for _, _, v in biased])) if biased else None
         self.generators = {i: torch.Generator().manual_seed(rows[i].seed) for i in self.sampled}
         self.lp_rows = [i for i, r in enumerate(rows) if r.logprobs >= 0]
         self.lp_k = max((rows[i].logprobs for i in self.lp_rows), default=0)
@@ -94,6 +99,9 @@ class RowSampler(LogitsProcessor):
             generated = input_ids[:, self.width:]
             counts = torch.zeros_like(s).scatter_add_(1, generated, torch.ones_like(generated, dtype=s.dtype))
             s = s - counts * self.frequency[:, None] - (counts > 0).to(s.dtype) * self.presence[:, None]
+        if self.bias is not None:  # out of place: `s` may still be the raw scores logprobs are read from
+            rows, tokens, values = self.bias
+            s = s.index_put((rows, tokens), values, accumulate=True)
         return s
 
     def _sample(self, s: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Text completion with a Hugging Face causal LM: OpenAI `/v1/completions` requests, batched.
+"""Text generation with a Hugging Face causal LM: OpenAI `/v1/completions` and
+`/v1/chat/completions` requests, batched together.
+
+A chat request's prompt is its conversation rendered by the model's own chat template
+(`apply_chat_template` with `add_generation_prompt`; the registry's `chat_template` replaces the
+tokenizer's), tokenized as the template wrote it; from there on it is one more prompt in the batch.
 
 The worker's batcher hands `run_batch` any number of requests at once; their prompts x n rows go
 through one left-padded `generate` call. Rows differ freely in sampling parameters: one logits
@@ -40,9 +45,10 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from genq.shared.chat import ChatBody
 from genq.shared.options import TextOptions
 from genq.shared.registry import ModelSpec
-from genq.shared.schemas import CompletionBody
+from genq.shared.schemas import CompletionBody, SamplingBody
 from genq.workers.runners.base import (
     BatchItem,
     Deferred,
@@ -51,6 +57,8 @@ from genq.workers.runners.base import (
     LocalAdapter,
     Outcome,
     RunContext,
+    chat_completion,
+    fingerprint,
     finish,
     module_bytes,
     random_seed,
@@ -110,6 +118,7 @@ class _RowWatch(StoppingCriteria):
 @dataclass
 class _Prepared:
     prompt_ids: list[list[int]]
+    max_tokens: int  # what each choice may generate
     rows: list[RowParams] = field(default_factory=list)
     row_prompt: list[int] = field(default_factory=list)  # the prompt index of each row
 
@@ -124,6 +133,7 @@ class TextRunner:
         self.options = typed_options(spec, TextOptions)
         self.tokenizer: Any = None
         self.text: TokenText | None = None  # decoding, set at load
+        self.fingerprint = fingerprint(spec)
         self.peft = PeftAdapters(spec.name, self.options.max_adapters)
         self.adapters: AdapterLRU[LocalAdapter] = self.peft.lru
         self._lock = threading.Lock()  # one batch at a time on this model
@@ -136,6 +146,8 @@ class TextRunner:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # decoder-only batches grow on the right
+        if self.options.chat_template:
+            tokenizer.chat_template = self.options.chat_template
         model = AutoModelForCausalLM.from_pretrained(self.spec.source, dtype=self.dtype, **revision)
         self.peft.attach(model.to(self.device).eval())
         self.tokenizer = tokenizer
@@ -179,20 +191,37 @@ class TextRunner:
 
     def prepare(self, item: BatchItem) -> None:
         body = item.body
-        assert isinstance(body, CompletionBody)
+        assert isinstance(body, SamplingBody)
         if self.model is None:
             self.load()
         if body.adapter is not None and item.adapter is None:
             raise InvalidRequest(f"adapter {body.adapter!r} is not available to this worker", "body.adapter")
-        prompt_ids = [self.tokenizer(p)["input_ids"] for p in body.prompts]
-        self.check_inputs(body, prompt_ids)
+        prompt_ids = self.encode(body)
+        max_tokens = self.check_inputs(body, prompt_ids)
         seed = body.seed if body.seed is not None else random_seed()
-        prepared = _Prepared(prompt_ids)
+        prepared = _Prepared(prompt_ids, max_tokens)
         for p in range(len(prompt_ids)):
             for k in range(body.n):
-                prepared.rows.append(row_params(body, seed, p * body.n + k))
+                prepared.rows.append(row_params(body, seed, p * body.n + k, max_tokens))
                 prepared.row_prompt.append(p)
         item.prepared = prepared
+
+    def encode(self, body: SamplingBody) -> list[list[int]]:
+        """The token ids of each prompt: a completion's prompts, or a chat's templated conversation."""
+        if isinstance(body, CompletionBody):
+            return [self.tokenizer(p)["input_ids"] for p in body.prompts]
+        assert isinstance(body, ChatBody)
+        if not self.tokenizer.chat_template:
+            raise InvalidRequest(f"model {self.spec.name} has no chat template; send its prompts to "
+                                 "/v1/completions instead", "body.model")
+        try:
+            text = self.tokenizer.apply_chat_template(body.template_messages(), tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - jinja's TemplateError, or raise_exception() in the template
+            raise InvalidRequest(f"model {self.spec.name}'s chat template cannot render these messages: {exc}",
+                                 "body.messages") from None
+        # The template writes the special tokens itself, so none are added around it.
+        return [self.tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     def batch_key(self, item: BatchItem) -> Hashable:
         return "text"  # any requests share a batch: parameters and adapters are per row
@@ -255,8 +284,7 @@ class TextRunner:
 
     def echo_logprobs(self, item: BatchItem) -> list[dict[str, Any]] | None:
         body, prepared = item.body, item.prepared
-        assert isinstance(body, CompletionBody)
-        if body.logprobs is None or not body.echo:
+        if not isinstance(body, CompletionBody) or body.logprobs is None or not body.echo:
             return None
         with self.peft.scope([self.peft.name(item)]) as extra:
             return [self.prompt_logprobs(ids, body.logprobs, extra) for ids in prepared.prompt_ids]
@@ -264,16 +292,26 @@ class TextRunner:
     def respond(self, item: BatchItem, generated: list[list[int]], row_lp: list[list[tuple[float, Any, Any]]],
                 prompt_lp: list[dict[str, Any]] | None) -> dict[str, Any]:
         body, prepared = item.body, item.prepared
-        assert isinstance(body, CompletionBody)
+        assert isinstance(body, SamplingBody) and self.text is not None
         # 1. Cut each row at its max_tokens, EOS or first stop string.
-        assert self.text is not None
-        cut = [self.text.cut_row(ids[:body.max_tokens], body.stop_list) for ids in generated]
+        cut = [self.text.cut_row(ids[:prepared.max_tokens], body.stop_list) for ids in generated]
+        usage = {"prompt_tokens": sum(len(ids) for ids in prepared.prompt_ids),
+                 "completion_tokens": sum(row.counted for row in cut)}
+        k = body.top_logprob_count
+        if isinstance(body, ChatBody):
+            # 2. The OpenAI chat.completion, with logprobs of the kept tokens from the raw logits.
+            choices = [{"index": i, "message": {"role": "assistant", "content": row.text, "refusal": None},
+                        "logprobs": None if k is None else {"content": self.text.chat_logprobs(steps, row, k),
+                                                            "refusal": None},
+                        "finish_reason": row.finish_reason}
+                       for i, (row, steps) in enumerate(zip(cut, row_lp, strict=True))]
+            return chat_completion(self.spec.name, choices, fingerprint=self.fingerprint, **usage)
+        assert isinstance(body, CompletionBody)
+        # 2. Logprobs of the kept tokens, from the raw logits; echoed prompts' logprobs go first.
         prompts = [body.prompts[p] for p in prepared.row_prompt]
-        # 2. Logprobs of the kept tokens, from the raw logits.
         logprobs: list[dict[str, Any] | None] = [None] * len(cut)
-        if body.logprobs is not None:
-            logprobs = [self.text.completion_logprobs(steps, row, body.logprobs) for steps, row in zip(row_lp, cut,
-                                                                                                  strict=True)]
+        if k is not None:
+            logprobs = [self.text.completion_logprobs(steps, row, k) for steps, row in zip(row_lp, cut, strict=True)]
             if prompt_lp is not None:
                 logprobs = [join_logprobs(prompt_lp[prepared.row_prompt[i]], lp, len(prompts[i]))  # type: ignore[arg-type]
                             for i, lp in enumerate(logprobs)]
@@ -283,30 +321,42 @@ class TextRunner:
              "logprobs": logprobs[i], "finish_reason": row.finish_reason}
             for i, row in enumerate(cut)
         ]
-        return text_completion(self.spec.name, choices,
-                               prompt_tokens=sum(len(ids) for ids in prepared.prompt_ids),
-                               completion_tokens=sum(row.counted for row in cut))
+        return text_completion(self.spec.name, choices, **usage)
 
-    def check_inputs(self, body: CompletionBody, prompt_ids: list[list[int]]) -> None:
-        if body.max_tokens > self.options.max_tokens:
-            raise InvalidRequest(
-                f"max_tokens is {body.max_tokens}; model {self.spec.name} allows at most "
-                f"{self.options.max_tokens}", "body.max_tokens")
+    def check_inputs(self, body: SamplingBody, prompt_ids: list[list[int]]) -> int:
+        """Check the prompts and token bounds against the model; return each choice's max tokens
+        (a chat that names none may fill the context, up to the registry's max_tokens)."""
+        asked = body.token_limit
+        field = "body.max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "body.max_tokens"
+        if asked is not None and asked > self.options.max_tokens:
+            raise InvalidRequest(f"{field.removeprefix('body.')} is {asked}; model {self.spec.name} allows at most "
+                                 f"{self.options.max_tokens}", field)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if any(token >= vocab for token in body.token_bias):
+            raise InvalidRequest(f"logit_bias names a token id outside model {self.spec.name}'s vocabulary "
+                                 f"of {vocab}", "body.logit_bias")
         limit = self.context_length
+        chat = isinstance(body, ChatBody)
+        prompt_field = "body.messages" if chat else "body.prompt"
+        max_tokens = asked or self.options.max_tokens
         for i, ids in enumerate(prompt_ids):
-            which = f"prompt {i}" if isinstance(body.prompt, list) else "the prompt"
+            which = ("the templated conversation" if chat else
+                     f"prompt {i}" if isinstance(getattr(body, "prompt", None), list) else "the prompt")
             if not ids:
-                raise InvalidRequest(f"{which} encodes to no tokens", "body.prompt")
+                raise InvalidRequest(f"{which} encodes to no tokens", prompt_field)
             if limit is None:
                 continue
             if len(ids) >= limit:
                 raise InvalidRequest(
                     f"{which} is {len(ids)} tokens; model {self.spec.name} has a context of {limit} tokens",
-                    "body.prompt")
-            if len(ids) + body.max_tokens > limit:
+                    prompt_field)
+            if asked is None:
+                max_tokens = min(max_tokens, limit - len(ids))
+            elif len(ids) + asked > limit:
                 raise InvalidRequest(
-                    f"{which} ({len(ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds the "
-                    f"context of {limit} tokens; use max_tokens <= {limit - len(ids)}", "body.max_tokens")
+                    f"{which} ({len(ids)} tokens) plus {field.removeprefix('body.')} ({asked}) exceeds the "
+                    f"context of {limit} tokens; use {field.removeprefix('body.')} <= {limit - len(ids)}", field)
+        return max_tokens
 
     def prompt_logprobs(self, ids: list[int], k: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """One forward pass over the prompt: token t is scored by the logits at t - 1."""

@@ -43,6 +43,19 @@ class TokenText:
         return self.format_logprobs(row.kept, [chosen for chosen, _, _ in kept],
                                      [self.top(ids[:k], values[:k]) for _, values, ids in kept])
 
+    def chat_logprobs(self, steps: list[tuple[float, Any, Any]], row: Row, k: int) -> list[dict[str, Any]]:
+        """OpenAI's chat `logprobs.content`: each kept token with its UTF-8 bytes and its k most
+        likely alternatives (ids that decode alike each keep their entry, as in OpenAI's lists)."""
+        out = []
+        for token, (chosen, values, ids) in zip(row.kept, steps, strict=False):
+            out.append({**self._token(token, chosen),
+                        "top_logprobs": [self._token(i, v) for i, v in zip(ids[:k], values[:k], strict=True)]})
+        return out
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
     def format_logprobs(self, ids: list[int], chosen: list[Any], tops: list[Any]) -> dict[str, Any]:
         return {
             "tokens": [self.decode([t]) for t in ids],
