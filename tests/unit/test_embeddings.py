@@ -22,7 +22,13 @@ from genq.shared.schemas import EmbeddingBody
 from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext, finish
 from genq.workers.runners.embedding import EmbeddingRunner, plan_passes
 from genq.workers.tiny import CORPUS
-from genq.workers.tiny_embed import TINY_EMBED_DIM, TINY_EMBED_ENTRY, TINY_EMBED_MAX_SEQ, build_tiny_embed
+from genq.workers.tiny_embed import (
+    TINY_EMBED_DIM,
+    TINY_EMBED_ENTRY,
+    TINY_EMBED_MAX_SEQ,
+    build_tiny_embed,
+    write_sentence_transformers_files,
+)
 
 TEXTS = ["The weather was mild that morning.", "hello",
          "A job queue lets many users ask for work that takes a while, and lets a pool of workers do that "
@@ -248,6 +254,20 @@ def test_the_pooling_config_is_read_by_the_transformers_loader(model_dir: Path, 
     for loader in ("auto", "transformers"):
         runner = EmbeddingRunner(model_spec("c", "embedding", str(cls_dir), loader=loader), device="cpu")
         assert np.abs(_vectors(runner.run(_body(TEXTS))) - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("loader", ["auto", "transformers"])
+def test_a_model_whose_modules_do_not_normalise_is_not_normalised_unless_asked(
+        model_dir: Path, reference: Any, tmp_path: Path, loader: str) -> None:
+    raw_dir = shutil.copytree(model_dir, tmp_path / "raw", ignore=shutil.ignore_patterns("2_Normalize"))
+    write_sentence_transformers_files(raw_dir, TINY_EMBED_DIM, TINY_EMBED_MAX_SEQ, normalize=False)
+    expected = reference.encode(TEXTS, convert_to_numpy=True)
+    as_is = EmbeddingRunner(model_spec("r", "embedding", str(raw_dir), loader=loader), device="cpu")
+    vectors = _vectors(as_is.run(_body(TEXTS)))
+    assert not np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+    assert np.abs(vectors / np.linalg.norm(vectors, axis=1, keepdims=True) - expected).max() < 1e-5
+    asked = EmbeddingRunner(model_spec("r", "embedding", str(raw_dir), loader=loader, normalize=True), device="cpu")
+    assert np.abs(_vectors(asked.run(_body(TEXTS))) - expected).max() < 1e-5
 
 
 def test_normalize_false_on_a_normalising_model_fails_at_load(model_dir: Path) -> None:

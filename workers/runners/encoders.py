@@ -83,6 +83,18 @@ def read_module_files(source: str, revision: str | None = None) -> ModuleFiles |
     return ModuleFiles(tuple(types), transformer, pooling, length if isinstance(length, int) else None)
 
 
+def normalizes(files: ModuleFiles | None, option: bool | None) -> bool:
+    """Whether the embeddings are L2-normalised: the registry's `normalize` when set, else what the
+    model's module files say (a Normalize module), else true (a model without those files)."""
+    own = files is not None and files.normalizes
+    if option is False and own:
+        raise ValueError("its modules.json normalises the embeddings (a Normalize module), so the registry's "
+                         "normalize = false cannot be honoured; remove it")
+    if option is None:
+        return own if files is not None else True
+    return option
+
+
 def max_length(configured: int | None, tokenizer: Any, config: Any) -> int | None:
     """The most tokens an input may have: the smallest of the configured max_seq_length, the
     tokenizer's model_max_length and the model's position embeddings."""
@@ -120,16 +132,13 @@ class SentenceTransformerEncoder:
                  revision: str | None, normalize: bool | None) -> None:
         from sentence_transformers import SentenceTransformer
 
+        self.normalizes = normalizes(files, normalize)  # before loading: a conflict fails fast
+        # Normalise here what the modules leave unnormalised (no Normalize module, normalize = true).
+        self._extra_norm = self.normalizes and not (files is not None and files.normalizes)
         self.model = SentenceTransformer(source, device=device, revision=revision, trust_remote_code=False)
         self.model.to(dtype).eval()
         self.tokenizer = self.model.tokenizer
         self.device = device
-        own = files is not None and files.normalizes
-        if normalize is False and own:
-            raise ValueError("its modules.json normalises the embeddings (a Normalize module), so the registry's "
-                             "normalize = false cannot be honoured; remove it")
-        self.normalizes = own or normalize is not False
-        self._extra_norm = self.normalizes and not own  # normalise here what the modules leave unnormalised
         self.max_length = max_length(self.model.max_seq_length, self.tokenizer, None)
         self._pad = (self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side == "left")
 
@@ -143,21 +152,18 @@ class TransformersEncoder:
                  revision: str | None, normalize: bool | None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        self.normalizes = normalizes(files, normalize)  # these checks before loading: they fail fast
+        self.pooling = self._pooling(files.pooling if files is not None else None)
         if files is not None:
             unknown = [t for t in files.types if t not in ("Transformer", "Pooling", "Normalize")]
             if unknown:
                 raise ValueError(f"its modules.json has {', '.join(unknown)} modules, which only the "
                                  'sentence-transformers loader runs (loader = "auto" or "sentence-transformers")')
-            if normalize is False and files.normalizes:
-                raise ValueError("its modules.json normalises the embeddings (a Normalize module), so the "
-                                 "registry's normalize = false cannot be honoured; remove it")
         sub = {"subfolder": files.transformer_path} if files is not None and files.transformer_path else {}
         rev = {"revision": revision} if revision else {}
         self.tokenizer = AutoTokenizer.from_pretrained(source, **sub, **rev)
         self.model = AutoModel.from_pretrained(source, dtype=dtype, **sub, **rev).to(device).eval()
         self.device = device
-        self.pooling = self._pooling(files.pooling if files is not None else None)
-        self.normalizes = (files is not None and files.normalizes) or normalize is not False
         configured = files.max_seq_length if files is not None else None
         self.max_length = max_length(configured, self.tokenizer, self.model.config)
         self._pad = (self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side == "left")
