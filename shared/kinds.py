@@ -18,11 +18,20 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from genq.shared.chat import CHAT_URL, ChatBody, ChatCompletion
-from genq.shared.options import EchoOptions, GanOptions, ImageOptions, ModelOptions, TextOptions
-from genq.shared.schemas import CompletionBody, ImageBody, ImagesResult, JobBody, TextCompletion
+from genq.shared.options import EchoOptions, EmbeddingOptions, GanOptions, ImageOptions, ModelOptions, TextOptions
+from genq.shared.schemas import (
+    CompletionBody,
+    EmbeddingBody,
+    EmbeddingsResult,
+    ImageBody,
+    ImagesResult,
+    JobBody,
+    TextCompletion,
+)
 
 COMPLETIONS_URL = "/v1/completions"
 IMAGES_URL = "/v1/images/generations"
+EMBEDDINGS_URL = "/v1/embeddings"
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,17 @@ CHAT = Endpoint(CHAT_URL, ChatBody, ChatCompletion, "chat_completions",
 IMAGES = Endpoint(IMAGES_URL, ImageBody, ImagesResult, "image_generations",
                   "An OpenAI image generation, answered through the queue")
 
-ENDPOINTS: dict[str, Endpoint] = {e.url: e for e in (COMPLETIONS, CHAT, IMAGES)}
+EMBEDDINGS = Endpoint(EMBEDDINGS_URL, EmbeddingBody, EmbeddingsResult, "embeddings",
+                      "OpenAI embeddings, answered through the queue")
+
+ENDPOINTS: dict[str, Endpoint] = {e.url: e for e in (COMPLETIONS, CHAT, IMAGES, EMBEDDINGS)}
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("text", (COMPLETIONS, CHAT), TextOptions, "genq.workers.runners.text:TextRunner", adapters=True),
     Kind("image", (IMAGES,), ImageOptions, "genq.workers.runners.image:ImageRunner", adapters=True),
     Kind("gan", (IMAGES,), GanOptions, "genq.workers.runners.gan:GANRunner"),
     Kind("echo", (COMPLETIONS, CHAT), EchoOptions, "genq.workers.runners.echo:EchoRunner"),
+    Kind("embedding", (EMBEDDINGS,), EmbeddingOptions, "genq.workers.runners.embedding:EmbeddingRunner"),
 )}
 
 ADAPTER_KINDS: tuple[str, ...] = tuple(k.name for k in KINDS.values() if k.adapters)

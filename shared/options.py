@@ -8,7 +8,7 @@ limits at submit time; runners check the same limits again on the worker.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -120,3 +120,29 @@ class EchoOptions(ModelOptions):
         if isinstance(body, ChatBody):
             errors += chat_errors(body, model, False)  # echo uses no template
         return errors
+
+
+class EmbeddingOptions(ModelOptions):
+    """`kind = "embedding"`: a sentence-transformers or transformers encoder. The batcher gathers up to
+    `max_batch_size` inputs into one call; the runner runs them longest first in forward passes of
+    at most `max_batch_size` inputs and `max_batch_tokens` tokens, padding included."""
+
+    max_batch_size: PositiveInt = Field(default=32, description="inputs in one batched call and one forward pass")
+    max_batch_tokens: PositiveInt = Field(
+        default=8192, description="tokens in one forward pass, counting padding (inputs x the longest); a "
+                                  "longer input runs alone")
+    matryoshka: bool = Field(default=False, description="the model may be truncated (Matryoshka-trained): "
+                                                        "requests may ask for fewer `dimensions`")
+    normalize: bool | None = Field(
+        default=None, description="L2-normalise the embeddings; unset: as the model's sentence-transformers "
+                                  "modules say (a Normalize module), true for a model without them")
+    loader: Literal["auto", "sentence-transformers", "transformers"] = Field(
+        default="auto", description="auto: sentence-transformers when the model has modules.json, else "
+                                    "transformers' AutoModel with mean pooling")
+    revision: str | None = Field(default=None, description="the hub revision (branch, tag or commit) to load")
+
+    def limit_errors(self, body: BaseModel, model: str, source: str) -> list[Limit]:
+        if getattr(body, "dimensions", None) is not None and not self.matryoshka:
+            return [("body.dimensions", f"model {model!r} does not support dimensions: its embeddings "
+                                        "may not be truncated")]
+        return []

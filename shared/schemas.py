@@ -7,9 +7,9 @@ worker parses the stored body again with the same model, so both sides agree on 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, field_validator, model_validator
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
@@ -327,3 +327,89 @@ class ImagesResult(BaseModel):
     data: list[ImageDatum]
     parameters: dict[str, Any]
     output_keys: list[str] = Field(default_factory=list, exclude=True)
+
+
+# --- embeddings ------------------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs in one request
+MAX_EMBEDDING_DIMENSIONS = 65536
+
+_Text = Annotated[str, Field(min_length=1)]
+_TokenId = Annotated[int, Strict(), Field(ge=0)]  # strict: true and 1.0 are not token ids
+
+
+def _input_kind(value: Any) -> str | None:
+    """Which form an `input` takes, read from its first element, so that a bad element is reported
+    at its own index (`body.input[3]`) rather than once for each form it fails."""
+    if isinstance(value, str):
+        return "string"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else ""
+    if isinstance(first, list):
+        return "token_lists"
+    return "tokens" if isinstance(first, int) and not isinstance(first, bool) else "strings"
+
+
+EmbeddingInput = Annotated[
+    Annotated[_Text, Tag("string")]
+    | Annotated[list[_Text], Tag("strings"), Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    | Annotated[list[_TokenId], Tag("tokens"), Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    | Annotated[list[Annotated[list[_TokenId], Field(min_length=1)]], Tag("token_lists"),
+                Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)],
+    Discriminator(_input_kind, custom_error_type="invalid_input",
+                  custom_error_message="must be a string, a list of strings, a list of token ids or a list of "
+                                       "lists of token ids"),
+]
+
+
+class EmbeddingBody(JobBody):
+    """An OpenAI `/v1/embeddings` body."""
+
+    input: EmbeddingInput = Field(description=f"A string, up to {MAX_EMBEDDING_INPUTS} strings, a list of token ids, "
+                                              f"or up to {MAX_EMBEDDING_INPUTS} lists of token ids; none empty.")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="base64: each embedding as the base64 of its little-endian float32 bytes.")
+    dimensions: int | None = Field(default=None, ge=1, le=MAX_EMBEDDING_DIMENSIONS,
+                                   description="Keep the first this many dimensions (models whose registry "
+                                               "entry allows it).")
+    user: str | None = Field(default=None, max_length=256)  # accepted, as OpenAI's is
+
+    @property
+    def inputs(self) -> list[str] | list[list[int]]:
+        """Each input in order: a text, or a list of token ids."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and isinstance(value[0], int):
+            return [value]  # type: ignore[list-item]  # one list of token ids is one input
+        return list(value)  # type: ignore[arg-type]
+
+    def input_param(self, index: int) -> str:
+        """The field of input `index`: `body.input` when the request holds one input."""
+        one = isinstance(self.input, str) or (bool(self.input) and isinstance(self.input[0], int))
+        return "body.input" if one else f"body.input[{index}]"
+
+    def prompt_texts(self) -> list[tuple[str, str]]:
+        """(field, text) of each text input, for the prompt length limit."""
+        return [(self.input_param(i), text) for i, text in enumerate(self.inputs) if isinstance(text, str)]
+
+
+class EmbeddingDatum(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32 (encoding_format: base64)
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResult(BaseModel):
+    """An OpenAI embeddings response body (`"object": "list"`), one embedding per input in order."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingDatum]
+    model: str
+    usage: EmbeddingUsage

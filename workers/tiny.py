@@ -63,8 +63,10 @@ dining car, which would open again at six o'clock with coffee, tea, eggs, toast 
 
 
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
-    """Write `tiny-gpt2/`, `tiny-chat/`, `tiny-sd/` and `tiny-gan/` under `out_dir`, registered in
-    `out_dir/models.toml`; return the registry path."""
+    """Write `tiny-gpt2/`, `tiny-chat/`, `tiny-sd/`, `tiny-gan/` and `tiny-embed/` under `out_dir`,
+    registered in `out_dir/models.toml`; return the registry path."""
+    from genq.workers.tiny_embed import TINY_EMBED_ENTRY, TINY_EMBED_NAME, build_tiny_embed
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     build_tiny_text(out_dir / TINY_TEXT_NAME, seed=seed)
@@ -75,7 +77,9 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     build_tiny_sd(out_dir / TINY_SD_NAME, seed=seed)
     write_registry(out_dir, {TINY_SD_NAME: TINY_SD_ENTRY})
     build_tiny_gan(out_dir / TINY_GAN_NAME, seed=seed)
-    return write_registry(out_dir, {TINY_GAN_NAME: TINY_GAN_ENTRY})
+    write_registry(out_dir, {TINY_GAN_NAME: TINY_GAN_ENTRY})
+    build_tiny_embed(out_dir / TINY_EMBED_NAME, CORPUS, seed=seed)
+    return write_registry(out_dir, {TINY_EMBED_NAME: TINY_EMBED_ENTRY})
 
 
 def build_tiny_text(model_dir: Path, seed: int = 0, tokenizer: Any = None) -> Path:

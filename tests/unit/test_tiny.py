@@ -1,5 +1,5 @@
 """`build_tiny`: offline, deterministic tiny models (GPT-2 with a real BPE tokenizer, Stable
-Diffusion, a DCGAN) plus their registry."""
+Diffusion, a DCGAN, a sentence-transformers BERT) plus their registry."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from genq.workers.tiny import build_tiny, write_registry
 def test_registry_points_at_the_model(tiny_dir: Path) -> None:
     registry = load_registry(tiny_dir / "models.toml")
     spec = registry.get("tiny-gpt2")
-    assert spec is not None and registry.names() == ["tiny-gpt2", "tiny-chat", "tiny-sd", "tiny-gan"]
+    assert spec is not None and registry.names() == ["tiny-gpt2", "tiny-chat", "tiny-sd", "tiny-gan", "tiny-embed"]
     assert spec.kind == "text"
     assert Path(spec.source) == (tiny_dir / "tiny-gpt2").resolve()
     assert (Path(spec.source) / "model.safetensors").is_file()
@@ -63,7 +63,7 @@ def test_write_registry_appends_entries(tmp_path: Path) -> None:
     path = write_registry(tmp_path, {"tiny-sd": {"kind": "image", "source": "./tiny-sd", "max_batch_size": 4}})
     write_registry(tmp_path, {"v1.5": {"kind": "text", "source": "echo", "revision": 'say "hi"', "max_tokens": 8}})
     registry = load_registry(path)
-    assert registry.names() == ["tiny-gpt2", "tiny-chat", "tiny-sd", "tiny-gan", "v1.5"]
+    assert registry.names() == ["tiny-gpt2", "tiny-chat", "tiny-sd", "tiny-gan", "tiny-embed", "v1.5"]
     assert registry.get("tiny-sd").source == str((tmp_path / "tiny-sd").resolve())
     assert registry.get("tiny-sd").options.max_batch_size == 4
     assert registry.get("tiny-gpt2").options.max_tokens == 256
