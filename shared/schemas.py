@@ -7,7 +7,7 @@ worker parses the stored body again with the same model, so both sides agree on 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, field_validator, model_validator
 
@@ -381,9 +381,9 @@ class EmbeddingBody(JobBody):
         value = self.input
         if isinstance(value, str):
             return [value]
-        if value and isinstance(value[0], int):
-            return [value]  # type: ignore[list-item]  # one list of token ids is one input
-        return list(value)  # type: ignore[arg-type]
+        if isinstance(value[0], int):
+            return [cast(list[int], value)]  # one list of token ids is one input
+        return cast("list[str] | list[list[int]]", value)
 
     def input_param(self, index: int) -> str:
         """The field of input `index`: `body.input` when the request holds one input."""

@@ -50,6 +50,7 @@ from genq.workers.runners.base import (
 )
 from genq.workers.runners.device import resolve_device, resolve_dtype
 from genq.workers.runners.encoders import Encoder, load_encoder
+from genq.workers.runners.lora import AdapterLRU
 
 
 @dataclass
@@ -85,7 +86,7 @@ def plan_passes(lengths: list[int], max_rows: int, max_tokens: int) -> list[list
 
 class EmbeddingRunner:
     kind: ClassVar[str] = "embedding"
-    adapters = None  # embedding models serve no LoRA adapters
+    adapters: AdapterLRU[Any] | None = None  # embedding models serve no LoRA adapters
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         self.spec = spec
@@ -95,6 +96,7 @@ class EmbeddingRunner:
         self.encoder: Encoder | None = None
         self.dimension = 0  # the model's embedding size, known once loaded
         self._special: tuple[list[int], list[int]] = ([], [])  # special tokens before and after an input
+        self._vocab = 0  # token ids below this are the tokenizer's
         self._lock = threading.Lock()  # one batch at a time on this model
         self._load_lock = threading.Lock()  # prepare() runs in many job threads at once
 
@@ -110,7 +112,10 @@ class EmbeddingRunner:
                                        normalize=self.options.normalize)
             except ValueError as exc:
                 raise RuntimeError(f"model {self.spec.name} cannot be served: {exc}") from exc
+            # These first tokenizer calls also settle its padding and truncation state (off), before
+            # job threads share it.
             self._special = _special_tokens(encoder.tokenizer)
+            self._vocab = len(encoder.tokenizer)
             with torch.inference_mode():  # one probe pass tells the embedding size
                 self.dimension = int(encoder.encode([encoder.tokenizer("a")["input_ids"]]).shape[-1])
             self.encoder = encoder
@@ -155,12 +160,11 @@ class EmbeddingRunner:
             encoded = self.encoder.tokenizer([x for _, x in texts])["input_ids"]
             for (i, _), row in zip(texts, encoded, strict=True):
                 ids[i] = list(row)
-        vocab = len(self.encoder.tokenizer)
         for i, x in enumerate(inputs):
             if isinstance(x, list):
-                if bad := [t for t in x if t >= vocab]:
+                if bad := [t for t in x if t >= self._vocab]:
                     raise InvalidRequest(f"token id {bad[0]} is not in the vocabulary of model {self.spec.name} "
-                                         f"(ids 0 to {vocab - 1})", body.input_param(i))
+                                         f"(ids 0 to {self._vocab - 1})", body.input_param(i))
                 ids[i] = self.with_special(x)
         self.check_lengths(body, ids)
         item.prepared = _Prepared(ids)
