@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from genq.shared.db import Batch, File, Job
+from genq.shared.errors import ErrorCode, job_failure
 from genq.shared.results import public_result
 
 
@@ -41,14 +42,22 @@ def batch_object(batch: Batch, request_counts: dict[str, int]) -> dict[str, Any]
 
 
 def output_line(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One line of a batch's output or error file, in OpenAI's output-line shape."""
+    """One line of a batch's output or error file, in OpenAI's output-line shape: a request that
+    ran has a `response` (200 with its result, or the 4xx/5xx error answer the endpoint gives, see
+    genq.shared.errors.job_failure); one that never ran (cancelled, or its batch expired) has only
+    an `error`, `{"code", "message"}`."""
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
     if job.status == "succeeded":
         body = public_result(job.result) if result is None else result
-        response: dict[str, Any] | None = {"status_code": 200, "request_id": job.id, "body": body}
-        error = None
+        response = {"status_code": 200, "request_id": job.id, "body": body}
+    elif job.status == "cancelled":
+        stored = job.error or {}
+        error = {"code": stored.get("code") or ErrorCode.CANCELLED.value,
+                 "message": stored.get("message") or "the request was cancelled"}
     else:
-        response = None
-        error = job.error or {"code": job.status, "message": f"request {job.status}"}
+        status, failure = job_failure(job.error)
+        response = {"status_code": status, "request_id": job.id, "body": {"error": failure}}
     return {"id": f"batch_req_{job.id.removeprefix('job_')}", "custom_id": job.custom_id,
             "response": response, "error": error}
 

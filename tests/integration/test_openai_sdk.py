@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.openai_shapes import check_output_line
 from tests.support.processes import Stack
 from tests.support.waiting import wait_for
 
@@ -50,7 +51,7 @@ def test_openai_batch_script_runs_unchanged(client: openai.OpenAI) -> None:
     assert done.metadata == {"description": "nightly eval"} and done.input_file_id == upload.id
     assert done.in_progress_at and done.finalizing_at and done.completed_at and done.error_file_id is None
     out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
-    assert [o["custom_id"] for o in out] == [f"q-{i}" for i in range(8)]
+    assert [check_output_line(o).custom_id for o in out] == [f"q-{i}" for i in range(8)]
     assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["choices"] for o in out)
     assert any(b.id == batch.id for b in client.batches.list(limit=50).data)
 
@@ -66,8 +67,15 @@ def test_image_batch_and_error_file(client: openai.OpenAI) -> None:
     assert done.status == "completed" and done.request_counts.completed == 1 and done.request_counts.failed == 1
     ok = json.loads(client.files.content(done.output_file_id).text)
     assert httpx.get(ok["response"]["body"]["data"][0]["url"]).content.startswith(b"\x89PNG")
+    check_output_line(ok)
+    # A request the worker refused is an HTTP error answer in the error file, as OpenAI writes it.
     err = json.loads(client.files.content(done.error_file_id).text)
-    assert err["custom_id"] == "bad-label" and err["error"]["param"] == "body.prompt"
+    check_output_line(err)
+    assert err["custom_id"] == "bad-label" and err["error"] is None
+    assert err["response"]["status_code"] == 400 and err["response"]["request_id"].startswith("job_")
+    failure = err["response"]["body"]["error"]
+    assert failure["type"] == "invalid_request_error" and failure["code"] == "invalid_request"
+    assert failure["param"] == "body.prompt" and "unicorn" in failure["message"]
 
 
 def test_invalid_input_file_fails_the_batch_naming_lines(client: openai.OpenAI) -> None:
@@ -90,7 +98,8 @@ def test_batch_cancel_through_the_sdk(client: openai.OpenAI) -> None:
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at
     errors = [json.loads(x) for x in client.files.content(cancelled.error_file_id).text.splitlines()]
-    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert [check_output_line(e).error.code for e in errors] == ["batch_cancelled"] * 3  # type: ignore[union-attr]
+    assert all(e["response"] is None for e in errors)
 
 
 def test_synchronous_completion_and_image(client: openai.OpenAI) -> None:
