@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import openai
@@ -18,9 +22,27 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.integration
 
 
+def _client(api: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api.base_url}/v1", api_key="sk-local", max_retries=0, timeout=120)
+
+
 @pytest.fixture()
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="sk-local", max_retries=0, timeout=120)
+    return _client(stack)
+
+
+@pytest.fixture(scope="module")
+def short_urls(stack: Stack, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """An API of our own whose presigned URLs live one second; the shared stack's workers run its jobs."""
+    api = Stack({**stack_env, "GENQ_PRESIGN_SECONDS": "1"}, Path(tmp_path_factory.mktemp("short-urls")))
+    try:
+        api.start_api()
+        yield api
+    except BaseException:
+        print(api.logs())
+        raise
+    finally:
+        api.stop()
 
 
 def _jsonl(lines: list[dict[str, Any]]) -> bytes:
@@ -127,3 +149,40 @@ def test_synchronous_call_with_no_worker_fails_clearly(client: openai.OpenAI) ->
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="tiny-gpt2", prompt="x", max_tokens=5, temperature=9)
     assert bad.value.body["param"] == "body.temperature"  # type: ignore[index]
+
+
+def _valid_until(url: str) -> float:
+    """When a presigned URL stops working: its signing time plus its lifetime. (moto's S3 does not
+    refuse an expired URL, so the tests read these instead of waiting for a 403.)"""
+    query = parse_qs(urlsplit(url).query)
+    signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    return signed + int(query["X-Amz-Expires"][0])
+
+
+def test_image_urls_in_an_output_file_outlive_the_presign_lifetime(short_urls: Stack) -> None:
+    client = _client(short_urls)
+    lines = [{"custom_id": f"img-{i}", "method": "POST", "url": "/v1/images/generations",
+              "body": {"model": "tiny-gan", "prompt": "dog", "size": "32x32", "seed": i}} for i in range(2)]
+    upload = client.files.create(file=("img.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    done = _wait_batch(client, client.batches.create(input_file_id=upload.id, endpoint="/v1/images/generations",
+                                                     completion_window="24h").id)
+    assert done.status == "completed" and done.request_counts.completed == 2, done
+
+    def urls() -> list[tuple[str, str]]:
+        out = [check_output_line(json.loads(x)) for x in client.files.content(done.output_file_id).text.splitlines()]
+        return [(o.response.request_id, o.response.body["data"][0]["url"]) for o in out]  # type: ignore[union-attr]
+
+    first = urls()
+    assert all(parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["1"] for _, url in first)
+    dead_at = max(_valid_until(url) for _, url in first)
+    assert dead_at >= done.completed_at  # type: ignore[operator]
+    wait_for(lambda: time.time() > dead_at + 1, 10, 0.2, "the first URLs to expire")
+    later = urls()
+    with httpx.Client(base_url=short_urls.base_url) as api:
+        for job_id, url in later:
+            # Signed at this read, after the first URLs died, and fetched as an OpenAI client
+            # fetches an image: a plain GET without genq's Authorization header.
+            assert _valid_until(url) > dead_at
+            image = httpx.get(url)
+            assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+            assert api.get(f"/v1/jobs/{job_id}/outputs/0.png").content == image.content
