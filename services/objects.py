@@ -99,6 +99,25 @@ class AdapterObject(_Object):
     target_modules: list[str] | str | None
 
 
+class ModelObject(_Object):
+    """OpenAI's Model object plus genq's fields."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    kind: str
+    queue: str
+    max_batch_size: int
+
+
+class ModelList(_Object):
+    """The models list: OpenAI's, which does not page."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
 class Deleted(_Object):
     id: str
     object: str

@@ -6,6 +6,7 @@ from typing import Any
 
 from genq.shared.db import Batch, File, Job
 from genq.shared.errors import ErrorCode, job_failure
+from genq.shared.registry import ModelSpec
 from genq.shared.results import public_result
 
 
@@ -65,3 +66,9 @@ def output_line(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any
 def file_object(f: File) -> dict[str, Any]:
     return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": _ts(f.created_at),
             "filename": f.filename, "purpose": f.purpose, "status": "processed", "status_details": None}
+
+
+def model_object(spec: ModelSpec) -> dict[str, Any]:
+    """OpenAI's Model object for a registry entry, with genq's kind, queue and batch size."""
+    return {"id": spec.name, "object": "model", "created": 0, "owned_by": "genq", "kind": spec.kind,
+            "queue": spec.queue, "max_batch_size": spec.options.max_batch_size}

@@ -72,6 +72,7 @@ def test_openai_batch_script_runs_unchanged(client: openai.OpenAI) -> None:
     assert done.request_counts.total == 8 and done.request_counts.completed == 8 and done.request_counts.failed == 0
     assert done.metadata == {"description": "nightly eval"} and done.input_file_id == upload.id
     assert done.in_progress_at and done.finalizing_at and done.completed_at and done.error_file_id is None
+    openai.types.Batch.model_validate(done.model_dump())  # every field of OpenAI's type, with its type
     out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
     assert [check_output_line(o).custom_id for o in out] == [f"q-{i}" for i in range(8)]
     assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["choices"] for o in out)
@@ -137,6 +138,28 @@ def test_synchronous_completion_and_image(client: openai.OpenAI) -> None:
     b64 = client.images.generate(model="tiny-gan", prompt="car", size="32x32",  # type: ignore[arg-type]
                                  response_format="b64_json")
     assert b64.data[0].b64_json
+
+
+def test_a_synchronous_request_a_worker_refuses_answers_as_its_output_line_would(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(model="tiny-gan", prompt="a unicorn", size="32x32")  # type: ignore[arg-type]
+    assert refused.value.status_code == 400
+    assert (refused.value.type, refused.value.code, refused.value.param) == (
+        "invalid_request_error", "invalid_request", "body.prompt")
+    assert str(refused.value.body["job_id"]).startswith("job_")  # type: ignore[index]
+
+
+def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
+    listed = {m.id: m for m in client.models.list()}
+    assert {"tiny-gpt2", "tiny-sd", "tiny-gan", "echo"} <= set(listed)
+    one = client.models.retrieve("tiny-gpt2")
+    assert isinstance(one, openai.types.Model) and one == listed["tiny-gpt2"]
+    openai.types.Model.model_validate(one.model_dump())  # id, object "model", created, owned_by
+    assert (one.object, one.owned_by) == ("model", "genq")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found" and missing.value.param == "model"
+    assert missing.value.type == "invalid_request_error"
 
 
 def test_synchronous_call_with_no_worker_fails_clearly(client: openai.OpenAI) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from openai.types import Model
+from openai.types.shared import ErrorObject
 
 from tests.support.app import api_client
 
@@ -53,3 +55,19 @@ def test_a_file_whose_object_is_gone_is_a_404_not_a_500(tmp_path: Path) -> None:
                 stored.unlink()
         resp = c.get(f"/v1/files/{up.json()['id']}/content")
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "object_not_found"
+
+
+def test_a_model_is_read_alone_as_in_the_list(tmp_path: Path) -> None:
+    with _app(tmp_path) as c:
+        listed = c.get("/v1/models").json()
+        one = c.get("/v1/models/tiny-gan")
+        missing = c.get("/v1/models/nope")
+    assert set(listed) == {"object", "data"} and listed["object"] == "list"
+    assert one.status_code == 200 and one.json() == next(m for m in listed["data"] if m["id"] == "tiny-gan")
+    for model in listed["data"]:
+        assert Model.model_validate(model).object == "model"
+    assert one.json()["kind"] == "gan" and one.json()["queue"] == "genq.tiny-gan"
+    assert missing.status_code == 404
+    error = ErrorObject.model_validate(missing.json()["error"])
+    assert (error.type, error.code, error.param) == ("invalid_request_error", "model_not_found", "model")
+
