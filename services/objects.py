@@ -30,7 +30,7 @@ class JobObject(_Object):
     url: str
     model: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    priority: int | None
+    priority: int = Field(ge=0, le=9)
     progress: float = Field(ge=0, le=1)
     attempts: int
     created_at: int | None
@@ -71,7 +71,7 @@ class BatchObject(_Object):
     cancelled_at: int | None
     request_counts: RequestCounts
     metadata: dict[str, str] | None
-    priority: int | None
+    priority: int = Field(ge=0, le=9)
 
 
 class FileObject(_Object):

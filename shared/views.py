@@ -7,6 +7,7 @@ from typing import Any
 from genq.shared.db import Batch, File, Job
 from genq.shared.errors import ErrorCode, job_failure
 from genq.shared.registry import ModelSpec
+from genq.shared.requests import effective_priority
 from genq.shared.results import public_result
 
 
@@ -18,7 +19,8 @@ def job_object(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any]
     """The job as the API shows it; `result` is the rendered result (see shared.results)."""
     return {
         "id": job.id, "object": "job", "batch_id": job.batch_id, "custom_id": job.custom_id,
-        "url": job.url, "model": job.model, "status": job.status, "priority": job.priority,
+        "url": job.url, "model": job.model, "status": job.status,
+        "priority": effective_priority(job.priority),
         "progress": round(job.progress or 0.0, 4), "attempts": job.attempts,
         "created_at": _ts(job.created_at), "started_at": _ts(job.started_at),
         "finished_at": _ts(job.finished_at), "error": job.error,
@@ -38,7 +40,7 @@ def batch_object(batch: Batch, request_counts: dict[str, int]) -> dict[str, Any]
         obj[f"{name}_at"] = _ts(getattr(batch, f"{name}_at"))
     obj["request_counts"] = request_counts
     obj["metadata"] = batch.meta
-    obj["priority"] = batch.priority
+    obj["priority"] = effective_priority(batch.priority)
     return obj
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from openai.types import Model
 from openai.types.shared import ErrorObject
+from sqlalchemy import update
 
+from genq.shared.db import Job, session_scope
 from tests.support.app import api_client
 
 
@@ -71,3 +73,24 @@ def test_a_model_is_read_alone_as_in_the_list(tmp_path: Path) -> None:
     error = ErrorObject.model_validate(missing.json()["error"])
     assert (error.type, error.code, error.param) == ("invalid_request_error", "model_not_found", "model")
 
+
+def test_jobs_and_batches_show_the_priority_they_are_served_at(tmp_path: Path) -> None:
+    def line(cid: str, **extra: int) -> dict:
+        return {"custom_id": cid, "url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "x"}, **extra}
+
+    with _app(tmp_path) as c:
+        plain = c.post("/v1/jobs", json=line("a")).json()
+        urgent = c.post("/v1/jobs", json=line("b", priority=9)).json()
+        batch = c.post("/v1/batches", json={"requests": [line("c"), line("d", priority=2)], "priority": 5}).json()
+        default = c.post("/v1/batches", json={"requests": [line("e")]}).json()
+        jobs = {j["custom_id"]: j["priority"] for b in (batch, default)
+                for j in c.get(f"/v1/batches/{b['id']}/jobs").json()["data"]}
+        again = c.get(f"/v1/jobs/{plain['id']}").json()
+        # A row stored before genq stored the effective priority shows it too.
+        with session_scope(c.app.state.genq.sessions) as s:  # type: ignore[attr-defined]
+            s.execute(update(Job).where(Job.id == urgent["id"]).values(priority=None))
+        legacy = c.get(f"/v1/jobs/{urgent['id']}").json()
+    assert legacy["priority"] == 0
+    assert (plain["priority"], again["priority"], urgent["priority"]) == (0, 0, 9)
+    assert (batch["priority"], default["priority"]) == (5, 0)
+    assert jobs == {"c": 5, "d": 2, "e": 0}  # a line without its own inherits its batch's
