@@ -15,6 +15,7 @@ from genq.shared.storage import MissingObject
 
 log = logging.getLogger("genq.api")
 
+
 class APIError(Exception):
     """The one error the API answers with: an HTTP status, a code from the catalogue
     (genq.shared.errors; an unknown code fails where it is raised), the field at fault, extra

@@ -77,7 +77,7 @@ def error_type(status: int) -> str:
 def known_code(code: str | None) -> ErrorCode:
     """A stored job error's code, or runtime_error for one outside the catalogue (a plugin runner's)."""
     try:
-        return ErrorCode(code)
+        return ErrorCode(code or "")
     except ValueError:
         return ErrorCode.RUNTIME_ERROR
 
