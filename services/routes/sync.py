@@ -17,7 +17,7 @@ from genq.services.errors import APIError, error_response
 from genq.services.resources import Once, create_once, get_owned
 from genq.services.streaming import ChunkWriter, stream_response
 from genq.shared.db import Job
-from genq.shared.errors import ErrorCode
+from genq.shared.errors import job_failure
 from genq.shared.kinds import ENDPOINTS, Endpoint
 from genq.shared.schemas import TERMINAL_JOB_STATUSES
 
@@ -58,20 +58,14 @@ def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: 
         delay = min(delay * 1.5, 0.25)
 
 
-def _known(code: str | None) -> ErrorCode:
-    """A stored job error's code, or runtime_error for one outside the catalogue (a plugin runner's)."""
-    return ErrorCode(code) if code in {c.value for c in ErrorCode} else ErrorCode.RUNTIME_ERROR
-
-
 def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
     if job.status == "succeeded":
         return renderer.render(job) or {}
-    error = job.error or {}
     if job.status == "cancelled":
         raise APIError(409, f"job {job.id} was cancelled", code="cancelled")
-    status = 400 if error.get("code") == "invalid_request" else 500
-    raise APIError(status, error.get("message", "generation failed"), code=_known(error.get("code")),
-                   param=error.get("param"), extra={"job_id": job.id})
+    status, failure = job_failure(job.error)  # as in the job's batch output line
+    raise APIError(status, failure["message"], code=failure["code"], param=failure["param"],
+                   extra={"job_id": job.id})
 
 
 async def _serve(url: str, request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
