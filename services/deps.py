@@ -79,7 +79,8 @@ async def guard(request: Request, state: Annotated[AppState, Depends(get_state)]
 
 
 def get_renderer(request: Request, state: Annotated[AppState, Depends(get_state)]) -> ResultRenderer:
-    return ResultRenderer(state.storage, str(request.base_url))
+    """Fresh image URLs for this request: presigned for GENQ_PRESIGN_SECONDS, or on this API's address."""
+    return ResultRenderer(state.storage, str(request.base_url), state.settings.presign_seconds)
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

@@ -10,14 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from genq.shared.errors import ErrorCode, http_status
+from genq.shared.errors import ErrorCode, error_object, http_status
 from genq.shared.storage import MissingObject
 
 log = logging.getLogger("genq.api")
-
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "conflict_error",
-          413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable", 401: "authentication_error"}
 
 
 class APIError(Exception):
@@ -39,10 +35,7 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, code: ErrorCode | str | None = None, param: str | None = None,
                **extra: Any) -> dict[str, Any]:
-    err = {"type": _TYPES.get(status, "api_error"), "code": None if code is None else str(code),
-           "message": message, "param": param}
-    err.update(extra)
-    return {"error": err}
+    return {"error": error_object(status, message, code, param, **extra)}
 
 
 def not_found(kind: str, ident: str) -> APIError:

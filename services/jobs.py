@@ -14,16 +14,17 @@ from genq.shared.broker import Publish
 from genq.shared.db import Batch, Job, new_id
 from genq.shared.errors import ErrorCode, job_error
 from genq.shared.jobs import ACTIVE
-from genq.shared.requests import window_seconds
+from genq.shared.requests import effective_priority, window_seconds
 
 
 def _job_row(v: ValidLine, *, tenant: str | None, batch_id: str | None, seq: int, now: float,
              priority: int | None) -> dict[str, Any]:
+    """A job's row; `priority` is its batch's, which the line's own overrides."""
     return {
         "id": new_id("job"), "batch_id": batch_id, "seq": seq, "tenant": tenant,
         "custom_id": v.request.custom_id, "url": v.request.url, "model": v.body.model,  # type: ignore[attr-defined]
         "body": v.body.model_dump(exclude_unset=True),
-        "priority": v.request.priority if v.request.priority is not None else priority,
+        "priority": effective_priority(v.request.priority, priority),
         "webhook_url": v.request.webhook_url, "webhook_events": v.request.webhook_events,
         "status": "queued", "progress": 0.0, "attempts": 0, "created_at": now,
     }

@@ -30,7 +30,7 @@ class JobObject(_Object):
     url: str
     model: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    priority: int | None
+    priority: int = Field(ge=0, le=9)
     progress: float = Field(ge=0, le=1)
     attempts: int
     created_at: int | None
@@ -71,7 +71,7 @@ class BatchObject(_Object):
     cancelled_at: int | None
     request_counts: RequestCounts
     metadata: dict[str, str] | None
-    priority: int | None
+    priority: int = Field(ge=0, le=9)
 
 
 class FileObject(_Object):
@@ -97,6 +97,25 @@ class AdapterObject(_Object):
     rank: int | None
     lora_alpha: float | None
     target_modules: list[str] | str | None
+
+
+class ModelObject(_Object):
+    """OpenAI's Model object plus genq's fields."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    kind: str
+    queue: str
+    max_batch_size: int
+
+
+class ModelList(_Object):
+    """The models list: OpenAI's, which does not page."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
 
 
 class Deleted(_Object):

@@ -36,12 +36,13 @@ def publish(state: AppState, items: list[Publish]) -> None:
     outbox.publish_and_mark(state.sessions, state.publisher, items)
 
 
-def one_job(state: AppState, session: Session, tenant: str | None, line_obj: Any, once: Once) -> Job:
+def one_job(state: AppState, session: Session, tenant: str | None, line_obj: Any, once: Once, *,
+            stream: bool = False) -> Job:
     """Every single-job path (POST /v1/jobs, the synchronous endpoints): validate the request line
     (400 naming the field), admit it (429 over the quota), record the job with the request's
-    idempotency key, commit, publish."""
+    idempotency key, commit, publish. `stream`: the caller streams the answer (`stream: true`)."""
     line, errors = validate_line(line_obj, None, state.registry, max_prompt_chars=state.limits.max_prompt_chars,
-                                 adapters=adapters(state, session, tenant))
+                                 adapters=adapters(state, session, tenant), stream=stream)
     if line is None:
         raise batch_error(errors)
     admit(state, session, tenant, 1)

@@ -16,6 +16,7 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 
 from genq.shared.config import Settings
+from genq.shared.requests import effective_priority
 
 RUN_JOB_TASK = "genq.run_job"
 # Above the longest job we expect to run; genq's own job leases recover crashed work much sooner.
@@ -96,8 +97,9 @@ class CeleryPublisher:
         with self.app.producer_or_acquire() as producer, _batched(producer):
             for item in items:
                 # kombu's Redis transport serves its priority lists from 0 up (0 = most urgent), so
-                # genq's 9 (most urgent) maps to 0 and no priority to genq's 0 (the least urgent).
-                priority = 9 - (item.priority or 0)
+                # genq's 9 (most urgent) maps to 0 and a job stored without one (before genq stored
+                # the effective priority) to genq's default.
+                priority = 9 - effective_priority(item.priority)
                 self.app.send_task(RUN_JOB_TASK, args=[item.job_id], queue=queue_name(item.model),
                                    priority=priority, producer=producer)
                 count += 1

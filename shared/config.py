@@ -16,6 +16,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER_URL = "sqla+sqlite:///./var/broker.db"
+PRESIGN_SECONDS = 3600  # how long a presigned image URL stays valid, unless GENQ_PRESIGN_SECONDS says
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # S3's limit for a presigned URL
 
 _DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 _BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "sqla+postgresql+psycopg",
@@ -46,6 +48,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = 200 * 1024 * 1024  # request bodies and uploaded files
     max_prompt_chars: int = 32_000
     max_adapter_bytes: int = 1024 * 1024 * 1024  # an uploaded LoRA adapter archive, and its unpacked files
+    # Outputs: the life of each presigned image URL the API hands out (made afresh on every read).
+    presign_seconds: int = PRESIGN_SECONDS
 
     @field_validator("database_url")
     @classmethod
@@ -80,6 +84,13 @@ class Settings(BaseSettings):
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"must be a whole number of at least 1, got {v}")
+        return v
+
+    @field_validator("presign_seconds")
+    @classmethod
+    def _presign(cls, v: int) -> int:
+        if not 1 <= v <= MAX_PRESIGN_SECONDS:
+            raise ValueError(f"must be from 1 to {MAX_PRESIGN_SECONDS} seconds (7 days, S3's limit), got {v}")
         return v
 
     @field_validator("rate_limit_per_minute")

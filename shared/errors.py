@@ -1,6 +1,7 @@
 """The catalogue of error codes: every `code` an API answer, a failed job or a batch's errors may
-carry, with the HTTP status the API answers it with. The API's errors (genq.services.errors) and
-the workers' job errors both take their codes from here, so a code is written once."""
+carry, with the HTTP status it answers with and the OpenAI error `type` of that status. The API's
+errors (genq.services.errors), the workers' job errors and the output lines of a failed request
+(genq.shared.views) all take their codes, statuses and types from here, so each is written once."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class ErrorCode(StrEnum):
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_API_KEY: 401,
     ErrorCode.NOT_FOUND: 404, ErrorCode.OBJECT_NOT_FOUND: 404,
+    ErrorCode.MODEL_NOT_FOUND: 404,  # a model looked up alone; one line of a request among others is 400
     ErrorCode.ADAPTER_EXISTS: 409, ErrorCode.IDEMPOTENCY_KEY_REUSED: 409, ErrorCode.CANCELLED: 409,
     ErrorCode.BODY_TOO_LARGE: 413, ErrorCode.FILE_TOO_LARGE: 413, ErrorCode.BATCH_TOO_LARGE: 413,
     ErrorCode.RATE_LIMIT_EXCEEDED: 429, ErrorCode.QUEUED_JOBS_LIMIT: 429,
@@ -58,8 +60,43 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 }
 
 
+# OpenAI's error `type` by HTTP status; any other status below 500 is `invalid_request_error`, any
+# other from 500 up `server_error`.
+ERROR_TYPES: dict[int, str] = {401: "authentication_error", 403: "permission_error", 409: "conflict_error",
+                               429: "rate_limit_error", 503: "service_unavailable"}
+
+
 def http_status(code: ErrorCode) -> int:
     return HTTP_STATUS.get(code, 400)
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def known_code(code: str | None) -> ErrorCode:
+    """A stored job error's code, or runtime_error for one outside the catalogue (a plugin runner's)."""
+    try:
+        return ErrorCode(code or "")
+    except ValueError:
+        return ErrorCode.RUNTIME_ERROR
+
+
+def error_object(status: int, message: str, code: ErrorCode | str | None = None, param: str | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """OpenAI's error object, `{"type", "code", "message", "param"}` (plus genq's extras), for an
+    answer of HTTP status `status`."""
+    return {"type": error_type(status), "code": None if code is None else str(code), "message": message,
+            "param": param, **extra}
+
+
+def job_failure(error: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and error object a failed job answers with, in its batch output line and on
+    the synchronous endpoints alike."""
+    error = error or {}
+    code = known_code(error.get("code"))
+    status = http_status(code)
+    return status, error_object(status, error.get("message") or "the request failed", code, error.get("param"))
 
 
 def job_error(code: ErrorCode, message: str, param: str | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from genq.shared.views import output_line
 from genq.shared.webhooks import notify_batch
 
 STALE_FINALIZE_S = 120.0
+OUTPUT_PURPOSE = "batch_output"  # the purpose of the files genq writes
 
 
 def _claim(session: Session, batch_id: str, now: float) -> str | None:
@@ -62,8 +63,9 @@ def maybe_finalize_batch(factory: sessionmaker[Session], storage: Storage, batch
     with session_scope(factory) as session:
         batch = session.get(Batch, batch_id)
         assert batch is not None
-        # File-backed outputs get API-relative URLs here: the worker does not know the API's address.
-        renderer = ResultRenderer(storage)
+        # Images are written as their API paths, which never expire; the API turns them into fresh
+        # URLs whenever the file is read (genq.services.output_files).
+        renderer = ResultRenderer(storage, stable=True)
         ok: list[bytes] = []
         bad: list[bytes] = []
         jobs = session.execute(select(Job).where(Job.batch_id == batch_id).order_by(Job.seq)
@@ -71,8 +73,8 @@ def maybe_finalize_batch(factory: sessionmaker[Session], storage: Storage, batch
         for job in jobs:
             line = (json.dumps(output_line(job, renderer.render(job)), separators=(",", ":")) + "\n").encode()
             (ok if job.status == "succeeded" else bad).append(line)
-        output_id = _write_file(session, storage, batch, "batch_output", "output", ok)
-        error_id = _write_file(session, storage, batch, "batch_output", "errors", bad)
+        output_id = _write_file(session, storage, batch, OUTPUT_PURPOSE, "output", ok)
+        error_id = _write_file(session, storage, batch, OUTPUT_PURPOSE, "errors", bad)
         now = time.time()
         # An expired batch keeps the expired_at of the moment its window closed.
         stamp = {"completed": {"completed_at": now}, "cancelled": {"cancelled_at": now}, "expired": {}}[final]

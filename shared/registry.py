@@ -9,6 +9,7 @@ tenant may use.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,16 @@ class ModelSpec:
     @property
     def queue(self) -> str:
         return f"genq.{self.name}"
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's `system_fingerprint`: names the serving configuration (weights, revision, dtype
+        and genq's version), so a client sees when the same seed may no longer give the same text."""
+        from genq import __version__
+
+        revision = getattr(self.options, "revision", None)
+        digest = hashlib.sha256(f"{self.source}|{revision}|{self.dtype}|{__version__}".encode()).hexdigest()
+        return f"fp_{digest[:10]}"
 
     def with_options(self, **changes: Any) -> ModelSpec:
         """The same model with some options changed (checked like the registry's)."""

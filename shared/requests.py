@@ -9,6 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from genq.shared.kinds import ENDPOINTS
 from genq.shared.schemas import WEBHOOK_FIELDS, documented
 
+# genq's priorities run from 0, the default and least urgent, to 9, the most urgent.
+DEFAULT_PRIORITY = 0
+
+
+def effective_priority(*given: int | None) -> int:
+    """The first priority given (a line's, then its batch's), else the default: what the queue serves
+    a job at and what the API shows."""
+    return next((p for p in given if p is not None), DEFAULT_PRIORITY)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -2,7 +2,9 @@
 
 Runners store image outputs as object keys. On every read the key becomes a fresh short-lived
 presigned URL (S3), a URL of the API itself (file storage, served by `/v1/jobs/{id}/outputs/`),
-or inline base64, as the request's `response_format` asked.
+or inline base64, as the request's `response_format` asked. What is stored for later reads (a
+batch's output file) holds each image's API path instead, which never expires; the API renders
+it afresh whenever the file is read.
 """
 
 from __future__ import annotations
@@ -14,11 +16,27 @@ from genq.shared.db import Job
 from genq.shared.storage import PRESIGN_SECONDS, Storage
 
 
+def output_path(job_id: str, key: str) -> str:
+    """The API path of one stored output (`/v1/jobs/{job_id}/outputs/0.png`), authorised like the job."""
+    return f"/v1/jobs/{job_id}/outputs/{key.rsplit('/', 1)[-1]}"
+
+
 class ResultRenderer:
-    def __init__(self, storage: Storage, base_url: str = "", expires_s: int = PRESIGN_SECONDS) -> None:
+    """Renders results for one reader: `base_url` is the API's address as the client called it (for
+    file storage's URLs); `stable` writes each image's API path in place of a URL, for results
+    that are stored and rendered again when read."""
+
+    def __init__(self, storage: Storage, base_url: str = "", expires_s: int = PRESIGN_SECONDS, *,
+                 stable: bool = False) -> None:
         self.storage = storage
         self.base_url = base_url.rstrip("/")
         self.expires_s = expires_s
+        self.stable = stable
+
+    def image_url(self, job_id: str, key: str) -> str:
+        if self.stable:
+            return output_path(job_id, key)
+        return self.storage.presigned_url(key, self.expires_s) or self.base_url + output_path(job_id, key)
 
     def render(self, job: Job) -> dict[str, Any] | None:
         result = job.result
@@ -31,9 +49,7 @@ class ResultRenderer:
             if as_b64:
                 item["b64_json"] = base64.b64encode(self.storage.get(key)).decode()
             else:
-                name = key.rsplit("/", 1)[-1]
-                item["url"] = (self.storage.presigned_url(key, self.expires_s)
-                               or f"{self.base_url}/v1/jobs/{job.id}/outputs/{name}")
+                item["url"] = self.image_url(job.id, key)
             data.append(item)
         return {**(public_result(result) or {}), "data": data}
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from genq.shared.config import Settings
+from genq.shared.config import PRESIGN_SECONDS, Settings
 
-PRESIGN_SECONDS = 3600
 _KEY = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]{0,299}$")
 
 

@@ -81,6 +81,11 @@ kind = "echo"
 source = "none"
 delay_s = 0.3
 
+[models.stream-echo]
+kind = "echo"
+source = "none"
+delay_s = 6.0
+
 [models.prio-echo]
 kind = "echo"
 source = "none"

@@ -28,6 +28,7 @@ from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.kinds import KINDS, body_model
 from genq.shared.registry import Registry
 from genq.shared.storage import Storage
+from genq.shared.streams import token_sink
 from genq.shared.upkeep import run_tasks, upkeep_tasks
 from genq.workers.adapters import AdapterFiles
 from genq.workers.batching import Arrival, Batcher
@@ -75,6 +76,7 @@ class WorkerRuntime:
         self._thread: threading.Thread | None = None
         self._reported = 0.0
         self.upkeep = upkeep_tasks(self.sessions, storage, publisher, models)
+        self.tokens = token_sink(settings.broker_url)  # where streaming jobs' text goes as it is made
 
     # --- models --------------------------------------------------------------------------
 
@@ -105,8 +107,16 @@ class WorkerRuntime:
             written.append(key)
             return key
 
+        def emit(deltas: list[tuple[int, str]]) -> None:
+            try:
+                self.tokens.append(job_id, job.attempts, deltas)  # type: ignore[union-attr]
+            except Exception:  # a lost piece is sent with the result; the job goes on
+                log.warning("job %s: could not stream %d piece(s)", job_id, len(deltas), exc_info=True)
+
+        streaming = self.tokens is not None and bool((job.body or {}).get("stream"))
         return RunContext(job_id=job_id, set_progress=lambda p: self.watch.progress(job_id, p),
-                          is_cancelled=lambda: self.watch.cancelled(job_id), put_output=put_output)
+                          is_cancelled=lambda: self.watch.cancelled(job_id), put_output=put_output,
+                          emit=emit if streaming else None)
 
     def _mine(self, s: Session, job_id: str, status: str, attempts: int | None = None) -> Job | None:
         """The job if its row shows `status` under this worker (and attempt): how a retry tells

@@ -11,9 +11,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from genq.services.body import NUL_MESSAGE, has_nul, refuse_nul_params
-from genq.services.deps import SessionDep, StateDep, TenantDep
+from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
 from genq.services.objects import Deleted, FileObject, Page
+from genq.services.output_files import render_output_file
 from genq.services.resources import Once, create_once, cursor_page, get_owned
 from genq.shared.db import File as FileRow
 from genq.shared.db import new_id, owned_by
@@ -91,9 +92,12 @@ def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, 
 
 @router.get("/{file_id}/content", response_class=Response,
             responses={200: {"description": "The file's bytes", "content": {"application/jsonl": {}}}})
-def file_content(file_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> Response:
+def file_content(file_id: str, state: StateDep, session: SessionDep, tenant: TenantDep,
+                 renderer: RendererDep) -> Response:
+    """The file's bytes; a batch output file's image URLs are made afresh on each read."""
     row = load_file(session, file_id, tenant)
-    return Response(state.storage.get(row.key), media_type="application/jsonl")
+    data = render_output_file(session, renderer, row, state.storage.get(row.key))
+    return Response(data, media_type="application/jsonl")
 
 
 @router.delete("/{file_id}", response_model=Deleted)

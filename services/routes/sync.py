@@ -15,8 +15,9 @@ from genq.services.body import model_schema, parse_json_body, read_body, request
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, error_response
 from genq.services.resources import Once, create_once, get_owned
+from genq.services.streaming import ChunkWriter, stream_response
 from genq.shared.db import Job
-from genq.shared.errors import ErrorCode
+from genq.shared.errors import job_failure
 from genq.shared.kinds import ENDPOINTS, Endpoint
 from genq.shared.schemas import TERMINAL_JOB_STATUSES
 
@@ -30,8 +31,10 @@ WAIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: float) -> Job:
-    """Poll the job until it ends; cancel it if no worker takes it within `start_timeout`."""
+def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: float, *,
+          started: bool = False) -> Job:
+    """Poll the job until it ends (or with `started`, until a worker has it); cancel it if no
+    worker takes it within `start_timeout`."""
     began = time.monotonic()
     delay = 0.02
     while True:
@@ -39,7 +42,7 @@ def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: 
         job = session.get(Job, job_id)
         assert job is not None
         waited = time.monotonic() - began
-        if job.status in TERMINAL_JOB_STATUSES:
+        if job.status in TERMINAL_JOB_STATUSES or (started and job.status != "queued"):
             return job
         if job.status == "queued" and waited > start_timeout:
             if jobs_data.cancel_job(session, job_id):
@@ -55,45 +58,59 @@ def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: 
         delay = min(delay * 1.5, 0.25)
 
 
-def _known(code: str | None) -> ErrorCode:
-    """A stored job error's code, or runtime_error for one outside the catalogue (a plugin runner's)."""
-    return ErrorCode(code) if code in {c.value for c in ErrorCode} else ErrorCode.RUNTIME_ERROR
-
-
 def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
     if job.status == "succeeded":
         return renderer.render(job) or {}
-    error = job.error or {}
     if job.status == "cancelled":
         raise APIError(409, f"job {job.id} was cancelled", code="cancelled")
-    status = 400 if error.get("code") == "invalid_request" else 500
-    raise APIError(status, error.get("message", "generation failed"), code=_known(error.get("code")),
-                   param=error.get("param"), extra={"job_id": job.id})
+    status, failure = job_failure(job.error)  # as in the job's batch output line
+    raise APIError(status, failure["message"], code=failure["code"], param=failure["param"],
+                   extra={"job_id": job.id})
 
 
 async def _serve(url: str, request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
-                 renderer: RendererDep, start_timeout: float | None, timeout: float | None) -> dict[str, Any]:
+                 renderer: RendererDep, start_timeout: float | None, timeout: float | None) -> Any:
     raw = await read_body(request, state.limits.max_body_bytes)
     body = parse_json_body(raw, prefix="body")
+    stream = isinstance(body, dict) and body.get("stream") is True
+    start_s = start_timeout or state.limits.sync_start_timeout_s
+    total_s = timeout or state.limits.sync_timeout_s
+    began = time.monotonic()
 
-    def answer(job_id: str) -> dict[str, Any]:
-        done = _wait(state, session, job_id, start_timeout or state.limits.sync_start_timeout_s,
-                     timeout or state.limits.sync_timeout_s)
-        return _answer(done, renderer)
+    def answer(job_id: str) -> Any:
+        done = _wait(state, session, job_id, start_s, total_s, started=stream)
+        if not stream or done.status in ("failed", "cancelled"):
+            return _answer(done, renderer)  # an error before any text is a plain JSON error
+        return done
 
-    def create(once: Once) -> dict[str, Any]:
-        return answer(submit.one_job(state, session, tenant, {"url": url, "body": body}, once).id)
+    def create(once: Once) -> Any:
+        return answer(submit.one_job(state, session, tenant, {"url": url, "body": body}, once, stream=stream).id)
 
-    def replay(job_id: str) -> dict[str, Any]:
+    def replay(job_id: str) -> Any:
         get_owned(session, Job, job_id, tenant, "job")
         return answer(job_id)
 
-    return await create_once(request, session, tenant, "job", [raw], create, replay)
+    outcome = await create_once(request, session, tenant, "job", [raw], create, replay)
+    if not stream:
+        return outcome
+    job: Job = outcome
+    session.expunge(job)
+    spec = state.registry.get(job.model)
+    options = body.get("stream_options") or {}
+    writer = ChunkWriter(job, spec.fingerprint if spec else "", _choices(body),
+                         bool(isinstance(options, dict) and options.get("include_usage")))
+    return stream_response(state, renderer, job, writer, began + total_s)
 
 
-def _route(endpoint: Endpoint) -> Callable[..., Awaitable[dict[str, Any]]]:
+def _choices(body: dict[str, Any]) -> int:
+    """How many choices a (validated) text body asks for: n per prompt."""
+    prompt = body.get("prompt")
+    return (body.get("n") or 1) * (len(prompt) if isinstance(prompt, list) else 1)
+
+
+def _route(endpoint: Endpoint) -> Callable[..., Awaitable[Any]]:
     async def serve(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
-                    renderer: RendererDep, start_timeout: Seconds = None, timeout: Seconds = None) -> dict[str, Any]:
+                    renderer: RendererDep, start_timeout: Seconds = None, timeout: Seconds = None) -> Any:
         return await _serve(endpoint.url, request, state, session, tenant, renderer, start_timeout, timeout)
 
     serve.__name__ = endpoint.operation

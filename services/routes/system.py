@@ -4,22 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
+from genq.services.body import refuse_nul_params
 from genq.services.deps import StateDep
+from genq.services.errors import APIError
+from genq.services.objects import ModelList, ModelObject
+from genq.shared.errors import ErrorCode
+from genq.shared.views import model_object
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList)
 def list_models(state: StateDep) -> dict[str, Any]:
     """The registry in OpenAI's list shape, with each model's kind and queue."""
-    data = [{"id": s.name, "object": "model", "created": 0, "owned_by": "genq", "kind": s.kind,
-             "queue": s.queue, "max_batch_size": s.options.max_batch_size} for s in state.registry.models.values()]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_object(s) for s in state.registry.models.values()]}
+
+
+@router.get("/v1/models/{model}", response_model=ModelObject, dependencies=[Depends(refuse_nul_params)])
+def get_model(model: str, state: StateDep) -> dict[str, Any]:
+    """One registered model, as OpenAI's `client.models.retrieve` reads it."""
+    spec = state.registry.get(model)
+    if spec is None:
+        raise APIError(None, f"model {model!r} is not in the registry", code=ErrorCode.MODEL_NOT_FOUND,
+                       param="model")
+    return model_object(spec)
 
 
 @router.get("/healthz")

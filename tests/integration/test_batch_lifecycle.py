@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.openai_shapes import check_output_line
 from tests.support.processes import Stack
 from tests.support.waiting import wait_for
 
@@ -85,5 +86,13 @@ def test_expired_window_cancels_unstarted_work_and_keeps_results(stack: Stack) -
         assert [r["custom_id"] for r in results] == [x["custom_id"] for x in lines]
         assert {r["error"]["code"] for r in results[2:]} == {"batch_expired"}
         assert done["output_file_id"] and done["error_file_id"]
+        # As OpenAI writes them: the successes in the output file, and each request the window
+        # closed on in the error file, with `error` and no response.
+        output, errors = ([check_output_line(json.loads(x)) for x in c.get(f"/v1/files/{file_id}/content").text
+                           .splitlines()] for file_id in (done["output_file_id"], done["error_file_id"]))
+        assert [(o.custom_id, o.response.status_code) for o in output] == [  # type: ignore[union-attr]
+            ("fast-1", 200), ("fast-2", 200)]
+        assert [(e.custom_id, e.response, e.error.code) for e in errors] == [  # type: ignore[union-attr]
+            (f"idle-{i}", None, "batch_expired") for i in range(3)]
         bad = c.post("/v1/batches", json={"requests": lines, "completion_window": "forever"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "completion_window"

@@ -74,8 +74,11 @@ def test_queued_jobs_share_batched_calls_and_a_failing_job_fails_alone(stack: St
             counts = batch["request_counts"]
             assert (counts["total"], counts["completed"], counts["failed"]) == (24, 23, 1)
             results = _results(c, batch_id)
-            assert results["e5"]["error"]["code"] == "runtime_error"
-            assert "failed on prompt 'boom'" in results["e5"]["error"]["message"]
+            failed = results["e5"]["response"]
+            assert results["e5"]["error"] is None and failed["status_code"] == 500
+            assert failed["body"]["error"]["code"] == "runtime_error"
+            assert failed["body"]["error"]["type"] == "server_error"
+            assert "failed on prompt 'boom'" in failed["body"]["error"]["message"]
             assert all(results[f"e{i}"]["response"]["body"]["choices"][0]["text"] == f"hello {i}"
                        for i in range(24) if i != 5)
             # The jobs shared calls of up to max_batch_size (8), and the failing call was split.

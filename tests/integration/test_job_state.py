@@ -114,7 +114,8 @@ def test_batch_finalizes_once_with_files_in_input_order(factory: sessionmaker[Se
         counts = jd.request_counts(jd.batch_counts(s, batch_id))
     assert [line.count('"custom_id":"c') for line in out] == [1, 1, 1]
     assert ['"c0"' in out[0], '"c1"' in out[1], '"c3"' in out[2]] == [True] * 3
-    assert len(err) == 1 and '"boom"' in err[0]
+    # A code outside the catalogue ("boom") is answered as a runtime error, a 500 response.
+    assert len(err) == 1 and '"status_code":500' in err[0] and '"code":"runtime_error"' in err[0]
     assert counts["completed"] == 3 and counts["failed"] == 1 and counts["total"] == 4
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from openai.types import Model
+from openai.types.shared import ErrorObject
+from sqlalchemy import update
 
+from genq.shared.db import Job, session_scope
 from tests.support.app import api_client
 
 
@@ -53,3 +57,40 @@ def test_a_file_whose_object_is_gone_is_a_404_not_a_500(tmp_path: Path) -> None:
                 stored.unlink()
         resp = c.get(f"/v1/files/{up.json()['id']}/content")
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "object_not_found"
+
+
+def test_a_model_is_read_alone_as_in_the_list(tmp_path: Path) -> None:
+    with _app(tmp_path) as c:
+        listed = c.get("/v1/models").json()
+        one = c.get("/v1/models/tiny-gan")
+        missing = c.get("/v1/models/nope")
+    assert set(listed) == {"object", "data"} and listed["object"] == "list"
+    assert one.status_code == 200 and one.json() == next(m for m in listed["data"] if m["id"] == "tiny-gan")
+    for model in listed["data"]:
+        assert Model.model_validate(model).object == "model"
+    assert one.json()["kind"] == "gan" and one.json()["queue"] == "genq.tiny-gan"
+    assert missing.status_code == 404
+    error = ErrorObject.model_validate(missing.json()["error"])
+    assert (error.type, error.code, error.param) == ("invalid_request_error", "model_not_found", "model")
+
+
+def test_jobs_and_batches_show_the_priority_they_are_served_at(tmp_path: Path) -> None:
+    def line(cid: str, **extra: int) -> dict:
+        return {"custom_id": cid, "url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "x"}, **extra}
+
+    with _app(tmp_path) as c:
+        plain = c.post("/v1/jobs", json=line("a")).json()
+        urgent = c.post("/v1/jobs", json=line("b", priority=9)).json()
+        batch = c.post("/v1/batches", json={"requests": [line("c"), line("d", priority=2)], "priority": 5}).json()
+        default = c.post("/v1/batches", json={"requests": [line("e")]}).json()
+        jobs = {j["custom_id"]: j["priority"] for b in (batch, default)
+                for j in c.get(f"/v1/batches/{b['id']}/jobs").json()["data"]}
+        again = c.get(f"/v1/jobs/{plain['id']}").json()
+        # A row stored before genq stored the effective priority shows it too.
+        with session_scope(c.app.state.genq.sessions) as s:  # type: ignore[attr-defined]
+            s.execute(update(Job).where(Job.id == urgent["id"]).values(priority=None))
+        legacy = c.get(f"/v1/jobs/{urgent['id']}").json()
+    assert legacy["priority"] == 0
+    assert (plain["priority"], again["priority"], urgent["priority"]) == (0, 0, 9)
+    assert (batch["priority"], default["priority"]) == (5, 0)
+    assert jobs == {"c": 5, "d": 2, "e": 0}  # a line without its own inherits its batch's

@@ -170,3 +170,21 @@ def test_a_registry_template_serves_a_model_without_one(tiny_dir: Path) -> None:
     assert runner.tokenizer.decode(it.prepared.prompt_ids[0]) == (
         "system: Answer briefly.\nuser: Where did the train go?\nassistant:")
     assert isinstance(finish(runner.run_batch([it])[0]), dict)
+
+
+def test_row_stream_pieces_add_up_to_the_cut_text(chat: TextRunner) -> None:
+    from genq.workers.runners.text_output import RowStream
+
+    assert chat.text is not None
+    ids = chat.tokenizer("The bells rang — nine times, café ☕ and the boats moved")["input_ids"]
+    for stops in ([], ["nine"], ["boats", "x"]):
+        stream = RowStream(chat.text, stops, max_tokens=len(ids))
+        pieces = [stream.push(t) for t in ids]
+        streamed = "".join(pieces)
+        final = chat.text.cut_row(ids, stops).text
+        assert final.startswith(streamed) and "\ufffd" not in streamed
+        assert not any(s in streamed for s in stops)  # never past a stop string
+        assert len(streamed) >= len(final) - max((len(s) for s in stops), default=1)
+        assert sum(1 for p in pieces if p) > 3
+    end = RowStream(chat.text, [], max_tokens=3)
+    assert "".join(end.push(t) for t in ids) == chat.text.decode(ids[:3])

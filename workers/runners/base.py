@@ -7,7 +7,6 @@ them to `run_batch` together. A runner that cannot batch a kind of work gives ea
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 import uuid
@@ -51,6 +50,10 @@ class RunContext:
     `put_output(name, data, content_type)` stores one output file (an image, say) and returns its
     object key; the worker puts it under `jobs/<job id>/<attempt>/<name>` and removes it again if
     the job does not succeed. The default keeps outputs in `outputs`, for tests and direct use.
+
+    `emit`, set for a `stream: true` job where the broker carries token streams, takes the new text
+    of choices as (choice index, text) pairs while the job runs; the final result stays the whole
+    answer, and streamed text must be a prefix of each choice's final text.
     """
 
     job_id: str = "job_local"
@@ -58,6 +61,7 @@ class RunContext:
     is_cancelled: Callable[[], bool] = lambda: False
     outputs: dict[str, bytes] = field(default_factory=dict)
     put_output: Callable[[str, bytes, str], str] | None = None
+    emit: Callable[[list[tuple[int, str]]], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -65,11 +69,18 @@ class RunContext:
             self.put_output = _keep_in_memory(self.outputs)
 
 
+def response_id(prefix: str, job_id: str) -> str:
+    """A response's id, named after its job (so a streamed answer's chunks and its stored result
+    share it): `chatcmpl-<job id without job_>`; a random one outside a worker."""
+    suffix = job_id.removeprefix("job_") if job_id != RunContext.job_id else uuid.uuid4().hex[:24]
+    return f"{prefix}-{suffix}"
+
+
 def text_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int,
-                    completion_tokens: int) -> dict[str, Any]:
+                    completion_tokens: int, job_id: str = RunContext.job_id) -> dict[str, Any]:
     """An OpenAI `text_completion` response body."""
     return {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "id": response_id("cmpl", job_id),
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
@@ -80,10 +91,10 @@ def text_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: in
 
 
 def chat_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int,
-                    fingerprint: str) -> dict[str, Any]:
+                    fingerprint: str, job_id: str = RunContext.job_id) -> dict[str, Any]:
     """An OpenAI `chat.completion` response body."""
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": response_id("chatcmpl", job_id),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -92,16 +103,6 @@ def chat_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: in
                   "total_tokens": prompt_tokens + completion_tokens},
         "system_fingerprint": fingerprint,
     }
-
-
-def fingerprint(spec: ModelSpec) -> str:
-    """OpenAI's `system_fingerprint`: names the serving configuration (weights, revision, dtype and
-    genq's version), so a client sees when the same seed may no longer give the same text."""
-    from genq import __version__
-
-    revision = getattr(spec.options, "revision", None)
-    digest = hashlib.sha256(f"{spec.source}|{revision}|{spec.dtype}|{__version__}".encode()).hexdigest()
-    return f"fp_{digest[:10]}"
 
 
 def images_result(data: list[ImageDatum], parameters: dict[str, Any], output_keys: list[str]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from genq.workers.runners.base import (
     RunContext,
     SerialRunner,
     chat_completion,
-    fingerprint,
     text_completion,
     typed_options,
 )
@@ -67,21 +66,26 @@ class EchoRunner(SerialRunner):
 
     def run(self, body: BaseModel, ctx: RunContext) -> dict[str, Any]:
         assert isinstance(body, CompletionBody | ChatBody)
-        for step in range(10 if self.delay_s > 0 else 0):
+        if isinstance(body, ChatBody):  # the last message comes back, n times
+            answers = [body.messages[-1].text] * body.n
+            words = sum(len(m.text.split()) for m in body.messages)
+        else:
+            answers = [p for p in body.prompts for _ in range(body.n)]
+            words = sum(len(p.split()) for p in body.prompts)
+        steps = 10 if self.delay_s > 0 else 0
+        for step in range(steps):
             time.sleep(self.delay_s / 10)
             if ctx.is_cancelled():
                 raise JobCancelled(ctx.job_id)
             ctx.set_progress((step + 1) / 10)
-        if isinstance(body, ChatBody):  # the last message comes back, n times
-            text = body.messages[-1].text
-            words = sum(len(m.text.split()) for m in body.messages)
+            if ctx.emit is not None:  # a streaming job sees its answer arrive a tenth at a time
+                cut = [(len(a) * step // steps, len(a) * (step + 1) // steps) for a in answers]
+                ctx.emit([(i, a[lo:hi]) for i, (a, (lo, hi)) in enumerate(zip(answers, cut, strict=True)) if hi > lo])
+        if isinstance(body, ChatBody):
             choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None, "finish_reason": "stop"} for i in range(body.n)]
+                        "logprobs": None, "finish_reason": "stop"} for i, text in enumerate(answers)]
             return chat_completion(self.spec.name, choices, prompt_tokens=words, completion_tokens=0,
-                                   fingerprint=fingerprint(self.spec))
-        choices = [
-            {"text": prompt, "index": i, "logprobs": None, "finish_reason": "stop"}
-            for i, prompt in enumerate(p for p in body.prompts for _ in range(body.n))
-        ]
-        words = sum(len(p.split()) for p in body.prompts)
-        return text_completion(self.spec.name, choices, prompt_tokens=words, completion_tokens=0)
+                                   fingerprint=self.spec.fingerprint, job_id=ctx.job_id)
+        choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": "stop"}
+                   for i, text in enumerate(answers)]
+        return text_completion(self.spec.name, choices, prompt_tokens=words, completion_tokens=0, job_id=ctx.job_id)

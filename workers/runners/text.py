@@ -58,7 +58,6 @@ from genq.workers.runners.base import (
     Outcome,
     RunContext,
     chat_completion,
-    fingerprint,
     finish,
     module_bytes,
     random_seed,
@@ -69,14 +68,15 @@ from genq.workers.runners.device import resolve_device, resolve_dtype
 from genq.workers.runners.lora import AdapterLRU
 from genq.workers.runners.sampling import RowParams, RowSampler, row_params
 from genq.workers.runners.text_adapters import PeftAdapters
-from genq.workers.runners.text_output import TokenText, join_logprobs
+from genq.workers.runners.text_output import RowStream, TokenText, join_logprobs
 
 POLL_SECONDS = 0.2  # how often generation reports progress and asks whether jobs were cancelled
 
 
 class _RowWatch(StoppingCriteria):
-    """Between tokens, per row: its max_tokens, its stop strings, and its job's cancellation.
-    Progress is reported and cancellation asked at most every POLL_SECONDS."""
+    """Between tokens, per row: its max_tokens, its stop strings, and its job's cancellation; and
+    the new text of streaming rows, handed to their jobs' `emit` each step. Progress is reported
+    and cancellation asked at most every POLL_SECONDS."""
 
     def __init__(self, runner: TextRunner, items: list[BatchItem], owner: list[int], rows: list[RowParams],
                  width: int) -> None:
@@ -90,6 +90,11 @@ class _RowWatch(StoppingCriteria):
         self._stop_rows = [i for i, r in enumerate(rows) if r.stops]
         self._window = {i: max(len(s) for s in rows[i].stops) + 2 for i in self._stop_rows}
         self._owner = torch.tensor(owner, device=device)
+        # Streaming rows: batch row -> (item index, choice index within the item, its text so far).
+        self._streams: dict[int, tuple[int, int, RowStream]] = {}
+        for row, (r, j) in enumerate(zip(rows, owner, strict=True)):
+            if items[j].ctx.emit is not None:
+                self._streams[row] = (j, row - owner.index(j), RowStream(self.text, r.stops, r.max_tokens))
         self._item_limit: dict[int, int] = {}  # the items with rows in this batch -> their max_tokens
         for r, j in zip(rows, owner, strict=True):
             self._item_limit[j] = max(self._item_limit.get(j, 0), r.max_tokens)
@@ -112,7 +117,19 @@ class _RowWatch(StoppingCriteria):
                     self.cancelled.add(j)
         if self.cancelled:
             done |= torch.isin(self._owner, torch.tensor(sorted(self.cancelled), device=self._owner.device))
+        if self._streams:
+            self._stream(input_ids[:, -1].tolist())
         return done
+
+    def _stream(self, tokens: list[int]) -> None:
+        pieces: dict[int, list[tuple[int, str]]] = {}
+        for row, (j, choice, stream) in self._streams.items():
+            if j not in self.cancelled and (piece := stream.push(tokens[row])):
+                pieces.setdefault(j, []).append((choice, piece))
+        for j, deltas in pieces.items():
+            emit = self.items[j].ctx.emit
+            assert emit is not None
+            emit(deltas)
 
 
 @dataclass
@@ -133,7 +150,7 @@ class TextRunner:
         self.options = typed_options(spec, TextOptions)
         self.tokenizer: Any = None
         self.text: TokenText | None = None  # decoding, set at load
-        self.fingerprint = fingerprint(spec)
+        self.fingerprint = spec.fingerprint
         self.peft = PeftAdapters(spec.name, self.options.max_adapters)
         self.adapters: AdapterLRU[LocalAdapter] = self.peft.lru
         self._lock = threading.Lock()  # one batch at a time on this model
@@ -305,7 +322,8 @@ class TextRunner:
                                                             "refusal": None},
                         "finish_reason": row.finish_reason}
                        for i, (row, steps) in enumerate(zip(cut, row_lp, strict=True))]
-            return chat_completion(self.spec.name, choices, fingerprint=self.fingerprint, **usage)
+            return chat_completion(self.spec.name, choices, fingerprint=self.fingerprint, job_id=item.ctx.job_id,
+                                   **usage)
         assert isinstance(body, CompletionBody)
         # 2. Logprobs of the kept tokens, from the raw logits; echoed prompts' logprobs go first.
         prompts = [body.prompts[p] for p in prepared.row_prompt]
@@ -321,7 +339,7 @@ class TextRunner:
              "logprobs": logprobs[i], "finish_reason": row.finish_reason}
             for i, row in enumerate(cut)
         ]
-        return text_completion(self.spec.name, choices, **usage)
+        return text_completion(self.spec.name, choices, job_id=item.ctx.job_id, **usage)
 
     def check_inputs(self, body: SamplingBody, prompt_ids: list[list[int]]) -> int:
         """Check the prompts and token bounds against the model; return each choice's max tokens

@@ -96,6 +96,42 @@ class TokenText:
                 anchor, base = end, base + len(pieces[-1])
         return offsets
 
+class RowStream:
+    """One streaming row's text as it is generated, in pieces that are final: decoded from a moving
+    prefix (so tokenizers whose pieces read differently alone, like SentencePiece's leading space,
+    come out right), holding back an incomplete UTF-8 character and any tail that may still turn
+    into a stop string. Ends at an end token, the row's max_tokens or its first stop string."""
+
+    def __init__(self, text: TokenText, stops: list[str], max_tokens: int) -> None:
+        self.text, self.stops, self.max_tokens = text, stops, max_tokens
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] decode to what came out last
+        self.decoded = ""  # the row's settled text so far
+        self.sent = 0  # characters of `decoded` handed out
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """Take the row's next token; return the text that is now final (often empty)."""
+        if self.done or token in self.text.end_ids or len(self.ids) >= self.max_tokens:
+            self.done = True
+            return ""
+        self.ids.append(token)
+        before = self.text.decode(self.ids[self.prefix:self.read])
+        after = self.text.decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # the token ends inside a character, or added no text yet
+        self.decoded += after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        safe = len(self.decoded) - self.hold
+        hits = [pos for s in self.stops if (pos := self.decoded.find(s)) >= 0]
+        if hits:
+            self.done, safe = True, min(hits)
+        piece = self.decoded[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return piece
+
+
 def join_logprobs(prompt: dict[str, Any], completion: dict[str, Any], shift: int) -> dict[str, Any]:
     """Echoed prompt logprobs followed by the completion's, whose offsets move past the prompt."""
     joined = {key: prompt[key] + completion[key] for key in ("tokens", "token_logprobs", "top_logprobs")}
