@@ -21,6 +21,7 @@ import openai
 import pytest
 from openai.types import CreateEmbeddingResponse
 
+from tests.support.openai_shapes import check_output_line
 from tests.support.processes import Stack
 from tests.support.waiting import wait_for
 
@@ -86,6 +87,8 @@ def test_an_embeddings_batch_file_runs_through_the_sdk(client: openai.OpenAI, re
     assert done.request_counts.failed == 1
 
     out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    for line in out:
+        check_output_line(line)
     assert [o["custom_id"] for o in out] == [x["custom_id"] for x in lines[:-1]]  # input order
     bodies = {o["custom_id"]: o["response"]["body"] for o in out}
     for i in range(len(TEXTS)):
@@ -99,8 +102,10 @@ def test_an_embeddings_batch_file_runs_through_the_sdk(client: openai.OpenAI, re
     assert np.abs(np.stack(packed) - expected).max() < 1e-5
 
     error = json.loads(client.files.content(done.error_file_id).text)
-    assert error["custom_id"] == "too-long" and error["error"]["code"] == "invalid_request"
-    assert error["error"]["param"] == "body.input[1]" and "reads at most 128 tokens" in error["error"]["message"]
+    refused = check_output_line(error).response  # the worker refused it: a 400 answer, as OpenAI's
+    assert error["custom_id"] == "too-long" and refused is not None and refused.status_code == 400
+    assert refused.body["error"]["code"] == "invalid_request" and refused.body["error"]["param"] == "body.input[1]"
+    assert "reads at most 128 tokens" in refused.body["error"]["message"]
 
 
 def test_synchronous_embeddings_create(client: openai.OpenAI, reference: Any) -> None:
