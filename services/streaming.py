@@ -26,6 +26,7 @@ from genq.services.errors import error_body
 from genq.services.state import AppState
 from genq.shared.chat import CHAT_URL
 from genq.shared.db import Job, session_scope
+from genq.shared.errors import job_failure
 from genq.shared.results import ResultRenderer
 from genq.shared.schemas import TERMINAL_JOB_STATUSES
 from genq.shared.streams import Delta, RedisTokenSource, streams_on
@@ -100,11 +101,12 @@ def _cancel(state: AppState, job_id: str) -> None:
 
 
 def _job_error(job: Job) -> dict[str, Any]:
-    error = job.error or {}
-    code = error.get("code") or job.status
-    status = 400 if code == "invalid_request" else 409 if job.status == "cancelled" else 500
-    return error_body(status, error.get("message", f"the job was {job.status}"), code, error.get("param"),
-                      job_id=job.id)
+    """The error event of a job that failed or was cancelled while streaming (as its batch output
+    line or synchronous answer would say)."""
+    if job.status == "cancelled":
+        return error_body(409, f"job {job.id} was cancelled", "cancelled", job_id=job.id)
+    _, failure = job_failure(job.error)
+    return {"error": {**failure, "job_id": job.id}}
 
 
 async def event_stream(state: AppState, renderer: ResultRenderer, job: Job, writer: ChunkWriter,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.support.processes import die_with_parent, free_port
@@ -69,6 +70,14 @@ def test_genq_up_runs_a_batch_end_to_end(tmp_path: Path, tiny_registry: Path) ->
         # Everything lives under ./var: the SQLite results DB, the SQLite broker and the objects.
         assert (tmp_path / "var/genq.db").is_file() and (tmp_path / "var/broker.db").is_file()
         assert len(list((tmp_path / "var/objects/jobs").glob("*/1/0.png"))) == 1
+
+        # The SQL broker carries no token streams: a streamed answer comes whole, in OpenAI's chunks.
+        client = openai.OpenAI(base_url=f"{api}/v1", api_key="sk-local", max_retries=0, timeout=60)
+        ask = {"model": "tiny-gpt2", "prompt": "The river", "max_tokens": 8, "seed": 2}
+        chunks = list(client.completions.create(**ask, stream=True))
+        whole = client.completions.create(**ask).choices[0].text
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
         bad = genq("status", "nonsense")
         assert bad.returncode != 0 and "neither a batch id" in bad.stderr
