@@ -15,6 +15,8 @@ process of its own (so that imports and threads of one never touch another; --li
                     is apply_first_call_s), accept_ms (each row accepts its masked argmax); median
                     and p90 over --steps steps. A row that finishes gets a new matcher (new_matcher_ms).
                     rejected counts argmax tokens a matcher refused (must be 0).
+`genq` is genq.workers.runners.constrained itself (llguidance, a plain-torch apply on the CPU),
+its fill and apply both inside mask_scores (reported as apply_ms).
 The model vocab is the tokenizer's size plus --pad ids (logits wider than the tokenizer, as in
 models whose lm_head is padded). A `probe` per library, also in its own process, compiles the
 schemas without any tokenizer and reports whether that imported torch, how long the import took,
@@ -48,8 +50,8 @@ from common import ROOT, package_versions, print_result
 
 sys.path.insert(0, str(ROOT))
 
-LIBRARIES = ("llguidance", "xgrammar", "outlines_core")
-DISTRIBUTIONS = {"llguidance": "llguidance", "xgrammar": "xgrammar", "outlines_core": "outlines-core"}
+LIBRARIES = ("llguidance", "xgrammar", "outlines_core", "genq")
+DISTRIBUTIONS = {"llguidance": "llguidance", "xgrammar": "xgrammar", "outlines_core": "outlines-core", "genq": "genq"}
 JSON_OBJECT: dict[str, Any] = {"type": "object"}
 NESTED_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -238,7 +240,50 @@ class OutlinesCore:
         return bool(matcher.is_finished())
 
 
-BACKENDS = {"llguidance": Llguidance, "xgrammar": Xgrammar, "outlines_core": OutlinesCore}
+class Genq:
+    """genq.workers.runners.constrained itself (llguidance): fill and apply are both in mask_scores,
+    so apply_ms is the whole step's masking and fill_ms ~0."""
+
+    def __init__(self, probe: bool = False) -> None:
+        from genq.shared import response_format
+
+        self.rf, self.rows = response_format, []
+        if not probe:
+            from genq.workers.runners.constrained import ResponseFormats
+
+            self.formats_class = ResponseFormats
+
+    def probe(self, schema: dict[str, Any]) -> str:
+        return self.rf.check_response_format(self._format(schema)) or ""
+
+    def _format(self, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+
+    def info(self, tokenizer: Any, vocab: int, eos: list[int]) -> Any:
+        return self.formats_class(tokenizer, vocab, eos, cache_size=0)  # no cache: every compile is cold
+
+    def compile(self, info: Any, schema: dict[str, Any]) -> Any:
+        self.rf._compile.cache_clear()  # the shared grammar cache too
+        self.formats = info
+        return info.compile(self._format(schema))
+
+    def matcher(self, compiled: Any) -> Any:
+        return compiled.matcher()
+
+    def fill(self, matchers: list[Any], bitmask: Any) -> None:
+        self.rows = list(enumerate(matchers))
+
+    def apply(self, logits: Any, bitmask: Any) -> None:
+        self.formats.mask_scores(logits, self.rows)
+
+    def accept(self, matcher: Any, token: int) -> bool:
+        return bool(matcher.accept(token))
+
+    def done(self, matcher: Any) -> bool:
+        return bool(matcher.finished)
+
+
+BACKENDS = {"llguidance": Llguidance, "xgrammar": Xgrammar, "outlines_core": OutlinesCore, "genq": Genq}
 
 
 # --- one library in its own process ------------------------------------------------------------------

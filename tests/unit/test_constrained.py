@@ -166,6 +166,11 @@ def test_compiled_formats_are_cached_by_their_json(formats: ResponseFormats) -> 
     assert formats.compile(None) is None and formats.compile({"type": "text"}) is None
 
 
+def test_cache_size_zero_compiles_every_time(tokenizer: Any) -> None:
+    formats = ResponseFormats(tokenizer, len(tokenizer), [tokenizer.eos_token_id], cache_size=0)
+    assert formats.compile({"type": "json_object"}) is not formats.compile({"type": "json_object"})
+
+
 BAD_FORMATS = [
     ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema is required"),
     ({"type": "json_schema"}, "response_format.json_schema is required"),

@@ -121,8 +121,9 @@ class ResponseFormats:
             message = " ".join(matcher.get_error().split())
             raise InvalidRequest(f"response_format.json_schema.schema is not supported: {message}", PARAM)
         compiled = CompiledFormat(key, matcher)
-        with self._lock:
-            self._cache[key] = compiled
+        if self._cache.maxsize > 0:  # cache_size 0: no cache (cachetools refuses every item then)
+            with self._lock:
+                self._cache[key] = compiled
         return compiled
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
