@@ -27,7 +27,8 @@ llguidance is a genq dependency; the others are not: `pip install xgrammar==0.2.
 first (xgrammar brings triton, about 1 GB), or leave them out with --libraries.
 
 Run: .venv/bin/python bench/constrained_decoding.py [--libraries llguidance xgrammar outlines_core]
-     [--big-vocab 32000] [--pad 64] [--batch 16] [--steps 64] [--repeats 3] [--lib-timeout 300] [--out FILE]
+     [--big-vocab 32000] [--pad 64] [--batch 16] [--steps 64] [--repeats 3] [--threads 1] [--lib-timeout 300]
+     [--out FILE]
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ BAD_SCHEMAS: dict[str, dict[str, Any]] = {
     "bad_pattern": {"type": "object", "properties": {"s": {"type": "string", "pattern": "(("}}, "required": ["s"]},
     "unsupported_not": {"type": "object", "properties": {"s": {"not": {"type": "string"}}}, "required": ["s"]},
 }
+THREADS = 1  # --threads: torch's and each library's (a shared 2-core machine makes more threads noise)
 SEPARATORS = (", ", ": ")  # JSON as json.dumps writes it, no free whitespace (random logits would pick it forever)
 
 
@@ -117,7 +119,7 @@ class Llguidance:
         import llguidance
 
         self.llg = llguidance
-        self.executor = llguidance.LLExecutor()
+        self.executor = llguidance.LLExecutor(THREADS)
         if not probe:  # transformers and torch (torch.compile): not for the probe, and not timed as info
             import llguidance.hf
             import llguidance.torch
@@ -161,7 +163,7 @@ class Xgrammar:
         import xgrammar
 
         self.xgr = xgrammar
-        self.batch = xgrammar.BatchGrammarMatcher()
+        self.batch = xgrammar.BatchGrammarMatcher(THREADS)
 
     def probe(self, schema: dict[str, Any]) -> str:
         try:
@@ -260,7 +262,7 @@ class Genq:
         return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
 
     def info(self, tokenizer: Any, vocab: int, eos: list[int]) -> Any:
-        return self.formats_class(tokenizer, vocab, eos, cache_size=0)  # no cache: every compile is cold
+        return self.formats_class(tokenizer, vocab, eos, cache_size=0, threads=THREADS)  # no cache: all cold
 
     def compile(self, info: Any, schema: dict[str, Any]) -> Any:
         self.rf._compile.cache_clear()  # the shared grammar cache too
@@ -361,6 +363,12 @@ def measure(lib: str, tokenizer_dir: Path, vocab: int, batch: int, steps: int, r
 
 
 def child(args: argparse.Namespace) -> None:
+    global THREADS
+    THREADS = args.threads
+    if not args.probe:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.probe:
         result = probe(args.child)
     else:
@@ -405,6 +413,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch's and each library's threads")
     ap.add_argument("--lib-timeout", type=float, default=300)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
@@ -420,12 +429,14 @@ def main() -> None:
 
     from genq.workers.tiny import train_tokenizer
 
+    torch.set_num_threads(args.threads)  # for torch_eager_apply_ms, as in the children
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform(),
                     "python": platform.python_version(),
                     **package_versions("torch", "transformers", *(DISTRIBUTIONS[x] for x in args.libraries))},
-        "settings": {"batch": args.batch, "steps": args.steps, "pad": args.pad, "repeats": args.repeats},
+        "settings": {"batch": args.batch, "steps": args.steps, "pad": args.pad, "repeats": args.repeats,
+                     "threads": args.threads},
         "probe": {lib: run_child(["--child", lib, "--probe"], args.lib_timeout) for lib in args.libraries},
         "vocabs": {},
     }
@@ -441,6 +452,7 @@ def main() -> None:
             for lib in args.libraries:
                 entry[lib] = run_child(["--child", lib, "--tokenizer", str(path), "--model-vocab", str(vocab),
                                         "--batch", str(args.batch), "--steps", str(args.steps),
+                                        "--threads", str(args.threads),
                                         "--repeats", str(args.repeats)], args.lib_timeout)
             result["vocabs"][label] = entry
     print_result(result, args.out)
