@@ -204,3 +204,20 @@ def test_the_shared_check_imports_no_torch() -> None:
             "is None; assert check({'type': 'json_schema', 'json_schema': {'name': 'x', 'schema': "
             "{'type': 'integr'}}}); assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+
+
+def test_a_matcher_fills_a_bitmask_row_of_its_own(formats: ResponseFormats) -> None:
+    from genq.workers.runners.constrained import apply_bitmask
+
+    matcher = formats.compile(schema_format(PERSON)).matcher()  # type: ignore[union-attr]
+    bitmask = formats.allocate_bitmask(2)
+    matcher.fill(bitmask, 1)
+    assert torch.equal(bitmask[0], torch.full_like(bitmask[0], -1))  # the other row: still all allowed
+    by_hand, by_batch = torch.zeros(1, formats.vocab_size), torch.zeros(1, formats.vocab_size)
+    apply_bitmask(by_hand, bitmask[1:])
+    formats.mask_scores(by_batch, [(0, matcher)])
+    assert torch.equal(by_hand, by_batch)
+    with pytest.raises(ValueError):
+        matcher.fill(torch.full((1, 3), -1, dtype=torch.int32))  # too narrow for the vocabulary
+    with pytest.raises(ValueError):
+        matcher.fill(torch.full((1, formats.words), -1, dtype=torch.int64))
