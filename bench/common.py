@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts in bench/ (queue_throughput, batch_scale, text_batching, image_batching,
-gpu_check).
+gpu_check, constrained_decoding).
 
 The scripts are run as `python bench/X.py` (gpu_check.py through bench/gpu_check.sh) and put this
 directory on sys.path before `from common import ...`. This module imports only the standard
