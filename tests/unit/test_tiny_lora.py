@@ -97,7 +97,7 @@ def test_image_adapter_loads_through_diffusers_and_changes_the_image(adapters: P
 
 def test_build_tiny_adapters_registers_them(adapters: Path) -> None:
     registry = load_registry(adapters / "models.toml")
-    assert registry.names() == ["tiny-gpt2", "tiny-chat", "tiny-sd", "tiny-gan"]
+    assert registry.names() == ["tiny-gpt2", "tiny-chat", "tiny-sd", "tiny-gan", "tiny-embed"]
     assert {n: (a.model, Path(a.source)) for n, a in registry.adapters.items()} == {
         "tiny-gpt2-lora": ("tiny-gpt2", (adapters / "tiny-gpt2-lora").resolve()),
         "tiny-gpt2-lora-b": ("tiny-gpt2", (adapters / "tiny-gpt2-lora-b").resolve()),
