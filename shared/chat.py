@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from genq.shared.response_format import check_response_format
 from genq.shared.schemas import (
     LOGIT_BIAS_SCHEMA,
     STOP_SCHEMA,
@@ -98,6 +99,8 @@ class ChatMessage(_Part):
 
 
 class ResponseFormat(_Part):
+    """OpenAI's response_format; its schema is checked (and compiled) by genq.shared.response_format."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
@@ -150,9 +153,6 @@ class ChatBody(SamplingBody):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options needs stream: true")
-        fmt = self.response_format
-        if fmt is not None and (fmt.type == "json_schema") != (fmt.json_schema is not None):
-            raise ValueError("response_format.json_schema is required with type json_schema, and only then")
         return self
 
     def prompt_texts(self) -> list[tuple[str, str]]:
@@ -168,6 +168,7 @@ class ChatBody(SamplingBody):
 
     @property
     def constrained(self) -> bool:
+        """Whether the output must follow a grammar (json_object or json_schema)."""
         return self.response_format is not None and self.response_format.type != "text"
 
     def unsupported(self) -> list[tuple[str, str]]:
@@ -316,6 +317,9 @@ def chat_errors(body: ChatBody, model: str, template: str | None | Literal[False
     chat template (`template` None; False: unknown here, the worker checks), and tool messages for
     a template that renders no tools."""
     errors = body.unsupported()
+    fmt = body.response_format
+    if fmt is not None and (problem := check_response_format(fmt.model_dump(exclude_none=True))):
+        errors.append(("body.response_format", problem))
     if template is None:
         errors.append(("body.model", f"model {model!r} has no chat template (its tokenizer files have "
                                      "none and its registry entry sets no chat_template); send its prompts "

@@ -119,6 +119,8 @@ class EchoOptions(ModelOptions):
         errors = _text_errors(self.max_tokens, body, model)
         if isinstance(body, ChatBody):
             errors += chat_errors(body, model, False)  # echo uses no template
+            if body.constrained:
+                errors.append(("body.response_format", f"echo model {model!r} does not constrain its output"))
         return errors
 
 

@@ -96,3 +96,42 @@ def test_chat_job_through_jobs_api(stack: Stack) -> None:
     assert done["status"] == "succeeded", done
     ChatCompletion.model_validate(done["result"])
     assert done["url"] == "/v1/chat/completions"
+
+
+PLACE = {"type": "object", "additionalProperties": False, "required": ["city", "rank"],
+         "properties": {"city": {"type": "string", "maxLength": 10}, "rank": {"type": "integer", "minimum": 1,
+                                                                           "maximum": 9}}}
+
+
+def test_structured_outputs_in_a_mixed_chat_batch(stack: Stack, client: openai.OpenAI) -> None:
+    import jsonschema
+    from pydantic import BaseModel, Field
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": PLACE, "strict": True}}
+    lines = [{"custom_id": f"s-{i}", "url": "/v1/chat/completions",
+              "body": {"model": "tiny-chat", "messages": MESSAGES, "seed": i, "max_completion_tokens": 60,
+                       **({"response_format": fmt} if i % 2 == 0 else {})}} for i in range(6)]
+    with stack.client() as http:
+        batch = http.post("/v1/batches", json={"requests": lines}).json()
+        done = wait_for(lambda: (b := http.get(f"/v1/batches/{batch['id']}").json())["status"] == "completed" and b,
+                        120, 0.2, "structured batch")
+        out = [json.loads(x) for x in http.get(f"/v1/files/{done['output_file_id']}/content").text.splitlines()]
+    assert [o["custom_id"] for o in out] == [f"s-{i}" for i in range(6)]
+    for i, o in enumerate(out):
+        content = ChatCompletion.model_validate(o["response"]["body"]).choices[0].message.content
+        alone = client.chat.completions.create(**lines[i]["body"]).choices[0].message.content
+        assert content == alone  # the same line alone gives the same answer, constrained or not
+        if i % 2 == 0:
+            jsonschema.validate(json.loads(content or ""), PLACE)
+
+    class Place(BaseModel):  # the SDK's own structured-output helper: a strict json_schema from pydantic
+        city: str = Field(max_length=10)
+        rank: int = Field(ge=1, le=9)
+
+    parsed = client.chat.completions.parse(model="tiny-chat", messages=MESSAGES, response_format=Place, seed=3,
+                                           max_completion_tokens=60)
+    assert isinstance(parsed.choices[0].message.parsed, Place)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-chat", messages=MESSAGES, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "object", "not": {}}}})
+    assert err.value.body["param"] == "body.response_format"  # type: ignore[index]

@@ -4,6 +4,7 @@ completions and other chats, and every response is OpenAI's `chat.completion` to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,57 @@ def test_row_stream_pieces_add_up_to_the_cut_text(chat: TextRunner) -> None:
         assert sum(1 for p in pieces if p) > 3
     end = RowStream(chat.text, [], max_tokens=3)
     assert "".join(end.push(t) for t in ids) == chat.text.decode(ids[:3])
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "ok"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+                         "ok": {"type": "boolean"}}}
+
+
+def test_json_schema_rows_follow_their_schema_inside_a_mixed_batch(chat: TextRunner) -> None:
+    import jsonschema
+
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    free = {"seed": 9, "max_completion_tokens": 30}
+    alone = run(chat, [chat_item(chat, **free)])[0]
+    def completion() -> BatchItem:
+        it = BatchItem(CompletionBody.model_validate({"model": "tiny-chat", "prompt": "A list:", "max_tokens": 12,
+                                                      "temperature": 0}), RunContext())
+        chat.prepare(it)
+        return it
+
+    structured = [chat_item(chat, seed=s, n=2, response_format=schema_format, max_completion_tokens=120,
+                            temperature=0.9) for s in range(3)]
+    greedy = chat_item(chat, temperature=0, response_format=schema_format, max_completion_tokens=120)
+    objects = [chat_item(chat, seed=s, response_format={"type": "json_object"}, max_completion_tokens=120)
+               for s in range(2)]
+    outcomes = run(chat, [structured[0], chat_item(chat, **free), completion(), *structured[1:], greedy, *objects])
+    results = [o for o in outcomes if isinstance(o, dict)]
+    assert len(results) == len(outcomes)
+    assert texts(results[1]) == texts(alone)  # a free-text row is unaffected by its constrained batch mates
+    completion_alone = run(chat, [completion()])[0]
+    assert isinstance(completion_alone, dict)
+    assert results[2]["choices"][0]["text"] == completion_alone["choices"][0]["text"]
+    for result in [results[0], *results[3:6]]:
+        for choice in result["choices"]:
+            assert choice["finish_reason"] == "stop", choice
+            jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
+    for result in results[6:]:
+        choice = result["choices"][0]
+        text = choice["message"]["content"]
+        assert text.startswith("{")
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(text), dict)
+    # Greedy structured output is the same alone as in the batch.
+    assert texts(run(chat, [chat_item(chat, temperature=0, response_format=schema_format,
+                                      max_completion_tokens=120)])[0]) == texts(results[5])
+
+
+def test_a_schema_the_library_cannot_compile_is_refused(chat: TextRunner) -> None:
+    schema = {"type": "object", "not": {"required": ["a"]}}
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(InvalidRequest) as err:
+        chat_item(chat, response_format=bad)
+    assert err.value.param == "body.response_format"

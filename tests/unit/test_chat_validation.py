@@ -86,7 +86,11 @@ def test_openai_request_fields_are_accepted(registry: Registry) -> None:
     ({"logit_bias": {"5": 101}}, "body.logit_bias", "between -100 and 100"),
     ({"stream": True}, "body.stream", "only POST /v1/chat/completions streams"),
     ({"stream_options": {"include_usage": True}}, "body", "stream_options needs stream"),
-    ({"response_format": {"type": "json_schema"}}, "body", "json_schema is required"),
+    ({"response_format": {"type": "json_schema"}}, "body.response_format", "json_schema is required"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                                        "not": {}}}}},
+     "body.response_format", "not supported"),
+    ({"response_format": {"type": "text", "json_schema": {}}}, "body.response_format", "not allowed"),
     ({"messages": []}, "body.messages", "at least 1"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "body.messages[0]", "tool_call_id"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "body.messages[0].role", "Input should be"),
@@ -113,6 +117,15 @@ def test_tool_messages_need_a_template_that_renders_them(registry: Registry) -> 
     assert validate_line(line(messages=tool), 1, registry)[1] == []  # tiny-chat's template has tool calls
     param, message = error(registry, line("templated", messages=tool))
     assert param == "body.messages[2]" and "no tool messages" in message
+
+
+def test_structured_outputs_are_accepted(registry: Registry) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "place", "schema": schema,
+                                                                                 "strict": True}}):
+        assert validate_line(line(response_format=fmt), 1, registry)[1] == []
+    param, message = error(registry, line("echo", response_format={"type": "json_object"}))
+    assert param == "body.response_format" and "does not constrain" in message
 
 
 def test_kinds_that_do_not_chat_are_refused(registry: Registry) -> None:

@@ -16,6 +16,7 @@ from transformers import LogitsProcessor
 
 from genq.shared.schemas import SamplingBody
 from genq.workers.runners.base import derive_seed
+from genq.workers.runners.constrained import CompiledFormat, FormatMatcher, ResponseFormats
 
 
 @dataclass
@@ -34,16 +35,18 @@ class RowParams:
     logprobs: int  # top logprobs to keep; -1: none asked
     stops: list[str]
     bias: dict[int, float] = field(default_factory=dict)  # OpenAI logit_bias: token id -> added to its logit
+    response_format: CompiledFormat | None = None  # the grammar this row's output must follow
 
 
-def row_params(body: SamplingBody, seed: int, index: int, max_tokens: int) -> RowParams:
+def row_params(body: SamplingBody, seed: int, index: int, max_tokens: int,
+               response_format: CompiledFormat | None = None) -> RowParams:
     greedy = not (body.sampling and body.temperature > 0)
     logprobs = body.top_logprob_count
     return RowParams(greedy=greedy, temperature=body.temperature or 1.0, top_k=body.top_k, top_p=body.top_p,
                      repetition=body.repetition_penalty, presence=body.presence_penalty,
                      frequency=body.frequency_penalty, max_tokens=max_tokens,
                      seed=derive_seed(seed, index), logprobs=-1 if logprobs is None else logprobs,
-                     stops=body.stop_list, bias=body.token_bias)
+                     stops=body.stop_list, bias=body.token_bias, response_format=response_format)
 
 
 class RowSampler(LogitsProcessor):
@@ -51,10 +54,13 @@ class RowSampler(LogitsProcessor):
 
     Penalties: HF-style repetition penalty over the row's real tokens (never its left padding, so
     padding does not change a row), and OpenAI presence/frequency penalties over generated tokens.
-    Logprobs are recorded from the raw scores, before any penalty or temperature.
+    Logprobs are recorded from the raw scores, before any penalty or temperature. Rows with a
+    `response_format` sample only among the tokens their grammar allows now (llguidance masks,
+    genq.workers.runners.constrained); once the grammar is complete only EOS is allowed.
     """
 
-    def __init__(self, rows: list[RowParams], pad: list[int], width: int, device: str) -> None:
+    def __init__(self, rows: list[RowParams], pad: list[int], width: int, device: str,
+                 formats: ResponseFormats | None = None) -> None:
         self.rows, self.width = rows, width
         t = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
         self.pad = t(pad, torch.long)
@@ -75,13 +81,26 @@ class RowSampler(LogitsProcessor):
         self.lp_rows = [i for i, r in enumerate(rows) if r.logprobs >= 0]
         self.lp_k = max((rows[i].logprobs for i in self.lp_rows), default=0)
         self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step: chosen, top values, ids
+        self.formats = formats
+        self.matchers: list[tuple[int, FormatMatcher]] = [
+            (i, r.response_format.matcher()) for i, r in enumerate(rows) if r.response_format is not None]
+        assert formats is not None or not self.matchers, "constrained rows need the model's ResponseFormats"
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         raw = scores.float()
         s = self._penalize(input_ids, raw)
+        if self.matchers:
+            assert self.formats is not None
+            s = s.clone() if s is raw else s  # logprobs stay those of the unconstrained model
+            self.formats.mask_scores(s, self.matchers)
         chosen = s.argmax(dim=-1)
         if self.sampled:
             chosen[self.sampled] = self._sample(s[self.sampled], self.sampled)
+        if self.matchers:
+            tokens = chosen.tolist()
+            for row, matcher in self.matchers:
+                if not matcher.finished:
+                    matcher.accept(tokens[row])
         if self.lp_rows:
             self._record(raw, chosen)
         out = torch.full_like(scores, float("-inf"))

@@ -64,6 +64,7 @@ from genq.workers.runners.base import (
     text_completion,
     typed_options,
 )
+from genq.workers.runners.constrained import CompiledFormat, ResponseFormats
 from genq.workers.runners.device import resolve_device, resolve_dtype
 from genq.workers.runners.lora import AdapterLRU
 from genq.workers.runners.sampling import RowParams, RowSampler, row_params
@@ -150,6 +151,7 @@ class TextRunner:
         self.options = typed_options(spec, TextOptions)
         self.tokenizer: Any = None
         self.text: TokenText | None = None  # decoding, set at load
+        self.formats: ResponseFormats | None = None  # response_format grammars, set at load
         self.fingerprint = spec.fingerprint
         self.peft = PeftAdapters(spec.name, self.options.max_adapters)
         self.adapters: AdapterLRU[LocalAdapter] = self.peft.lru
@@ -171,10 +173,12 @@ class TextRunner:
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
         self.text = TokenText(tokenizer, {i for i in eos_ids if i is not None})
+        # Grammars for response_format, over the logits' width (which may exceed the tokenizer's).
+        self.formats = ResponseFormats(tokenizer, model.get_output_embeddings().weight.shape[0], self.text.end_ids)
 
     def unload(self) -> None:
         self.peft.attach(None)
-        self.tokenizer = self.text = None
+        self.tokenizer = self.text = self.formats = None
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -217,11 +221,19 @@ class TextRunner:
         max_tokens = self.check_inputs(body, prompt_ids)
         seed = body.seed if body.seed is not None else random_seed()
         prepared = _Prepared(prompt_ids, max_tokens)
+        grammar = self.response_format(body)
         for p in range(len(prompt_ids)):
             for k in range(body.n):
-                prepared.rows.append(row_params(body, seed, p * body.n + k, max_tokens))
+                prepared.rows.append(row_params(body, seed, p * body.n + k, max_tokens, grammar))
                 prepared.row_prompt.append(p)
         item.prepared = prepared
+
+    def response_format(self, body: SamplingBody) -> CompiledFormat | None:
+        """The compiled grammar a chat's response_format asks for (InvalidRequest if it cannot be)."""
+        if not isinstance(body, ChatBody) or not body.constrained:
+            return None
+        assert self.formats is not None and body.response_format is not None
+        return self.formats.compile(body.response_format.model_dump(exclude_none=True))
 
     def encode(self, body: SamplingBody) -> list[list[int]]:
         """The token ids of each prompt: a completion's prompts, or a chat's templated conversation."""
@@ -268,7 +280,7 @@ class TextRunner:
             width = batch["input_ids"].shape[1]
             pad = [width - len(r) for r in ids]
             # 3. Generate, each row decoded and stopped by its own parameters.
-            sampler = RowSampler(rows, pad, width, self.device)
+            sampler = RowSampler(rows, pad, width, self.device, self.formats)
             watch = _RowWatch(self, items, owner, rows, width)
             names = [self.peft.name(items[j]) for j in owner]
             with self.peft.scope(names) as extra:
