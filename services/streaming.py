@@ -37,13 +37,15 @@ POLL_S = 0.25  # how often the job's status is read while its text streams
 class ChunkWriter:
     """OpenAI's streamed chunks for one job: `chat.completion.chunk` or `text_completion`."""
 
-    def __init__(self, job: Job, fingerprint: str, choices: int, include_usage: bool) -> None:
+    def __init__(self, job: Job, fingerprint: str, choices: int, include_usage: bool,
+                 echoed: list[str] | None = None) -> None:
         self.chat = job.url == CHAT_URL
         suffix = job.id.removeprefix("job_")
         self.base = {"id": f"chatcmpl-{suffix}" if self.chat else f"cmpl-{suffix}",
                      "object": "chat.completion.chunk" if self.chat else "text_completion",
                      "created": int(job.created_at), "model": job.model, "system_fingerprint": fingerprint}
         self.choices, self.include_usage = choices, include_usage
+        self.echoed = echoed or []  # a completion with `echo`: each choice's text starts with its prompt
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         chunk = {**self.base, "choices": choices, **extra}
@@ -61,8 +63,10 @@ class ChunkWriter:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def opening(self) -> list[str]:
-        """Chat streams start with each choice's role."""
-        return [self._chunk([self._choice(i, "", role=True)]) for i in range(self.choices)] if self.chat else []
+        """Chat streams start with each choice's role; echoing completions with each prompt."""
+        if self.chat:
+            return [self._chunk([self._choice(i, "", role=True)]) for i in range(self.choices)]
+        return [self._chunk([self._choice(i, prompt)]) for i, prompt in enumerate(self.echoed)]
 
     def piece(self, delta: Delta) -> str:
         return self._chunk([self._choice(delta.choice, delta.text)])
@@ -113,7 +117,7 @@ async def event_stream(state: AppState, renderer: ResultRenderer, job: Job, writ
                        deadline: float) -> AsyncIterator[str]:
     """The chunks of a running (or just ended) job, ending with [DONE] or an error event."""
     source = RedisTokenSource(state.settings.broker_url) if streams_on(state.settings.broker_url) else None
-    sent: dict[int, str] = {}
+    sent: dict[int, str] = dict(enumerate(writer.echoed))
     attempt: int | None = None
     after, finished = "0", False
     try:

@@ -98,7 +98,7 @@ async def _serve(url: str, request: Request, state: StateDep, session: SessionDe
     spec = state.registry.get(job.model)
     options = body.get("stream_options") or {}
     writer = ChunkWriter(job, spec.fingerprint if spec else "", _choices(body),
-                         bool(isinstance(options, dict) and options.get("include_usage")))
+                         bool(isinstance(options, dict) and options.get("include_usage")), _echoed(body))
     return stream_response(state, renderer, job, writer, began + total_s)
 
 
@@ -106,6 +106,14 @@ def _choices(body: dict[str, Any]) -> int:
     """How many choices a (validated) text body asks for: n per prompt."""
     prompt = body.get("prompt")
     return (body.get("n") or 1) * (len(prompt) if isinstance(prompt, list) else 1)
+
+
+def _echoed(body: dict[str, Any]) -> list[str]:
+    """Each choice's prompt, for a completion with `echo` (its text starts with the prompt)."""
+    if not body.get("echo"):
+        return []
+    prompt = body.get("prompt")
+    return [p for p in (prompt if isinstance(prompt, list) else [prompt]) for _ in range(body.get("n") or 1)]
 
 
 def _route(endpoint: Endpoint) -> Callable[..., Awaitable[Any]]:

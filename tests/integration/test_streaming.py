@@ -65,8 +65,10 @@ def test_chat_stream_adds_up_to_the_answer(client: openai.OpenAI) -> None:
     assert last.usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_completion_stream_adds_up_to_the_answer(client: openai.OpenAI) -> None:
-    ask: dict[str, Any] = {"model": "tiny-gpt2", "prompt": ["The train", "A queue"], "max_tokens": 24, "seed": 4}
+@pytest.mark.parametrize("echo", [False, True])
+def test_completion_stream_adds_up_to_the_answer(client: openai.OpenAI, echo: bool) -> None:
+    ask: dict[str, Any] = {"model": "tiny-gpt2", "prompt": ["The train", "A queue"], "max_tokens": 24, "seed": 4,
+                           "echo": echo}
     whole = client.completions.create(**ask)
     texts = ["", ""]
     finish = {}
