@@ -166,6 +166,24 @@ async def event_stream(state: AppState, renderer: ResultRenderer, job: Job, writ
                 await source.close()
 
 
+async def first_text(state: AppState, job: Job, deadline: float) -> Job:
+    """Wait until a running job has streamed its first piece or has ended (on a SQL broker, until
+    it ends), so that a request the worker refuses (a prompt over the context, say) is answered
+    with its plain JSON error rather than an event stream that holds only the error."""
+    source = RedisTokenSource(state.settings.broker_url) if streams_on(state.settings.broker_url) else None
+    try:
+        while job.status not in TERMINAL_JOB_STATUSES and time.monotonic() < deadline:
+            if source is not None and await source.started(job.id, int(POLL_S * 1000)):
+                break
+            if source is None:
+                await asyncio.sleep(POLL_S)
+            job = await run_in_threadpool(_read_job, state, job.id)
+        return job
+    finally:
+        if source is not None:
+            await source.close()
+
+
 def stream_response(state: AppState, renderer: ResultRenderer, job: Job, writer: ChunkWriter,
                     deadline: float) -> EventSourceResponse:
     return EventSourceResponse(event_stream(state, renderer, job, writer, deadline), ping=15, sep="\n")

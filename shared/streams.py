@@ -77,6 +77,10 @@ class RedisTokenSource:
                 deltas += _decode(fields)
         return after, deltas
 
+    async def started(self, job_id: str, block_ms: int) -> bool:
+        """Whether the job has streamed anything yet, waiting up to `block_ms` for it."""
+        return bool(await self.redis.xread({stream_key(job_id): "0"}, block=block_ms or None, count=1))
+
     async def close(self) -> None:
         await self.redis.aclose()
 

@@ -15,7 +15,7 @@ from genq.services.body import model_schema, parse_json_body, read_body, request
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, error_response
 from genq.services.resources import Once, create_once, get_owned
-from genq.services.streaming import ChunkWriter, stream_response
+from genq.services.streaming import ChunkWriter, first_text, stream_response
 from genq.shared.db import Job
 from genq.shared.errors import job_failure
 from genq.shared.kinds import ENDPOINTS, Endpoint
@@ -95,6 +95,9 @@ async def _serve(url: str, request: Request, state: StateDep, session: SessionDe
         return outcome
     job: Job = outcome
     session.expunge(job)
+    job = await first_text(state, job, began + total_s)
+    if job.status in ("failed", "cancelled"):
+        _answer(job, renderer)  # raises: the worker refused or lost it before any text
     spec = state.registry.get(job.model)
     options = body.get("stream_options") or {}
     writer = ChunkWriter(job, spec.fingerprint if spec else "", _choices(body),

@@ -103,6 +103,10 @@ def test_stream_refusals(client: openai.OpenAI, stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as err:  # validation errors come before any event
         client.chat.completions.create(model="tiny-gpt2", messages=MESSAGES, stream=True)
     assert err.value.body["param"] == "body.model"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as err:  # refused by the worker: still a plain 400
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "word " * 400}],
+                                       stream=True, max_completion_tokens=200)
+    assert err.value.body["param"] == "body.max_completion_tokens", err.value.body  # type: ignore[index]
     with stack.client() as http:
         resp = http.post("/v1/jobs", json={"url": "/v1/chat/completions",
                                            "body": {"model": "tiny-chat", "messages": MESSAGES, "stream": True}})
