@@ -45,7 +45,7 @@ def _error(resp: Any, status: int) -> dict[str, Any]:
 @pytest.mark.parametrize("body, param, words", [
     ({"model": "no-such-model", "prompt": "x"}, "body.model", "not in the registry"),
     ({"model": "tiny-gpt2", "prompt": "x", "temperature": 3}, "body.temperature", "less than or equal to 2"),
-    ({"model": "tiny-gpt2", "prompt": "x", "top_p": 0}, "body.top_p", "greater than 0"),
+    ({"model": "tiny-gpt2", "prompt": "x", "top_p": 1.5}, "body.top_p", "less than or equal to 1"),
     ({"model": "tiny-gpt2", "prompt": "x", "max_tokens": 100000}, "body.max_tokens", "4096"),
     ({"model": "tiny-gpt2", "prompt": "x", "n": "three"}, "body.n", "integer"),
     ({"model": "tiny-gpt2", "prompt": "x", "bogus": 1}, "body.bogus", "unknown field"),
