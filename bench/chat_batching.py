@@ -30,8 +30,9 @@ before c and after it and report their faster run (`runs` has both). Each arm re
 requests/s, completion tokens and tokens/s (billed as genq bills them); the ratios use tokens/s:
 c_over_b (goal >= 0.85), c_over_a, b_over_a. `chat_overhead` is the in-process cost of what only a
 chat request needs (validating its ChatBody, once in the API and once in the worker, and rendering
-the template) as a share of c's seconds. `slots` is the share of b's row-steps that are billed:
-a batch runs to its longest row, so mixed max tokens cost both batched arms alike.
+the template) as a share of c's seconds. b's `prefill_slots` and `decode_slots` say how much of
+its batches' work was real: a batch pads its prompts to the longest and runs every row to its
+longest max tokens, which costs both batched arms alike (genq's worker forms the same batches).
 
 Run: .venv/bin/python bench/chat_batching.py [--requests 96] [--batch-size 16] [--naive-sample 16] [--threads N]
      [--out FILE]
@@ -251,16 +252,29 @@ def arm_naive(runs: list[tuple[float, int]], timed: list[dict[str, Any]], bodies
             "runs": [rates(s, len(timed), t) for s, t in runs]}
 
 
-def arm_batched(runs: list[tuple[float, int]], bodies: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
-    """Arm b from its runs (seconds, tokens): the faster one; with how full its row-steps were."""
+def arm_batched(runs: list[tuple[float, int]], bodies: list[dict[str, Any]], batch_size: int,
+                lengths: list[int]) -> dict[str, Any]:
+    """Arm b from its runs (seconds, tokens): the faster one; with how much of its batches' work
+    was real, given each request's prompt length."""
     seconds, tokens = min(runs)
     batches = pack(bodies, batch_size)
-    computed = sum(sum(b["n"] for b in batch) * max(b["max_completion_tokens"] for b in batch) for batch in batches)
     return {**rates(seconds, len(bodies), tokens), "batch_size": batch_size, "batches": len(batches),
-            "rows": sum(b["n"] for b in bodies),
-            "slots": {"billed": expected_tokens(bodies), "computed": computed,
-                      "billed_share": round(expected_tokens(bodies) / computed, 4)},
+            "rows": sum(b["n"] for b in bodies), **slots(bodies, batches, lengths),
             "runs": [rates(s, len(bodies), t) for s, t in runs]}
+
+
+def slots(bodies: list[dict[str, Any]], batches: list[list[dict[str, Any]]], lengths: list[int]) -> dict[str, Any]:
+    """Real against computed row-positions of the batches, in the prompts (left padding to the
+    longest prompt) and in generation (every row runs to the batch's longest max tokens)."""
+    length = {id(b): n for b, n in zip(bodies, lengths, strict=True)}
+    rows = [sum(b["n"] for b in batch) for batch in batches]
+    prompt_real = sum(length[id(b)] * b["n"] for b in bodies)
+    prompt_padded = sum(r * max(length[id(b)] for b in batch) for r, batch in zip(rows, batches, strict=True))
+    decode = sum(r * max(b["max_completion_tokens"] for b in batch) for r, batch in zip(rows, batches, strict=True))
+    return {"prefill_slots": {"real": prompt_real, "computed": prompt_padded,
+                              "real_share": round(prompt_real / prompt_padded, 4)},
+            "decode_slots": {"billed": expected_tokens(bodies), "computed": decode,
+                             "billed_share": round(expected_tokens(bodies) / decode, 4)}}
 
 
 def arm_genq(procs: Procs, tmp: Path, db_url: str, registry: Path, bodies: list[dict[str, Any]],
@@ -302,9 +316,8 @@ def ratios(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any], unit: str) -
     return {k: round(v, 4) for k, v in values.items()}
 
 
-def workload(lm: ChatModel, bodies: list[dict[str, Any]], token_mix: list[int]) -> dict[str, Any]:
+def workload(bodies: list[dict[str, Any]], lengths: list[int], token_mix: list[int]) -> dict[str, Any]:
     """What the requests are: messages, parameters and templated prompt lengths."""
-    lengths = [len(lm.encode(b)) for b in bodies]
     count = lambda values: {str(v): values.count(v) for v in sorted(set(values))}  # noqa: E731
     return {"requests": len(bodies), "rows": sum(b["n"] for b in bodies),
             "messages": count([len(b["messages"]) for b in bodies]),
@@ -325,12 +338,13 @@ def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> di
                                             "max_tokens": max(256, *args.token_mix)}})
     lm = ChatModel(source)
     bodies = request_bodies(args.requests, MODEL, args.token_mix)
+    lengths = [len(lm.encode(b)) for b in bodies]
     result: dict[str, Any] = {
         "model": {"name": MODEL, "shape": "gpt2 tiny (2 layers, 64 wide)" if args.small else "gpt2-small",
                   "parameters": lm.parameters, "dtype": str(lm.dtype).removeprefix("torch."), "device": lm.device,
                   "chat_template": "ChatML (genq.workers.tiny.CHAT_TEMPLATE)", "eos": lm.tokenizer.eos_token,
                   "eos_muted": True, "cached_at": str(source), "built_now": built},
-        "max_batch_size": args.batch_size, "workload": workload(lm, bodies, args.token_mix), "machine": facts,
+        "max_batch_size": args.batch_size, "workload": workload(bodies, lengths, args.token_mix), "machine": facts,
     }
     # 1. a and b in this process, before anything else of ours runs.
     lm.warm_up(bodies, args.batch_size)
@@ -345,7 +359,7 @@ def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> di
     b_runs.append(lm.batched(bodies, args.batch_size))
     a_runs.append(lm.naive(timed))
     costs = lm.chat_costs(bodies)
-    a, b = arm_naive(a_runs, timed, bodies), arm_batched(b_runs, bodies, args.batch_size)
+    a, b = arm_naive(a_runs, timed, bodies), arm_batched(b_runs, bodies, args.batch_size, lengths)
     result.update(a_naive_loop=a, b_batched=b, c_genq=c)
     result["ratios"] = {"unit": "tokens_per_s", **ratios(a, b, c, "tokens_per_s")}
     result["ratios_requests_per_s"] = ratios(a, b, c, "requests_per_s")

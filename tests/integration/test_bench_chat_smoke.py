@@ -40,7 +40,8 @@ def test_chat_batching_bench_reports_three_arms_of_equal_work(tmp_path: Path) ->
     assert a["extrapolated"] is True and a["requests_timed"] == 2 and len(a["runs"]) == 2
     assert a["seconds_timed"] == min(run["seconds"] for run in a["runs"])
     assert len(b["runs"]) == 2 and b["seconds"] == min(run["seconds"] for run in b["runs"])
-    assert b["rows"] == work["rows"] and b["slots"]["billed"] == billed <= b["slots"]["computed"]
+    assert b["rows"] == work["rows"] and b["decode_slots"]["billed"] == billed <= b["decode_slots"]["computed"]
+    assert work["prompt_tokens"]["total"] <= b["prefill_slots"]["real"] <= b["prefill_slots"]["computed"]
     assert c["succeeded"] == requests and c["failed"] == 0
     assert c["finish_reasons"] == {"length": work["rows"], "stop": 0}
     assert c["prompt_tokens"] == work["prompt_tokens"]["total"]  # genq templated them as the bench did
