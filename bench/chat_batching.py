@@ -166,7 +166,8 @@ class ChatModel(TextModel):
         from genq.shared.chat import ChatBody
 
         messages = ChatBody.model_validate(body).template_messages()
-        text: str = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str)  # tokenize=False: the rendered conversation
         return text
 
     def encode(self, body: dict[str, Any]) -> list[int]:
