@@ -84,16 +84,30 @@ def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB) -> Any:
                                                  model_max_length=1024)
 
 
-def build_gpt2(model_dir: Path, *, small: bool, device: str, seed: int = 0, mute_eos: bool = False) -> Path:
-    """gpt2-small (or `small`: 2 layers, 64 wide) with random weights; `mute_eos`: see mute_token."""
+def build_gpt2(model_dir: Path, *, small: bool, device: str, seed: int = 0, mute_eos: bool = False,
+               chat: bool = False) -> Path:
+    """gpt2-small (or `small`: 2 layers, 64 wide) with random weights; `mute_eos`: see mute_token.
+
+    `chat`: a chat model as workers.tiny.build_tiny_chat makes one: ChatML's `<|im_start|>` and
+    `<|im_end|>` added as special tokens (ids 50257 and 50258, the vocabulary 50259), `<|im_end|>`
+    its EOS (the one muted), genq's CHAT_TEMPLATE in its tokenizer files."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from genq.workers.tiny import CHAT_TEMPLATE, IM_END, IM_START
+
     tokenizer = gpt2_tokenizer()
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    assert eos_id == GPT2_VOCAB - 1
+    bos_id = tokenizer.convert_tokens_to_ids(EOS)
+    assert bos_id == GPT2_VOCAB - 1
+    if chat:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(t, special=True) for t in (IM_START, IM_END)], special_tokens=True)
+        tokenizer.eos_token = IM_END
+        tokenizer.chat_template = CHAT_TEMPLATE
+    eos_id = tokenizer.eos_token_id
     sizes = {"n_embd": 64, "n_layer": 2, "n_head": 4} if small else {}  # else gpt2-small's defaults
-    config = GPT2Config(vocab_size=GPT2_VOCAB, bos_token_id=eos_id, eos_token_id=eos_id, **sizes)
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=bos_id, eos_token_id=eos_id, **sizes)
     torch.manual_seed(seed)
     with torch.device(device):
         model = GPT2LMHeadModel(config)
