@@ -28,7 +28,7 @@ from genq.shared.chat import CHAT_URL
 from genq.shared.db import Job, session_scope
 from genq.shared.errors import job_failure
 from genq.shared.results import ResultRenderer
-from genq.shared.schemas import TERMINAL_JOB_STATUSES
+from genq.shared.schemas import TERMINAL_JOB_STATUSES, response_id
 from genq.shared.streams import Delta, RedisTokenSource, streams_on
 
 POLL_S = 0.25  # how often the job's status is read while its text streams
@@ -41,7 +41,7 @@ class ChunkWriter:
                  echoed: list[str] | None = None) -> None:
         self.chat = job.url == CHAT_URL
         suffix = job.id.removeprefix("job_")
-        self.base = {"id": f"chatcmpl-{suffix}" if self.chat else f"cmpl-{suffix}",
+        self.base = {"id": response_id("chatcmpl" if self.chat else "cmpl", suffix),
                      "object": "chat.completion.chunk" if self.chat else "text_completion",
                      "created": int(job.created_at), "model": job.model, "system_fingerprint": fingerprint}
         self.choices, self.include_usage = choices, include_usage

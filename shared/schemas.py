@@ -280,6 +280,12 @@ class ImageBody(JobBody):
         return int(self.size.partition("x")[2])
 
 
+def response_id(prefix: str, suffix: str) -> str:
+    """A text or chat response's id, `cmpl-<job id without job_>` / `chatcmpl-...`: a streamed
+    answer's chunks (written by the API) and its stored result (by the worker) share it."""
+    return f"{prefix}-{suffix}"
+
+
 # --- results: what a succeeded job's `result` holds ------------------------------------------------
 
 class Usage(BaseModel):

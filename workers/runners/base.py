@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from genq.shared.options import ModelOptions
 from genq.shared.registry import ModelSpec
-from genq.shared.schemas import MAX_SEED, ImageDatum, ImagesResult
+from genq.shared.schemas import MAX_SEED, ImageDatum, ImagesResult, response_id
 from genq.workers.runners.lora import AdapterLRU
 
 
@@ -69,40 +69,30 @@ class RunContext:
             self.put_output = _keep_in_memory(self.outputs)
 
 
-def response_id(prefix: str, job_id: str) -> str:
-    """A response's id, named after its job (so a streamed answer's chunks and its stored result
-    share it): `chatcmpl-<job id without job_>`; a random one outside a worker."""
+def _completion(prefix: str, obj: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                completion_tokens: int, job_id: str, **extra: Any) -> dict[str, Any]:
+    """The frame text and chat responses share: id, object, created, model, choices, usage."""
     suffix = job_id.removeprefix("job_") if job_id != RunContext.job_id else uuid.uuid4().hex[:24]
-    return f"{prefix}-{suffix}"
+    return {
+        "id": response_id(prefix, suffix), "object": obj, "created": int(time.time()), "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        **extra,
+    }
 
 
 def text_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int,
                     completion_tokens: int, job_id: str = RunContext.job_id) -> dict[str, Any]:
     """An OpenAI `text_completion` response body."""
-    return {
-        "id": response_id("cmpl", job_id),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }
+    return _completion("cmpl", "text_completion", model, choices, prompt_tokens, completion_tokens, job_id)
 
 
 def chat_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int,
                     fingerprint: str, job_id: str = RunContext.job_id) -> dict[str, Any]:
     """An OpenAI `chat.completion` response body."""
-    return {
-        "id": response_id("chatcmpl", job_id),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-        "system_fingerprint": fingerprint,
-    }
+    return _completion("chatcmpl", "chat.completion", model, choices, prompt_tokens, completion_tokens, job_id,
+                       system_fingerprint=fingerprint)
 
 
 def images_result(data: list[ImageDatum], parameters: dict[str, Any], output_keys: list[str]) -> dict[str, Any]:
