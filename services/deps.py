@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -10,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from genq.services.auth import hash_key, resolve_key
+from genq.services.errors import APIError
 from genq.services.guards import check_rate, unauthorized
 from genq.services.state import AppState
 from genq.shared.kinds import ENDPOINTS
@@ -17,6 +19,8 @@ from genq.shared.results import ResultRenderer
 
 # Paths open without a key when GENQ_AUTH=required (probes must work without secrets).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Paths for the operator, not for tenants: they take the operator token (require_operator), never a tenant key.
+OPERATOR_PATHS = frozenset({"/metrics"})
 # The create endpoints: each request counts against its tenant's rate (GENQ_RATE_LIMIT_PER_MINUTE).
 RATE_LIMITED = frozenset({"/v1/jobs", "/v1/batches", "/v1/batches/{batch_id}/retry", "/v1/files", "/v1/adapters",
                           *ENDPOINTS})
@@ -53,7 +57,7 @@ async def get_tenant(request: Request, state: Annotated[AppState, Depends(get_st
     """The caller's tenant from `Authorization: Bearer <key>`, or 401. None while GENQ_AUTH is off:
     keys are then ignored and everything belongs to no tenant. Lookups are cached in-process for
     a short while (see KeyCache), so a revoked key stops working within that time."""
-    if state.settings.auth != "required" or _route_path(request) in PUBLIC_PATHS:
+    if state.settings.auth != "required" or _route_path(request) in PUBLIC_PATHS | OPERATOR_PATHS:
         return None
     key = _bearer(request.headers.get("authorization"))
     if key is None:
@@ -67,6 +71,20 @@ async def get_tenant(request: Request, state: Annotated[AppState, Depends(get_st
     if tenant is None:
         raise unauthorized("invalid API key: it is unknown or was revoked")
     return tenant
+
+
+async def require_operator(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
+    """The gate of the operator's paths: `Authorization: Bearer <GENQ_METRICS_TOKEN>`. Open only
+    while auth is off and no token is set (one anonymous tenant: nothing to keep apart)."""
+    token = state.settings.metrics_token
+    if token is None and state.settings.auth != "required":
+        return
+    presented = _bearer(request.headers.get("authorization"))
+    if presented is None:
+        raise unauthorized("missing operator token: send `Authorization: Bearer <GENQ_METRICS_TOKEN>`")
+    if token is None or not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+        raise APIError(403, "this path shows every tenant's jobs and is served only to the operator token "
+                       "(GENQ_METRICS_TOKEN), not to a tenant's API key", code="permission_denied")
 
 
 async def guard(request: Request, state: Annotated[AppState, Depends(get_state)],

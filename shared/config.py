@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER_URL = "sqla+sqlite:///./var/broker.db"
 PRESIGN_SECONDS = 3600  # how long a presigned image URL stays valid, unless GENQ_PRESIGN_SECONDS says
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # S3's limit for a presigned URL
+
+MIN_TOKEN_CHARS = 24  # an operator token is a random secret, not a password
 
 _DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 _BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "sqla+postgresql+psycopg",
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
     s3_secure: bool = True
     models_file: Path | None = None
     auth: Literal["off", "required"] = "off"
+    # The operator's credential for /metrics (every tenant's job counts): a bearer token, checked
+    # whatever GENQ_AUTH says. With auth required and no token, /metrics is served to nobody.
+    metrics_token: SecretStr | None = None
     # Limits (services.state.Limits is built from these).
     max_queued_jobs: int = 1_000_000  # per tenant, queued plus running
     rate_limit_per_minute: int = 0  # create requests per tenant per minute (shared by replicas on Redis); 0: unlimited
@@ -98,6 +103,13 @@ class Settings(BaseSettings):
     def _rate(cls, v: int) -> int:
         if v < 0:
             raise ValueError(f"must be 0 (unlimited) or a positive whole number, got {v}")
+        return v
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"must be at least {MIN_TOKEN_CHARS} characters (make one with `openssl rand -hex 32`)")
         return v
 
     @field_validator("models_file")

@@ -14,6 +14,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     INVALID_JSON = "invalid_json"
     INVALID_API_KEY = "invalid_api_key"
+    PERMISSION_DENIED = "permission_denied"
     MODEL_NOT_FOUND = "model_not_found"
     ADAPTER_NOT_FOUND = "adapter_not_found"
     INVALID_ADAPTER = "invalid_adapter"
@@ -47,7 +48,7 @@ class ErrorCode(StrEnum):
 
 # The HTTP status of each code the API answers with; a job's codes are shown inside the job.
 HTTP_STATUS: dict[ErrorCode, int] = {
-    ErrorCode.INVALID_API_KEY: 401,
+    ErrorCode.INVALID_API_KEY: 401, ErrorCode.PERMISSION_DENIED: 403,
     ErrorCode.NOT_FOUND: 404, ErrorCode.OBJECT_NOT_FOUND: 404,
     ErrorCode.MODEL_NOT_FOUND: 404,  # a model looked up alone; one line of a request among others is 400
     ErrorCode.ADAPTER_EXISTS: 409, ErrorCode.IDEMPOTENCY_KEY_REUSED: 409, ErrorCode.CANCELLED: 409,

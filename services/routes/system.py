@@ -10,8 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from genq.services.body import refuse_nul_params
-from genq.services.deps import StateDep
-from genq.services.errors import APIError
+from genq.services.deps import StateDep, require_operator
+from genq.services.errors import APIError, error_response
 from genq.services.objects import ModelList, ModelObject
 from genq.shared.errors import ErrorCode
 from genq.shared.views import model_object
@@ -64,7 +64,9 @@ def readyz(state: StateDep) -> JSONResponse:
                         status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"description": "Prometheus metrics", "content": {"text/plain": {}}}})
+@router.get("/metrics", response_class=Response, dependencies=[Depends(require_operator)],
+            responses={200: {"description": "Prometheus metrics", "content": {"text/plain": {}}},
+                       403: error_response("A tenant's key (code `permission_denied`): metrics are the operator's")})
 def metrics(request: Request) -> Response:
+    """Prometheus metrics of every model and worker: for the operator token (GENQ_METRICS_TOKEN)."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

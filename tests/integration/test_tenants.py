@@ -23,6 +23,7 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.integration
 
 PROBES = {"/healthz", "/readyz"}
+OPERATOR_TOKEN = "operator-" + "k" * 32  # GENQ_METRICS_TOKEN of the auth API
 IDLE = "tenants-idle"  # a model in our API's registry that no worker serves: its jobs stay queued
 
 
@@ -53,7 +54,8 @@ def _start_api(env: dict[str, str], logdir: Path) -> Stack:
 @pytest.fixture(scope="module")
 def auth_api(stack: Stack, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """An API with GENQ_AUTH=required and default limits; the shared stack's workers run its jobs."""
-    api = _start_api({**stack_env, "GENQ_AUTH": "required"}, tmp_path_factory.mktemp("auth-api"))
+    api = _start_api({**stack_env, "GENQ_AUTH": "required", "GENQ_METRICS_TOKEN": OPERATOR_TOKEN},
+                     tmp_path_factory.mktemp("auth-api"))
     yield api
     api.stop()
 
@@ -108,6 +110,8 @@ def test_every_route_but_the_probes_needs_a_valid_key(auth_api: Stack, keys: dic
             if path in PROBES:
                 assert c.request(method, path).status_code == 200, path
                 continue
+            if path == "/metrics":  # the operator's: a tenant key is refused, see below
+                continue
             for headers in ({}, auth("gq_" + "x" * 43), {"Authorization": keys["a"]}):  # none, wrong, no scheme
                 resp = c.request(method, path, headers=headers)
                 assert resp.status_code == 401, (method, path, headers, resp.text)
@@ -117,11 +121,17 @@ def test_every_route_but_the_probes_needs_a_valid_key(auth_api: Stack, keys: dic
         assert c.get("/v1/models", headers=auth(keys["a"])).status_code == 200
 
 
-def test_metrics_need_a_key_and_carry_no_tenant_data(auth_api: Stack, keys: dict[str, str]) -> None:
+def test_metrics_are_the_operators_and_carry_no_tenant_data(auth_api: Stack, keys: dict[str, str]) -> None:
     with auth_api.client() as c:
         job = c.post("/v1/jobs", json=_echo("metrics"), headers=auth(keys["a"])).json()
         _done(c, f"/v1/jobs/{job['id']}", keys["a"], ("succeeded",))
-        text = c.get("/metrics", headers=auth(keys["b"])).text
+        # Every tenant's counts are in there: no tenant key reads them, only the operator token.
+        assert c.get("/metrics").status_code == 401
+        for key in (keys["a"], keys["b"], "not-the-token-" + "x" * 30):
+            refused = c.get("/metrics", headers=auth(key))
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"]["code"] == "permission_denied"
+        text = c.get("/metrics", headers=auth(OPERATOR_TOKEN)).text
     assert "genq_jobs{" in text and 'model="echo"' in text
     labels = set(re.findall(r"(\w+)=\"", text))
     assert labels <= {"model", "status", "le", "worker"}, labels  # worker: host:pid:random, no tenant

@@ -37,7 +37,7 @@ def _key(client: TestClient, tenant: str) -> dict[str, str]:
 def test_without_a_valid_key_every_route_but_the_probes_is_401(tmp_path: Path) -> None:
     with _client(tmp_path) as c:
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
-        for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/jobs"),
+        for method, path in [("GET", "/v1/models"), ("POST", "/v1/jobs"),
                              ("GET", "/v1/jobs/job_x"), ("GET", "/v1/batches"), ("GET", "/v1/files"),
                              ("GET", "/v1/webhooks/secret"), ("GET", "/v1/batches/batch_x/events")]:
             for headers in ({}, {"Authorization": "Bearer gq_" + "A" * 43}, {"Authorization": "Basic abc"}):
@@ -48,7 +48,36 @@ def test_without_a_valid_key_every_route_but_the_probes_is_401(tmp_path: Path) -
                 assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
         good = _key(c, "acme")
         assert c.get("/v1/models", headers=good).status_code == 200
-        assert c.get("/metrics", headers=good).status_code == 200
+        assert c.get("/metrics", headers=good).status_code == 403  # the operator's, see below
+
+
+TOKEN = "op-" + "t" * 40
+
+
+@pytest.mark.parametrize(("auth", "token"), [("required", TOKEN), ("required", None), ("off", TOKEN)])
+def test_metrics_take_only_the_operator_token(tmp_path: Path, auth: str, token: str | None) -> None:
+    settings = {"metrics_token": token} if token else {}
+    with api_client(tmp_path, auth=auth, **settings) as c:
+        tenant = _key(c, "acme")
+        assert c.get("/metrics").status_code == 401
+        for headers in (tenant, {"Authorization": "Bearer " + TOKEN[:-1] + "x"}):
+            resp = c.get("/metrics", headers=headers)
+            assert resp.status_code == 403 and resp.json()["error"]["code"] == "permission_denied"
+            assert resp.json()["error"]["type"] == "permission_error"
+        ok = c.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == (200 if token else 403)
+        if token:
+            assert "genq_jobs" in ok.text
+
+
+def test_metrics_are_open_while_auth_is_off_and_no_token_is_set(tmp_path: Path) -> None:
+    with api_client(tmp_path, auth="off") as c:
+        assert c.get("/metrics").status_code == 200
+
+
+def test_a_short_operator_token_stops_the_process(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="GENQ_METRICS_TOKEN: must be at least 24"):
+        build_settings(metrics_token="short")
 
 
 def test_auth_off_ignores_keys(tmp_path: Path) -> None:
