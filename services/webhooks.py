@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
+from genq.services.egress import AddressNotAllowed, AddressPolicy
 from genq.shared.db import Batch, Job, Tenant, WebhookAttempt, WebhookDelivery, session_scope, tenant_key
 from genq.shared.schemas import EVENTS
 from genq.shared.webhooks import PROGRESS_STATUSES, counts, enqueue_batch_event, enqueue_job_event
@@ -41,8 +42,10 @@ MAX_URL = 2000
 
 # --- subscriptions and secrets ----------------------------------------------------------------
 
-def validate_subscription(url: str | None, events: list[str] | None) -> tuple[str | None, list[str] | None]:
-    """Check a submitted webhook_url / webhook_events pair; raises ValueError naming the problem."""
+def validate_subscription(url: str | None, events: list[str] | None, policy: AddressPolicy = AddressPolicy(),
+                          ) -> tuple[str | None, list[str] | None]:
+    """Check a submitted webhook_url / webhook_events pair; raises ValueError naming the problem.
+    The URL's host must not be, or resolve to, an address `policy` refuses (see genq.services.egress)."""
     if url is None:
         if events is not None:
             raise ValueError("webhook_events needs a webhook_url")
@@ -52,6 +55,13 @@ def validate_subscription(url: str | None, events: list[str] | None) -> tuple[st
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("webhook_url must be an http:// or https:// URL with a host")
+    _check_host(parts.hostname, policy)
+    try:
+        sent_to = httpx.URL(url).host  # the host the dispatcher's client will connect to
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"webhook_url is not a URL webhooks can be sent to ({exc})") from None
+    if sent_to != parts.hostname:
+        _check_host(sent_to, policy)
     if events is None:
         return url, None
     if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
@@ -60,6 +70,14 @@ def validate_subscription(url: str | None, events: list[str] | None) -> tuple[st
     if unknown:
         raise ValueError(f"unknown webhook_events {unknown}; allowed: {list(EVENTS)}")
     return url, list(dict.fromkeys(events))
+
+
+def _check_host(host: str, policy: AddressPolicy) -> None:
+    try:
+        policy.check_host(host)
+    except AddressNotAllowed:
+        raise ValueError(f"webhook_url host {host!r} is not allowed: webhooks are not sent to loopback, "
+                         "private, link-local, multicast, reserved or unspecified addresses") from None
 
 
 def tenant_secret(session: Session, tenant: str | None) -> str:

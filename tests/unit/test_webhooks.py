@@ -102,7 +102,7 @@ def test_validate_subscription_rejects(url: str | None, events: object, message:
 
 def test_validate_subscription_accepts() -> None:
     assert wh.validate_subscription(None, None) == (None, None)
-    assert wh.validate_subscription("http://127.0.0.1:9/h", None) == ("http://127.0.0.1:9/h", None)
+    assert wh.validate_subscription("http://93.184.216.34:9/h", None) == ("http://93.184.216.34:9/h", None)
     assert wh.validate_subscription("https://x.example/h?a=1", ["progress", "failed", "progress"]) == (
         "https://x.example/h?a=1", ["progress", "failed"])
 
