@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import trustme
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,7 +61,7 @@ class Receiver:
     first N past the sender's timeout; it records every request and whether its signature held."""
 
     def __init__(self, secret: str, *, fail_first: int = 0, hang_first: int = 0, always_fail: bool = False,
-                 delay_s: float = 0.0, redirect_to: str | None = None) -> None:
+                 delay_s: float = 0.0, redirect_to: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.secret, self.fail_first, self.hang_first = secret, fail_first, hang_first
         self.always_fail, self.delay_s, self.redirect_to = always_fail, delay_s, redirect_to
         self.requests: list[dict[str, Any]] = []
@@ -69,6 +71,8 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
@@ -396,6 +400,32 @@ def test_redirects_are_not_followed(factory: sessionmaker[Session], secret: str,
         row, attempts = pump_until(make(dispatchers, factory), factory, job_id, "failed")
         assert [(a.status_code, a.error) for a in attempts] == [(307, "http_status")] * 3
         assert len(rx.requests) == 3 and inside.requests == []
+
+
+@pytest.mark.parametrize("cert_for", ["hook.example", "other.example"])
+def test_https_checks_the_certificate_and_sends_sni_for_the_urls_host(
+        cert_for: str, factory: sessionmaker[Session], secret: str, dispatchers: list[Dispatcher],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Connecting to the checked address keeps TLS on the URL's hostname: the server sees
+    hook.example as SNI, and a certificate for another name is refused."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert(cert_for).configure_cert(server_tls)
+    sni: list[str | None] = []
+    server_tls.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore[assignment,func-returns-value]
+    fake_resolver(monkeypatch, {"hook.example": ["127.0.0.1"]})
+    with Receiver(secret, tls=server_tls) as rx:
+        job_id = finished_job(factory, f"https://hook.example:{rx.port}/hook")
+        d = make(dispatchers, factory, policy=AddressPolicy(allow=(IPv4Network("127.0.0.1/32"),)), backoff_s=())
+        if cert_for == "hook.example":
+            pump_until(d, factory, job_id, "delivered")
+            assert [(r["host"], r["valid"]) for r in rx.requests] == [(f"hook.example:{rx.port}", True)]
+        else:
+            row, _ = pump_until(d, factory, job_id, "failed")
+            assert row.last_error == "connection_failed" and rx.requests == []
+        assert sni and set(sni) == {"hook.example"}
 
 
 def test_parallel_dispatchers_never_send_a_message_twice(webhook_pg: str, dispatchers: list[Dispatcher]) -> None:
