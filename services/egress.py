@@ -111,10 +111,6 @@ class GuardedBackend(httpcore.NetworkBackend):
         assert last is not None  # getaddrinfo answers at least one address or raises
         raise last
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        raise AddressNotAllowed("webhooks do not use unix sockets")
-
     def sleep(self, seconds: float) -> None:
         self._sync.sleep(seconds)
 
