@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
@@ -65,9 +65,14 @@ def resolve(host: str, port: int | None = None) -> list[IPAddress]:
 
 @dataclass(frozen=True)
 class AddressPolicy:
-    """Which addresses webhooks may reach: public ones, plus those in `allow`."""
+    """Which addresses webhooks may reach: public ones, plus those in `allow`. A `remembering()`
+    copy looks each host up once at submit (a batch's lines often share one receiver)."""
 
     allow: tuple[IPNetwork, ...] = ()
+    _verdicts: dict[str, bool] | None = field(default=None, compare=False, repr=False)
+
+    def remembering(self) -> AddressPolicy:
+        return replace(self, _verdicts={})
 
     def allows(self, ip: IPAddress) -> bool:
         return all(_public(f) or any(f in net for net in self.allow) for f in _forms(ip))
@@ -82,10 +87,17 @@ class AddressPolicy:
     def check_host(self, host: str) -> None:
         """The check at submit: refuse a host that resolves to a refused address. A name that does
         not resolve now is let through (delivery checks again, on every attempt)."""
-        try:
-            self.checked(host)
-        except socket.gaierror:
-            pass
+        verdicts = {} if self._verdicts is None else self._verdicts
+        if host not in verdicts:
+            try:
+                self.checked(host)
+                verdicts[host] = True
+            except socket.gaierror:
+                verdicts[host] = True
+            except AddressNotAllowed:
+                verdicts[host] = False
+        if not verdicts[host]:
+            raise AddressNotAllowed(f"{host!r} is not an allowed webhook address")
 
 
 class GuardedBackend(httpcore.NetworkBackend):

@@ -247,6 +247,7 @@ def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines
         return [], [LineError(None, "requests", f"a batch holds at most {max_lines} lines, got {len(objs)}",
                               code="batch_too_large")]
     seen: dict[str, int] = {}
+    webhook_policy = webhook_policy.remembering()  # one lookup per webhook host for the whole batch
     for line, obj in objs:
         if isinstance(obj, LineError):
             errors.append(obj)

@@ -94,3 +94,15 @@ def test_the_allow_setting_admits_an_in_cluster_receiver(tmp_path: Path) -> None
         for path, body in SUBMISSIONS[:2]:
             assert c.post(path, json=body("http://10.1.0.9:8080/hook")).status_code == 202
         assert c.post("/v1/jobs", json=_line(webhook_url="http://10.2.0.9/hook")).status_code == 400
+
+
+def test_a_batch_looks_each_webhook_host_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = fake_resolver(monkeypatch, {"hooks.example": ["93.184.216.34"], "inside.example": ["10.0.0.3"]})
+    lines = [{**_line(webhook_url=f"https://hooks.example/h/{i}"), "custom_id": f"c{i}"} for i in range(200)]
+    with api_client(tmp_path) as c:
+        assert c.post("/v1/batches", json={"requests": lines}).status_code == 202
+        assert asked == ["hooks.example"]
+        bad = [*lines[:3], {**_line(webhook_url="https://inside.example/h"), "custom_id": "x"}]
+        r = c.post("/v1/batches", json={"requests": bad})
+    assert r.status_code == 400 and r.json()["error"]["line"] == 4, r.text
+    assert asked == ["hooks.example", "hooks.example", "inside.example"]  # a new batch asks again
