@@ -59,7 +59,7 @@ def validate_subscription(url: str | None, events: list[str] | None, policy: Add
     _check_host(parts.hostname, policy)
     try:
         sent_to = httpx.URL(url).host  # the host the dispatcher's client will connect to
-    except httpx.InvalidURL as exc:
+    except (httpx.InvalidURL, UnicodeError) as exc:  # UnicodeError: a host IDNA cannot encode
         raise ValueError(f"webhook_url is not a URL webhooks can be sent to ({exc})") from None
     if sent_to != parts.hostname:
         _check_host(sent_to, policy)
@@ -76,6 +76,8 @@ def validate_subscription(url: str | None, events: list[str] | None, policy: Add
 def _check_host(host: str, policy: AddressPolicy) -> None:
     try:
         policy.check_host(host)
+    except UnicodeError:  # the resolver's IDNA encoding refuses it: no connection could be made
+        raise ValueError(f"webhook_url host {host!r} is not a valid host name") from None
     except AddressNotAllowed:
         raise ValueError(f"webhook_url host {host!r} is not allowed: webhooks are not sent to loopback, "
                          "private, link-local, multicast, reserved or unspecified addresses") from None

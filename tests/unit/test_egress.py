@@ -51,6 +51,17 @@ def test_public_addresses_and_names_that_do_not_resolve_yet_are_accepted() -> No
         assert validate_subscription(url, None) == (url, None)  # the last is checked again at delivery
 
 
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://a..b/h", "host 'a..b' is not a valid host name"),
+    (f"http://{'a' * 64}.example/h", "is not a valid host name"),
+    ("http://xn--/h", "not a URL webhooks can be sent to"),
+])
+def test_hosts_that_cannot_be_looked_up_are_refused_clearly(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        validate_subscription(url, None)
+    assert "idna" not in str(err.value)
+
+
 def test_allowed_networks_let_their_addresses_through_and_nothing_else() -> None:
     settings = build_settings(webhook_allow_networks="10.1.0.0/16, 127.0.0.0/8  fd00:1::/32")
     policy = AddressPolicy(allow=settings.webhook_allow_networks)
