@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
         log.info("genq api ready: %d models, database %s", len(state.registry.models),
                  settings.database_url.split("@")[-1])
         # Webhooks go out from the API processes, so a slow receiver never holds up a GPU worker.
-        dispatcher = Dispatcher(state.sessions) if maintenance else None
+        dispatcher = Dispatcher(state.sessions, policy=state.webhook_policy) if maintenance else None
         upkeep = Maintenance(state) if maintenance else None
         for service in (dispatcher, upkeep):
             if service:

@@ -39,7 +39,8 @@ def validate_file_batch(state: AppState, batch_id: str) -> str:
         raw = state.storage.get(file.key)
         lines, errors = validate_batch(ndjson_lines(raw), state.registry, max_lines=state.limits.max_batch_lines,
                                        endpoint=batch.endpoint, max_prompt_chars=state.limits.max_prompt_chars,
-                                       adapters=submit.adapters(state, session, batch.tenant))
+                                       adapters=submit.adapters(state, session, batch.tenant),
+                                       webhook_policy=state.webhook_policy)
         if errors:
             if jobs_data.fail_validation(session, batch_id, [e.as_dict() for e in errors[:MAX_ERRORS_REPORTED]]):
                 notify_batch(session, batch_id)

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from genq.services.auth import KeyCache
+from genq.services.egress import AddressPolicy
 from genq.services.guards import RequestRate
 from genq.shared.broker import CeleryPublisher, Publisher, make_celery
 from genq.shared.config import Settings
@@ -53,6 +54,11 @@ class AppState:
     limits: Limits = field(default_factory=Limits)
     keys: KeyCache = field(default_factory=KeyCache)  # recent API key lookups
     rate: RequestRate = field(default_factory=RequestRate)  # request rate per tenant (in memory)
+
+    @property
+    def webhook_policy(self) -> AddressPolicy:
+        """The addresses webhooks may reach (GENQ_WEBHOOK_ALLOW_NETWORKS), at submit and at delivery."""
+        return AddressPolicy(allow=self.settings.webhook_allow_networks)
 
 
 def build_state(settings: Settings, limits: Limits | None = None) -> AppState:

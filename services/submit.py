@@ -42,7 +42,8 @@ def one_job(state: AppState, session: Session, tenant: str | None, line_obj: Any
     (400 naming the field), admit it (429 over the quota), record the job with the request's
     idempotency key, commit, publish. `stream`: the caller streams the answer (`stream: true`)."""
     line, errors = validate_line(line_obj, None, state.registry, max_prompt_chars=state.limits.max_prompt_chars,
-                                 adapters=adapters(state, session, tenant), stream=stream)
+                                 adapters=adapters(state, session, tenant), stream=stream,
+                                 webhook_policy=state.webhook_policy)
     if line is None:
         raise batch_error(errors)
     admit(state, session, tenant, 1)

@@ -16,6 +16,7 @@ from typing import Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from genq.services.adapters import AdapterCatalog, AdapterError
+from genq.services.egress import AddressPolicy
 from genq.services.webhooks import validate_subscription
 from genq.shared.config import Settings
 from genq.shared.kinds import body_model, served_by
@@ -175,7 +176,8 @@ def _prompt_errors(body: JobBody, line: int | None, max_chars: int) -> list[Line
 def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: str | None = None,
                   max_prompt_chars: int = MAX_PROMPT_CHARS,
                   adapters: AdapterCatalog | None = None,
-                  stream: bool = False) -> tuple[ValidLine | None, list[LineError]]:
+                  stream: bool = False,
+                  webhook_policy: AddressPolicy = AddressPolicy()) -> tuple[ValidLine | None, list[LineError]]:
     """Check one request line against the schema, the prompt length limit and the registry.
     `stream`: the caller answers `stream: true` bodies as Server-Sent Events (only the
     synchronous endpoints do).
@@ -194,7 +196,7 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
             return None, [LineError(line, name, "must not contain NUL (\\u0000) characters")]
     if req.webhook_url is not None or req.webhook_events is not None:
         try:
-            validate_subscription(req.webhook_url, req.webhook_events)
+            validate_subscription(req.webhook_url, req.webhook_events, webhook_policy)
         except ValueError as exc:
             return None, [LineError(line, "webhook_url", str(exc))]
     if endpoint is not None and req.url != endpoint:
@@ -233,7 +235,8 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
 
 def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines: int, endpoint: str | None = None,
                    max_prompt_chars: int = MAX_PROMPT_CHARS,
-                   adapters: AdapterCatalog | None = None) -> tuple[list[ValidLine], list[LineError]]:
+                   adapters: AdapterCatalog | None = None,
+                   webhook_policy: AddressPolicy = AddressPolicy()) -> tuple[list[ValidLine], list[LineError]]:
     """Validate numbered request lines; custom_id is required and unique within a batch. One
     `adapters` catalog serves every line (the tenant's uploads are read once)."""
     valid: list[ValidLine] = []
@@ -244,12 +247,13 @@ def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines
         return [], [LineError(None, "requests", f"a batch holds at most {max_lines} lines, got {len(objs)}",
                               code="batch_too_large")]
     seen: dict[str, int] = {}
+    webhook_policy = webhook_policy.remembering()  # one lookup per webhook host for the whole batch
     for line, obj in objs:
         if isinstance(obj, LineError):
             errors.append(obj)
             continue
         ok, errs = validate_line(obj, line, registry, endpoint=endpoint, max_prompt_chars=max_prompt_chars,
-                                 adapters=adapters)
+                                 adapters=adapters, webhook_policy=webhook_policy)
         errors.extend(errs)
         if ok is None:
             continue

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
+from genq.services.egress import AddressNotAllowed, AddressPolicy, GuardedTransport
 from genq.shared.db import Batch, Job, Tenant, WebhookAttempt, WebhookDelivery, session_scope, tenant_key
 from genq.shared.schemas import EVENTS
 from genq.shared.webhooks import PROGRESS_STATUSES, counts, enqueue_batch_event, enqueue_job_event
@@ -41,8 +43,10 @@ MAX_URL = 2000
 
 # --- subscriptions and secrets ----------------------------------------------------------------
 
-def validate_subscription(url: str | None, events: list[str] | None) -> tuple[str | None, list[str] | None]:
-    """Check a submitted webhook_url / webhook_events pair; raises ValueError naming the problem."""
+def validate_subscription(url: str | None, events: list[str] | None, policy: AddressPolicy = AddressPolicy(),
+                          ) -> tuple[str | None, list[str] | None]:
+    """Check a submitted webhook_url / webhook_events pair; raises ValueError naming the problem.
+    The URL's host must not be, or resolve to, an address `policy` refuses (see genq.services.egress)."""
     if url is None:
         if events is not None:
             raise ValueError("webhook_events needs a webhook_url")
@@ -52,6 +56,13 @@ def validate_subscription(url: str | None, events: list[str] | None) -> tuple[st
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("webhook_url must be an http:// or https:// URL with a host")
+    _check_host(parts.hostname, policy)
+    try:
+        sent_to = httpx.URL(url).host  # the host the dispatcher's client will connect to
+    except (httpx.InvalidURL, UnicodeError) as exc:  # UnicodeError: a host IDNA cannot encode
+        raise ValueError(f"webhook_url is not a URL webhooks can be sent to ({exc})") from None
+    if sent_to != parts.hostname:
+        _check_host(sent_to, policy)
     if events is None:
         return url, None
     if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
@@ -60,6 +71,16 @@ def validate_subscription(url: str | None, events: list[str] | None) -> tuple[st
     if unknown:
         raise ValueError(f"unknown webhook_events {unknown}; allowed: {list(EVENTS)}")
     return url, list(dict.fromkeys(events))
+
+
+def _check_host(host: str, policy: AddressPolicy) -> None:
+    try:
+        policy.check_host(host)
+    except UnicodeError:  # the resolver's IDNA encoding refuses it: no connection could be made
+        raise ValueError(f"webhook_url host {host!r} is not a valid host name") from None
+    except AddressNotAllowed:
+        raise ValueError(f"webhook_url host {host!r} is not allowed: webhooks are not sent to loopback, "
+                         "private, link-local, multicast, reserved or unspecified addresses") from None
 
 
 def tenant_secret(session: Session, tenant: str | None) -> str:
@@ -118,6 +139,26 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, tolerance_s: fl
 
 # --- delivery ---------------------------------------------------------------------------------
 
+class DeliveryError(StrEnum):
+    """What a failed attempt tells the tenant: a category, never the socket's own words, which
+    would map genq's network for whoever names the URL (those go to the log)."""
+
+    CONNECTION_FAILED = "connection_failed"
+    TIMEOUT = "timeout"
+    HTTP_STATUS = "http_status"  # the receiver answered outside 2xx; the attempt has its status_code
+    ADDRESS_NOT_ALLOWED = "address_not_allowed"
+
+
+def public_error(stored: str | None) -> str | None:
+    """A stored delivery error as the tenant sees it. Rows written before the categories hold
+    raw text (`HTTP 500`, `timeout after 10s`, `ConnectError: ...`); they show as categories too."""
+    if stored is None or stored in DeliveryError.__members__.values():
+        return stored
+    if stored.startswith("HTTP "):
+        return DeliveryError.HTTP_STATUS
+    return DeliveryError.TIMEOUT if stored.startswith("timeout") else DeliveryError.CONNECTION_FAILED
+
+
 class Dispatcher:
     """Sends due deliveries and throttled progress events. Safe to run in several processes at once:
     rows are claimed with SKIP LOCKED plus a lease token (their next_attempt_at), so one message
@@ -126,7 +167,7 @@ class Dispatcher:
     def __init__(self, sessions: sessionmaker[Session], *,
                  backoff_s: Sequence[float] = (5, 30, 120, 600, 1800, 3600), timeout_s: float = 10,
                  progress_every_s: float = 5.0, batch_size: int = 50, poll_s: float = 0.5,
-                 concurrency: int = 8) -> None:
+                 concurrency: int = 8, policy: AddressPolicy = AddressPolicy()) -> None:
         self.sessions = sessions
         self.backoff_s = tuple(backoff_s)
         self.timeout_s = timeout_s
@@ -136,7 +177,8 @@ class Dispatcher:
         # httpx's timeout is per phase (connect, write, read): a lease of twice it plus slack covers
         # an attempt; one that overruns it may be sent again by another dispatcher (at least once).
         self.lease_s = 2 * timeout_s + 5
-        self._client = httpx.Client(timeout=timeout_s, follow_redirects=False,
+        # Every connection is checked against `policy` when it is opened; redirects are not followed.
+        self._client = httpx.Client(transport=GuardedTransport(policy), timeout=timeout_s, follow_redirects=False,
                                     headers={"user-agent": "genq-webhooks"})
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="genq-webhook")
         self._progress: dict[str, tuple[float, Any]] = {}
@@ -179,8 +221,10 @@ class Dispatcher:
                 assert d is not None
                 secret = self._secret(s, d.tenant)
                 s.expunge(d)  # keep its loaded fields usable after the commit
-            code, error, duration = self._post(d, secret)
+            code, error, detail, duration = self._post(d, secret)
             self._record(d, lease, code, error, duration)
+            if error is not None:
+                log.info("webhook %s to %s: attempt %d failed: %s (%s)", d.id, d.url, d.attempts + 1, error, detail)
             return True
         except Exception:  # one bad row must not stop the others
             log.exception("webhook delivery %s failed unexpectedly", delivery_id)
@@ -191,7 +235,10 @@ class Dispatcher:
             self._secrets[tenant] = tenant_secret(session, tenant)
         return self._secrets[tenant]
 
-    def _post(self, d: WebhookDelivery, secret: str) -> tuple[int | None, str | None, float]:
+    def _post(self, d: WebhookDelivery, secret: str
+              ) -> tuple[int | None, DeliveryError | None, str | None, float]:
+        """POST one delivery: its status code, the failure's category and raw detail (for the log
+        only), and how long it took."""
         body = json.dumps(d.payload, separators=(",", ":")).encode()
         ts = int(time.time())
         headers = {"content-type": "application/json", "webhook-id": d.id, "webhook-timestamp": str(ts),
@@ -201,14 +248,18 @@ class Dispatcher:
             # Streamed and never read: the receiver's answer body is of no use and may be large.
             with self._client.stream("POST", d.url, content=body, headers=headers) as r:
                 code = r.status_code
-            error = None if 200 <= code < 300 else f"HTTP {code}"
-            return code, error, time.monotonic() - start
-        except httpx.TimeoutException:
-            return None, f"timeout after {self.timeout_s:g}s", time.monotonic() - start
+            if 200 <= code < 300:
+                return code, None, None, time.monotonic() - start
+            return code, DeliveryError.HTTP_STATUS, f"HTTP {code}", time.monotonic() - start
+        except AddressNotAllowed as exc:
+            return None, DeliveryError.ADDRESS_NOT_ALLOWED, str(exc), time.monotonic() - start
+        except httpx.TimeoutException as exc:
+            return None, DeliveryError.TIMEOUT, f"{type(exc).__name__} after {self.timeout_s:g}s", \
+                time.monotonic() - start
         except httpx.HTTPError as exc:
-            return None, f"{type(exc).__name__}: {exc}"[:500], time.monotonic() - start
+            return None, DeliveryError.CONNECTION_FAILED, f"{type(exc).__name__}: {exc}", time.monotonic() - start
 
-    def _record(self, d: WebhookDelivery, lease: float, code: int | None, error: str | None,
+    def _record(self, d: WebhookDelivery, lease: float, code: int | None, error: DeliveryError | None,
                 duration: float) -> None:
         now = time.time()
         attempt = d.attempts + 1
@@ -219,15 +270,13 @@ class Dispatcher:
         else:
             values = {"next_attempt_at": now + self.backoff_s[attempt - 1] * random.uniform(1.0, 1.1)}
         if error is not None:
-            values["last_error"] = error[:500]
+            values["last_error"] = str(error)
         with session_scope(self.sessions) as s:
             s.add(WebhookAttempt(delivery_id=d.id, attempt=attempt, at=now, status_code=code,
-                                 error=error and error[:500], duration_s=duration))
+                                 error=error and str(error), duration_s=duration))
             s.execute(update(WebhookDelivery).where(
                 WebhookDelivery.id == d.id, WebhookDelivery.next_attempt_at == lease)
                 .values(attempts=attempt, **values))
-        if error is not None:
-            log.info("webhook %s to %s: attempt %d failed (%s)", d.id, d.url, attempt, error)
 
     # 3. progress: at most one event per object per period, and only when it moved
     def emit_progress(self) -> int:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EMBEDDED_BROKER_URL = "sqla+sqlite:///./var/broker.db"
 PRESIGN_SECONDS = 3600  # how long a presigned image URL stays valid, unless GENQ_PRESIGN_SECONDS says
@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = 1024 * 1024 * 1024  # an uploaded LoRA adapter archive, and its unpacked files
     # Outputs: the life of each presigned image URL the API hands out (made afresh on every read).
     presign_seconds: int = PRESIGN_SECONDS
+    # Webhooks reach public addresses only, plus these networks (comma-separated CIDRs) for receivers
+    # inside the cluster: loopback, private, link-local and the like are refused otherwise.
+    webhook_allow_networks: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = ()
 
     @field_validator("database_url")
     @classmethod
@@ -111,6 +114,11 @@ class Settings(BaseSettings):
         if v is not None and len(v.get_secret_value()) < MIN_TOKEN_CHARS:
             raise ValueError(f"must be at least {MIN_TOKEN_CHARS} characters (make one with `openssl rand -hex 32`)")
         return v
+
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, v: Any) -> Any:
+        return tuple(n for n in v.replace(",", " ").split()) if isinstance(v, str) else v
 
     @field_validator("models_file")
     @classmethod

@@ -133,6 +133,8 @@ def stack_env(pg_url: str, redis_url: str, s3_endpoint: str, tiny_registry: Path
         GENQ_S3_ENDPOINT=s3_endpoint, GENQ_S3_ACCESS_KEY="testing", GENQ_S3_SECRET_KEY="testing",
         GENQ_S3_SECURE="false", GENQ_MODELS_FILE=str(tiny_registry), PYTHONUNBUFFERED="1",
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        # The tests' webhook receivers listen on loopback, which webhooks reach only when allowed.
+        GENQ_WEBHOOK_ALLOW_NETWORKS="127.0.0.0/8",
         # The test runners (tests/support/runners.py) that the test registry names.
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
     )

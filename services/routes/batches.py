@@ -82,9 +82,9 @@ def _parse_submission(raw: bytes, content_type: str) -> BatchCreate:
     return spec
 
 
-def _batch_fields(spec: BatchCreate) -> dict[str, Any]:
+def _batch_fields(state: StateDep, spec: BatchCreate) -> dict[str, Any]:
     try:
-        url, events = validate_subscription(spec.webhook_url, spec.webhook_events)
+        url, events = validate_subscription(spec.webhook_url, spec.webhook_events, state.webhook_policy)
     except ValueError as exc:
         raise APIError(400, f"webhook: {exc}", code="invalid_request", param="webhook_url") from None
     return {"completion_window": spec.completion_window, "meta": spec.metadata, "priority": spec.priority,
@@ -121,7 +121,7 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
     spec = _parse_submission(raw, request.headers.get("content-type", ""))
 
     def create(once: Once) -> dict[str, Any]:
-        fields = _batch_fields(spec)
+        fields = _batch_fields(state, spec)
         if spec.input_file_id is not None:
             file = get_owned(session, File, spec.input_file_id, tenant, "file")
             if file.purpose != "batch":
@@ -135,7 +135,8 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
             return batch_object(batch, job_state.request_counts({}))
         lines, errors = validate_batch(spec.requests or [], state.registry, max_lines=state.limits.max_batch_lines,
                                        endpoint=spec.endpoint, max_prompt_chars=state.limits.max_prompt_chars,
-                                       adapters=submit.adapters(state, session, tenant))
+                                       adapters=submit.adapters(state, session, tenant),
+                                       webhook_policy=state.webhook_policy)
         if errors:
             raise batch_error(errors)
         endpoint = spec.endpoint or lines[0].request.url

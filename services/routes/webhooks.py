@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from genq.services.body import refuse_nul_params
 from genq.services.deps import SessionDep, TenantDep
-from genq.services.webhooks import tenant_secret
+from genq.services.webhooks import public_error, tenant_secret
 from genq.shared.db import WebhookAttempt, WebhookDelivery, owned_by
 
 router = APIRouter(tags=["webhooks"], dependencies=[Depends(refuse_nul_params)])
@@ -32,9 +32,10 @@ def _delivery(d: WebhookDelivery, attempts: list[WebhookAttempt]) -> dict[str, A
         "id": d.id, "object": "webhook_delivery", "type": d.event, "object_id": d.object_id, "url": d.url,
         "status": d.status, "attempts": d.attempts, "created_at": _ts(d.created_at),
         "next_attempt_at": _ts(d.next_attempt_at) if d.status == "pending" else None,
-        "delivered_at": _ts(d.delivered_at), "last_error": d.last_error, "payload": d.payload,
+        "delivered_at": _ts(d.delivered_at), "last_error": public_error(d.last_error), "payload": d.payload,
         "attempt_log": [{"attempt": a.attempt, "at": _ts(a.at), "status_code": a.status_code,
-                         "error": a.error, "duration_ms": round(a.duration_s * 1000, 1)} for a in attempts],
+                         "error": public_error(a.error), "duration_ms": round(a.duration_s * 1000, 1)}
+                        for a in attempts],
     }
 
 

@@ -2,7 +2,9 @@
 
 The dispatcher runs against the real Postgres (and SQLite, the embedded default): one signed event
 per state change, retries with backoff on 500s and timeouts, a final `failed` after the last
-attempt, throttled batch progress, and no message sent twice by two dispatchers at once.
+attempt, throttled batch progress, and no message sent twice by two dispatchers at once. The
+receivers listen on loopback, which webhooks may reach only when it is allowed explicitly
+(GENQ_WEBHOOK_ALLOW_NETWORKS; here the dispatchers' `policy`); without it nothing is sent.
 """
 
 from __future__ import annotations
@@ -11,27 +13,35 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import trustme
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from genq.services.webhooks import Dispatcher, tenant_secret
+from genq.services.egress import AddressPolicy
+from genq.services.webhooks import Dispatcher, tenant_secret, validate_subscription
 from genq.shared.db import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, session_factory, session_scope
 from genq.shared.migrate import upgrade
 from genq.shared.webhooks import enqueue_job_event
 from tests.support.processes import free_port
+from tests.support.resolver import fake_resolver
 from tests.support.servers import throwaway_database
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
+
+LOOPBACK = AddressPolicy(allow=(IPv4Network("127.0.0.0/8"),))  # what the receivers need
 
 
 # --- the receiver -----------------------------------------------------------------------------
@@ -51,9 +61,9 @@ class Receiver:
     first N past the sender's timeout; it records every request and whether its signature held."""
 
     def __init__(self, secret: str, *, fail_first: int = 0, hang_first: int = 0, always_fail: bool = False,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, redirect_to: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.secret, self.fail_first, self.hang_first = secret, fail_first, hang_first
-        self.always_fail, self.delay_s = always_fail, delay_s
+        self.always_fail, self.delay_s, self.redirect_to = always_fail, delay_s, redirect_to
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.release = threading.Event()
@@ -61,6 +71,8 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
@@ -74,14 +86,16 @@ class Receiver:
                         "id": self.headers["webhook-id"], "valid": standard_webhooks_valid(
                             receiver.secret, self.headers, body),
                         "content_type": self.headers["content-type"], "user_agent": self.headers["user-agent"],
-                        "event": json.loads(body), "at": time.time()})
+                        "host": self.headers["host"], "event": json.loads(body), "at": time.time()})
                 if n <= receiver.hang_first:
                     receiver.release.wait(30)  # far past the sender's timeout; released at teardown
                 elif receiver.delay_s:
                     time.sleep(receiver.delay_s)
                 code = 500 if receiver.always_fail or n <= receiver.fail_first + receiver.hang_first else 204
                 try:
-                    self.send_response(code)
+                    self.send_response(307 if receiver.redirect_to else code)
+                    if receiver.redirect_to:
+                        self.send_header("location", receiver.redirect_to)
                     self.end_headers()
                 except OSError:
                     pass  # the sender gave up on us
@@ -144,6 +158,7 @@ def dispatchers() -> Iterator[list[Dispatcher]]:
 
 def make(made: list[Dispatcher], factory: sessionmaker[Session], **kw: Any) -> Dispatcher:
     kw.setdefault("backoff_s", (0.05, 0.1))
+    kw.setdefault("policy", LOOPBACK)
     d = Dispatcher(factory, poll_s=0.02, **kw)
     made.append(d)
     return d
@@ -213,7 +228,7 @@ def test_retries_with_backoff_until_delivered(factory: sessionmaker[Session], se
         row, attempts = pump_until(d, factory, job_id, "delivered")
         assert [a.status_code for a in attempts] == [500, 500, 204]
         assert attempts[1].at - attempts[0].at >= 0.2 and attempts[2].at - attempts[1].at >= 0.4
-        assert row.attempts == 3 and row.last_error == "HTTP 500"
+        assert row.attempts == 3 and row.last_error == "http_status"
         # Every try is the same message (same webhook-id), freshly signed; it succeeded once.
         assert rx.ids() == [row.id] * 3 and all(r["valid"] for r in rx.requests)
 
@@ -224,7 +239,7 @@ def test_timeout_counts_as_a_failure_and_is_retried(factory: sessionmaker[Sessio
         job_id = finished_job(factory, rx.url)
         d = make(dispatchers, factory, timeout_s=0.5)
         row, attempts = pump_until(d, factory, job_id, "delivered")
-        assert attempts[0].status_code is None and attempts[0].error == "timeout after 0.5s"
+        assert attempts[0].status_code is None and attempts[0].error == "timeout"
         assert 0.4 < attempts[0].duration_s < 5
         assert [a.status_code for a in attempts[1:]] == [204]
         assert len(rx.requests) == 2
@@ -238,10 +253,10 @@ def test_permanent_failure_gives_up_after_the_last_attempt(factory: sessionmaker
         d = make(dispatchers, factory)
         row, attempts = pump_until(d, factory, job_id, "failed")
         assert [a.status_code for a in attempts] == [500, 500, 500]  # 1 + len(backoff_s)
-        assert row.attempts == 3 and row.last_error == "HTTP 500"
+        assert row.attempts == 3 and row.last_error == "http_status"
         dead, dead_attempts = pump_until(d, factory, nobody, "failed")
         assert len(dead_attempts) == 3 and all(a.status_code is None for a in dead_attempts)
-        assert "ConnectError" in (dead.last_error or "")
+        assert dead.last_error == "connection_failed"  # a category, not the socket's error text
         assert d.run_once() == 0 and len(rx.requests) == 3  # given up: no more tries
 
 
@@ -314,6 +329,105 @@ def test_job_progress_is_throttled(factory: sessionmaker[Session], secret: str,
         assert all(r["valid"] for r in rx.requests)
 
 
+# --- no requests into genq's own network (SSRF) ---------------------------------------------------
+
+def test_without_the_setting_nothing_is_sent_to_loopback_in_any_form(factory: sessionmaker[Session], secret: str,
+                                                                      dispatchers: list[Dispatcher]) -> None:
+    with Receiver(secret) as rx:
+        forms = [rx.url, f"http://localhost:{rx.port}/", f"http://2130706433:{rx.port}/", f"http://127.1:{rx.port}/",
+                 f"http://[::ffff:127.0.0.1]:{rx.port}/", f"http://user:pw@127.0.0.1:{rx.port}/"]
+        jobs = [finished_job(factory, url) for url in forms]  # queued directly: the delivery check alone
+        d = make(dispatchers, factory, policy=AddressPolicy())  # the default: no networks allowed
+        for job_id in jobs:
+            row, attempts = pump_until(d, factory, job_id, "failed")
+            assert row.last_error == "address_not_allowed", row.url
+            assert [(a.status_code, a.error) for a in attempts] == [(None, "address_not_allowed")] * 3
+        assert rx.requests == []
+
+
+def test_closed_ports_and_internal_services_all_answer_the_same(tmp_path: Path, redis_url: str, pg_url: str,
+                                                                dispatchers: list[Dispatcher],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The tenant cannot scan genq's network through the delivery log: a closed port, Redis and
+    Postgres all show `connection_failed` (the raw error goes to the log), and with the default
+    policy all show `address_not_allowed`."""
+    url = f"sqlite:///{tmp_path}/t.db"
+    upgrade(url)
+    factory = session_factory(url)
+    where = {name: urlsplit(u) for name, u in (("redis", redis_url), ("postgres", pg_url))}
+    targets = {"closed": f"127.0.0.1:{free_port()}", **{n: f"{u.hostname}:{u.port}" for n, u in where.items()}}
+    for policy, expected in ((LOOPBACK, "connection_failed"), (AddressPolicy(), "address_not_allowed")):
+        jobs = {name: finished_job(factory, f"http://{hostport}/hook") for name, hostport in targets.items()}
+        d = make(dispatchers, factory, policy=policy, backoff_s=())
+        with caplog.at_level("INFO", logger="genq.webhooks"):
+            shown = {name: pump_until(d, factory, job_id, "failed")[0].last_error for name, job_id in jobs.items()}
+        assert shown == dict.fromkeys(targets, expected)
+    assert any("ConnectError" in r.getMessage() for r in caplog.records)  # the detail, for the operator
+
+
+def test_a_name_that_rebinds_to_loopback_after_submit_is_refused(factory: sessionmaker[Session], secret: str,
+                                                                 dispatchers: list[Dispatcher],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter([["93.184.216.34"]])  # public when the job is submitted, loopback ever after
+    fake_resolver(monkeypatch, {"rebind.example": lambda: next(answers, ["127.0.0.1"])})
+    with Receiver(secret) as rx:
+        url = f"http://rebind.example:{rx.port}/hook"
+        assert validate_subscription(url, None) == (url, None)
+        job_id = finished_job(factory, url)
+        row, _ = pump_until(make(dispatchers, factory, policy=AddressPolicy()), factory, job_id, "failed")
+        assert row.last_error == "address_not_allowed" and rx.requests == []
+
+
+def test_the_connection_goes_to_the_checked_address_under_the_urls_host(
+        factory: sessionmaker[Session], secret: str, dispatchers: list[Dispatcher],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host is resolved once per connection and the socket opened to that checked address: a
+    second lookup would answer 127.0.0.2, where nothing listens and which is not allowed."""
+    answers = iter([["127.0.0.1"]])
+    asked = fake_resolver(monkeypatch, {"hook.example": lambda: next(answers, ["127.0.0.2"])})
+    with Receiver(secret) as rx:
+        job_id = finished_job(factory, f"http://hook.example:{rx.port}/hook")
+        d = make(dispatchers, factory, policy=AddressPolicy(allow=(IPv4Network("127.0.0.1/32"),)))
+        row, _ = pump_until(d, factory, job_id, "delivered")
+        assert asked == ["hook.example"]
+        assert [(r["host"], r["valid"]) for r in rx.requests] == [(f"hook.example:{rx.port}", True)]
+
+
+def test_redirects_are_not_followed(factory: sessionmaker[Session], secret: str,
+                                    dispatchers: list[Dispatcher]) -> None:
+    with Receiver(secret) as inside, Receiver(secret, redirect_to=inside.url) as rx:
+        job_id = finished_job(factory, rx.url)
+        row, attempts = pump_until(make(dispatchers, factory), factory, job_id, "failed")
+        assert [(a.status_code, a.error) for a in attempts] == [(307, "http_status")] * 3
+        assert len(rx.requests) == 3 and inside.requests == []
+
+
+@pytest.mark.parametrize("cert_for", ["hook.example", "other.example"])
+def test_https_checks_the_certificate_and_sends_sni_for_the_urls_host(
+        cert_for: str, factory: sessionmaker[Session], secret: str, dispatchers: list[Dispatcher],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Connecting to the checked address keeps TLS on the URL's hostname: the server sees
+    hook.example as SNI, and a certificate for another name is refused."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert(cert_for).configure_cert(server_tls)
+    sni: list[str | None] = []
+    server_tls.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore[assignment,func-returns-value]
+    fake_resolver(monkeypatch, {"hook.example": ["127.0.0.1"]})
+    with Receiver(secret, tls=server_tls) as rx:
+        job_id = finished_job(factory, f"https://hook.example:{rx.port}/hook")
+        d = make(dispatchers, factory, policy=AddressPolicy(allow=(IPv4Network("127.0.0.1/32"),)), backoff_s=())
+        if cert_for == "hook.example":
+            pump_until(d, factory, job_id, "delivered")
+            assert [(r["host"], r["valid"]) for r in rx.requests] == [(f"hook.example:{rx.port}", True)]
+        else:
+            row, _ = pump_until(d, factory, job_id, "failed")
+            assert row.last_error == "connection_failed" and rx.requests == []
+        assert sni and set(sni) == {"hook.example"}
+
+
 def test_parallel_dispatchers_never_send_a_message_twice(webhook_pg: str, dispatchers: list[Dispatcher]) -> None:
     factory = session_factory(webhook_pg)
     with session_scope(factory) as s:
@@ -366,6 +480,9 @@ def test_api_batch_and_job_webhooks_end_to_end(stack: Any) -> None:
             assert failed["data"]["id"] == job.json()["id"] and failed["data"]["error"]["param"] == "body.prompt"
             log = c.get("/v1/webhooks/deliveries", params={"object_id": batch["id"]}).json()["data"]
             assert {d["status"] for d in log if d["type"] == "batch.completed"} == {"delivered"}
+        # Loopback is allowed in this stack (GENQ_WEBHOOK_ALLOW_NETWORKS); the metadata service is not.
+        metadata = c.post("/v1/jobs", json={**lines[0], "webhook_url": "http://169.254.169.254/latest/meta-data/"})
+        assert metadata.status_code == 400 and metadata.json()["error"]["param"] == "webhook_url"
         bad = c.post("/v1/batches", json={"requests": lines, "webhook_url": "ftp://nope"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "webhook_url"
         bad_events = c.post("/v1/jobs", json={**lines[0], "webhook_url": rx.url, "webhook_events": ["exploded"]})

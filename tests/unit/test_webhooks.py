@@ -102,7 +102,7 @@ def test_validate_subscription_rejects(url: str | None, events: object, message:
 
 def test_validate_subscription_accepts() -> None:
     assert wh.validate_subscription(None, None) == (None, None)
-    assert wh.validate_subscription("http://127.0.0.1:9/h", None) == ("http://127.0.0.1:9/h", None)
+    assert wh.validate_subscription("http://93.184.216.34:9/h", None) == ("http://93.184.216.34:9/h", None)
     assert wh.validate_subscription("https://x.example/h?a=1", ["progress", "failed", "progress"]) == (
         "https://x.example/h?a=1", ["progress", "failed"])
 
@@ -191,7 +191,7 @@ def test_routes_show_the_secret_and_deliveries_with_attempts(factory: sessionmak
         first = events.enqueue_job_event(s, jobs[0], "completed")
         events.enqueue_job_event(s, jobs[1], "completed")
         assert first is not None
-        s.add(WebhookAttempt(delivery_id=first.id, attempt=1, at=time.time(), status_code=500, error="HTTP 500",
+        s.add(WebhookAttempt(delivery_id=first.id, attempt=1, at=time.time(), status_code=500, error="http_status",
                              duration_s=0.0123))
     with TestClient(app) as client:
         secret = client.get("/v1/webhooks/secret").json()
@@ -204,4 +204,35 @@ def test_routes_show_the_secret_and_deliveries_with_attempts(factory: sessionmak
     [d] = page["data"]
     assert (d["id"], d["type"], d["status"], d["object_id"]) == (first.id, "job.completed", "pending", jobs[0].id)
     assert d["attempt_log"] == [{"attempt": 1, "at": d["attempt_log"][0]["at"], "status_code": 500,
-                                 "error": "HTTP 500", "duration_ms": 12.3}]
+                                 "error": "http_status", "duration_ms": 12.3}]
+
+
+def test_deliveries_show_error_categories_never_raw_socket_errors(factory: sessionmaker[Session]) -> None:
+    """Rows from before the categories hold the raw text; the tenant still sees only a category."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from genq.services.routes import webhooks as routes_webhooks
+    from genq.shared.db import WebhookAttempt
+
+    app = FastAPI()
+    app.state.genq = SimpleNamespace(sessions=factory, settings=SimpleNamespace(auth="off"))
+    app.include_router(routes_webhooks.router)
+    raw = ["ConnectError: [Errno 111] Connection refused", "RemoteProtocolError: Server disconnected without "
+           "sending a response.", "HTTP 404", "timeout after 10s", "address_not_allowed"]
+    with session_scope(factory) as s:
+        job = _job(webhook_url="https://example.com/h")
+        s.add(job)
+        s.flush()
+        d = events.enqueue_job_event(s, job, "completed")
+        assert d is not None
+        s.add_all([WebhookAttempt(delivery_id=d.id, attempt=i, at=time.time(), error=e, duration_s=0.1)
+                   for i, e in enumerate(raw, start=1)])
+        d.last_error = raw[0]
+    with TestClient(app) as client:
+        [shown] = client.get("/v1/webhooks/deliveries").json()["data"]
+    assert shown["last_error"] == "connection_failed"
+    assert [a["error"] for a in shown["attempt_log"]] == [
+        "connection_failed", "connection_failed", "http_status", "timeout", "address_not_allowed"]
