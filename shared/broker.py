@@ -16,6 +16,7 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 
 from genq.shared.config import Settings
+from genq.shared.redis_transport import FRONT_HEADER, TRANSPORT
 from genq.shared.requests import effective_priority
 
 RUN_JOB_TASK = "genq.run_job"
@@ -32,6 +33,9 @@ class Publish:
     job_id: str
     model: str
     priority: int | None = None
+    # Ahead of queued work of the same priority: a job that already waited (recovered from a dead
+    # worker, or re-published after the broker lost it). Redis only; other brokers queue it last.
+    front: bool = False
 
 
 class Publisher(Protocol):
@@ -50,7 +54,9 @@ def make_celery(settings: Settings) -> Celery:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     app = Celery("genq", broker=broker, set_as_current=False)
     transport_options: dict[str, object] = {}
+    transport: str | None = None
     if urlsplit(broker).scheme in ("redis", "rediss"):
+        transport = TRANSPORT  # kombu's, able to put a recovered job at the front of its queue
         # Redis emulates priorities with one list per step; prefetch 1 makes them mean something.
         transport_options.update(visibility_timeout=VISIBILITY_TIMEOUT_S, queue_order_strategy="priority",
                                  priority_steps=list(range(10)), sep=":",
@@ -65,6 +71,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport=transport,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         # A publish retries once, then fails fast: the job is already recorded, and the outbox
@@ -93,15 +100,19 @@ class CeleryPublisher:
         self.app = app
 
     def publish(self, items: Iterable[Publish]) -> int:
+        items = list(items)
+        # Each front message goes ahead of the ones before it: send those in reverse to keep their order.
+        ordered = [i for i in items if not i.front] + [i for i in reversed(items) if i.front]
         count = 0
         with self.app.producer_or_acquire() as producer, _batched(producer):
-            for item in items:
+            for item in ordered:
                 # kombu's Redis transport serves its priority lists from 0 up (0 = most urgent), so
                 # genq's 9 (most urgent) maps to 0 and a job stored without one (before genq stored
                 # the effective priority) to genq's default.
                 priority = 9 - effective_priority(item.priority)
                 self.app.send_task(RUN_JOB_TASK, args=[item.job_id], queue=queue_name(item.model),
-                                   priority=priority, producer=producer)
+                                   priority=priority, producer=producer,
+                                   headers={FRONT_HEADER: True} if item.front else None)
                 count += 1
         return count
 

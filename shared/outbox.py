@@ -67,17 +67,21 @@ def publish_and_mark(factory: sessionmaker[Session], publisher: Publisher, items
     return True
 
 
-def _publish_locked(s: Session, publisher: Publisher, where: Sequence[ColumnElement[bool]], limit: int) -> int:
+def _publish_locked(s: Session, publisher: Publisher, where: Sequence[ColumnElement[bool]], limit: int,
+                    front: bool = False) -> int:
     """Lock a page of matching queued jobs, stamp them, publish, and let the caller commit.
-    A failed publish raises, rolling the stamp back."""
+    A failed publish raises, rolling the stamp back. Jobs that ran before (handed back, or
+    recovered from a dead worker) and, with `front`, all of them go ahead of new work."""
     ids = s.execute(select(Job.id).where(Job.status == "queued", *where).order_by(Job.created_at)
                     .limit(limit).with_for_update(skip_locked=True)).scalars().all()
     if not ids:
         return 0
     rows = s.execute(update(Job).where(Job.id.in_(ids), Job.status == "queued", *where)
-                     .values(published_at=time.time()).returning(Job.id, Job.model, Job.priority)
+                     .values(published_at=time.time())
+                     .returning(Job.id, Job.model, Job.priority, Job.attempts)
                      .execution_options(synchronize_session=False)).all()
-    publisher.publish([Publish(job_id, model, priority) for job_id, model, priority in rows])
+    publisher.publish([Publish(job_id, model, priority, front=front or attempts > 0)
+                       for job_id, model, priority, attempts in rows])
     return len(rows)
 
 

@@ -360,3 +360,31 @@ def test_shutdown_finishes_or_hands_back(faulty: Faulty, fault_figures: list[dic
     assert jobs[held_killed][1] == 2  # recovered through its lease
     if cold_status == "queued":
         assert jobs[held_cold][1] == 2 and b"handed back" in (faulty.stack.logdir / "cold.log").read_bytes()
+
+
+# --- recovery is prompt ----------------------------------------------------------------------------
+
+PACED = "paced-echo"  # test registry: an echo model taking 0.3 s a job, served by no shared worker
+
+
+def test_a_killed_workers_job_runs_again_ahead_of_a_busy_queue(faulty: Faulty) -> None:
+    """The job of a SIGKILLed worker is running again on the other worker within seconds of its
+    lease running out, not after the queued work submitted behind it (about 20 s here)."""
+    faulty.start_workers(PACED, ["victim", "rescuer"], "--lease", "2")
+    with faulty.stack.client() as c:
+        batch = submit(c, PACED, 60)
+        when_mid_batch(c, batch["id"], 3)
+        held = faulty.freeze_mid_job("victim")
+        os.killpg(faulty.workers["victim"].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        faulty.workers["victim"].wait(10)
+        wait_for(lambda: faulty.db("SELECT 1 FROM jobs WHERE id = %(j)s AND attempts = 2 AND status IN "
+                                   "('running', 'succeeded')", j=held), 10, 0.05, "the held job running again")
+        rerun_after = time.monotonic() - killed_at
+        queued = faulty.db("SELECT count(*) FROM jobs WHERE batch_id = %(b)s AND status = 'queued'",
+                           b=batch["id"])[0][0]
+        print(f"recovery figures: {json.dumps({'rerun_after_s': round(rerun_after, 2), 'still_queued': queued})}")
+        assert queued > 10  # the queue was still busy: the job went ahead of it
+        final = wait_done(c, batch["id"])
+    assert final["status"] == "completed" and final["request_counts"]["completed"] == 60
+    assert faulty.db("SELECT status, attempts FROM jobs WHERE id = %(j)s", j=held) == [("succeeded", 2)]
