@@ -16,7 +16,7 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 
 from genq.shared.config import Settings
-from genq.shared.redis_transport import FRONT_HEADER, TRANSPORT
+from genq.shared.redis_transport import FRONT_HEADER, TRANSPORT, read_epoch
 from genq.shared.requests import effective_priority
 
 RUN_JOB_TASK = "genq.run_job"
@@ -44,6 +44,11 @@ class Publisher(Protocol):
     def publish(self, items: Iterable[Publish]) -> int: ...
     def ping(self) -> None: ...
     def pending(self, model: str) -> int | None: ...
+    def epoch(self) -> float | None: ...
+
+
+def is_redis(broker_url: str) -> bool:
+    return urlsplit(broker_url).scheme in ("redis", "rediss")
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -55,8 +60,8 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("genq", broker=broker, set_as_current=False)
     transport_options: dict[str, object] = {}
     transport: str | None = None
-    if urlsplit(broker).scheme in ("redis", "rediss"):
-        transport = TRANSPORT  # kombu's, able to put a recovered job at the front of its queue
+    if is_redis(broker):
+        transport = TRANSPORT  # kombu's, plus front-of-queue messages and the epoch (redis_transport.py)
         # Redis emulates priorities with one list per step; prefetch 1 makes them mean something.
         transport_options.update(visibility_timeout=VISIBILITY_TIMEOUT_S, queue_order_strategy="priority",
                                  priority_steps=list(range(10)), sep=":",
@@ -98,6 +103,7 @@ class CeleryPublisher:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self.redis = is_redis(str(app.conf.broker_url))
 
     def publish(self, items: Iterable[Publish]) -> int:
         items = list(items)
@@ -127,3 +133,11 @@ class CeleryPublisher:
                 return int(conn.default_channel.queue_declare(queue_name(model), passive=True).message_count)
             except ChannelError:  # no such queue: a restarted broker, or nothing was ever sent
                 return 0
+
+    def epoch(self) -> float | None:
+        """When the broker's present data began (redis_transport.EPOCH_KEY): jobs published before
+        it lost their messages. None on brokers other than Redis, which cannot tell."""
+        if not self.redis:
+            return None
+        with self.app.pool.acquire(block=True, timeout=5) as conn:
+            return read_epoch(conn.default_channel.client)

@@ -4,7 +4,9 @@
 right after its commit and marks what went out; if the broker is down the client still gets its
 answer, and `sweep_unpublished` (API maintenance and worker upkeep) publishes the job once the
 broker is back. `republish_lost` covers the opposite case: the broker lost messages it had taken
-(a restart without persistence), so jobs wait `queued` for a message that no longer exists.
+(a restart without persistence, a FLUSHALL), so jobs wait `queued` for a message that no longer
+exists; a Redis broker tells when its data began (broker.EPOCH_KEY), so these are found at the next
+upkeep pass even while new work keeps the queue busy.
 
 Duplicates are harmless (claims are guarded UPDATEs), so the sweepers prefer publishing twice to
 losing a job; they still lock what they publish so replicas do not flood the queue together.
@@ -86,7 +88,7 @@ def _publish_locked(s: Session, publisher: Publisher, where: Sequence[ColumnElem
 
 
 def _publish_pages(factory: sessionmaker[Session], publisher: Publisher, where: Sequence[ColumnElement[bool]],
-                   limit: int, budget_s: float) -> int:
+                   limit: int, budget_s: float, front: bool = False) -> int:
     """Publish matching queued jobs page by page, each page its own transaction, until none are
     left or `budget_s` has passed. Returns how many went out; a failure raises (the current page
     rolls back, the pages before it stay published)."""
@@ -94,7 +96,7 @@ def _publish_pages(factory: sessionmaker[Session], publisher: Publisher, where: 
     count = 0
     while True:
         with session_scope(factory) as s:
-            sent = _publish_locked(s, publisher, where, limit)
+            sent = _publish_locked(s, publisher, where, limit, front)
         count += sent
         if sent < limit or time.monotonic() >= deadline:
             return count
@@ -119,17 +121,32 @@ def sweep_unpublished(factory: sessionmaker[Session], publisher: Publisher, *, m
 
 
 def republish_lost(factory: sessionmaker[Session], publisher: Publisher, models: Iterable[str], *,
-                   after_s: float = LOST_AFTER_S, limit: int = SWEEP_LIMIT) -> int:
-    """Publish again the queued jobs of models whose queue is empty although the jobs were
-    published more than `after_s` ago: their messages are gone. Returns how many went out."""
+                   after_s: float = LOST_AFTER_S, limit: int = SWEEP_LIMIT, budget_s: float = SWEEP_BUDGET_S) -> int:
+    """Publish again the queued jobs whose messages the broker lost; returns how many went out.
+
+    A broker that can tell when its present data began (Redis: broker.EPOCH_KEY) has lost the
+    messages of every job still queued that was published before then, however busy the queue.
+    Any broker: a model's queue that is empty although its jobs were published more than
+    `after_s` ago lost theirs. Re-published jobs go ahead of newer work: they waited longest."""
+    models = list(models)
     count = 0
+    try:
+        epoch = publisher.epoch()
+        if epoch is not None:
+            where = [Job.model.in_(models), Job.published_at < epoch]
+            count = _publish_pages(factory, publisher, where, limit, budget_s, front=True)
+            if count:
+                log.warning("the broker lost its messages: published %d queued job(s) again", count)
+    except Exception as exc:  # noqa: BLE001 - broker or database still down: next sweep
+        log.warning("lost-message sweep deferred: %s: %s", type(exc).__name__, str(exc)[:200])
+        return count
     for model in models:
         try:
             if publisher.pending(model) != 0:
                 continue  # messages are waiting: workers will get to these jobs
             where = [Job.model == model, Job.published_at < time.time() - after_s]
             with session_scope(factory) as s:
-                sent = _publish_locked(s, publisher, where, limit)
+                sent = _publish_locked(s, publisher, where, limit, front=True)
         except Exception as exc:  # noqa: BLE001 - broker or database still down: next sweep
             log.warning("lost-message sweep deferred: %s: %s", type(exc).__name__, str(exc)[:200])
             return count

@@ -388,3 +388,43 @@ def test_a_killed_workers_job_runs_again_ahead_of_a_busy_queue(faulty: Faulty) -
         final = wait_done(c, batch["id"])
     assert final["status"] == "completed" and final["request_counts"]["completed"] == 60
     assert faulty.db("SELECT status, attempts FROM jobs WHERE id = %(j)s", j=held) == [("succeeded", 2)]
+
+
+def test_jobs_flushed_from_a_busy_redis_run_without_waiting_for_an_empty_queue(faulty: Faulty) -> None:
+    """FLUSHALL while new jobs keep arriving faster than the worker takes them (so the queue is
+    never empty): the batch's lost jobs are published again within one upkeep pass and the batch
+    completes while the traffic goes on."""
+    import redis
+
+    faulty.start_workers(PACED, ["w1"], "--lease", "3")
+    stop = threading.Event()
+
+    def traffic() -> None:  # ~6 jobs/s against a worker taking ~3/s
+        with faulty.stack.client() as c:
+            while not stop.wait(0.15):
+                c.post("/v1/jobs", json={"url": "/v1/completions", "body": {"model": PACED, "prompt": "new"}})
+
+    with faulty.stack.client() as c:
+        batch = submit(c, PACED, 40)
+        when_mid_batch(c, batch["id"], 3)
+        feeder = threading.Thread(target=traffic, daemon=True)
+        feeder.start()
+        try:
+            flushed_wall, flushed_at = time.time(), time.monotonic()
+            redis.Redis(port=faulty.redis.port).flushall()
+            waiting = "SELECT count(*) FROM jobs WHERE batch_id = %(b)s AND status = 'queued'"
+            lost = faulty.db(waiting + " AND published_at < %(t)s", b=batch["id"], t=flushed_wall)[0][0]
+            assert lost > 10
+            wait_for(lambda: faulty.db(waiting + " AND published_at < %(t)s", b=batch["id"], t=flushed_wall)[0][0]
+                     == 0, 20, 0.1, "the lost jobs published again")
+            republished_after = time.monotonic() - flushed_at
+            final = wait_done(c, batch["id"], timeout=60)
+            done_after = time.monotonic() - flushed_at
+            backlog = faulty.db("SELECT count(*) FROM jobs WHERE status = 'queued'")[0][0]
+        finally:
+            stop.set()
+            feeder.join(10)
+    print("recovery figures:", json.dumps({"lost": lost, "republished_after_s": round(republished_after, 2),
+                                           "batch_done_after_s": round(done_after, 2), "backlog": backlog}))
+    assert final["status"] == "completed" and final["request_counts"]["completed"] == 40
+    assert backlog > 0  # the traffic kept the queue busy all along

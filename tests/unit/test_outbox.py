@@ -33,6 +33,7 @@ class StandInBroker:
         self.fails_after = fails_after
         self.sent: list[str] = []
         self.waiting = 0
+        self.began: float | None = None  # when its data began, for a broker that can tell (Redis)
 
     def publish(self, items: Iterable[Publish]) -> int:
         if self.down:
@@ -51,6 +52,11 @@ class StandInBroker:
         if self.down:
             raise ConnectionError("broker unreachable")
         return self.waiting
+
+    def epoch(self) -> float | None:
+        if self.down:
+            raise ConnectionError("broker unreachable")
+        return self.began
 
 
 @pytest.fixture()
@@ -138,6 +144,27 @@ def test_lost_messages_are_published_again_only_when_the_queue_is_empty(factory:
     assert sorted(broker.sent) == sorted(p.job_id for p in pubs[1:])
     broker.down = True
     assert outbox.republish_lost(factory, broker, ["m"], after_s=-1) == 0  # deferred, not raised
+
+
+def test_a_broker_that_lost_its_data_gets_the_queued_jobs_again_while_busy(factory: sessionmaker[Session]) -> None:
+    """After a FLUSHALL the queue refills with new work at once, so it is never empty; the broker's
+    epoch tells which queued jobs were published before the loss, and each goes out once more."""
+    import time
+
+    broker = StandInBroker()
+    old = _jobs(factory, 3)
+    outbox.publish_and_mark(factory, broker, old)
+    with session_scope(factory) as s:  # one job is running: it needs no message
+        jd.claim_job(s, old[0].job_id, worker="A", lease_s=30)
+    broker.began = time.time()  # the broker lost its data; new traffic keeps its queue busy
+    new = _jobs(factory, 2)
+    outbox.publish_and_mark(factory, broker, new)
+    broker.sent.clear()
+    broker.waiting = 50
+
+    assert outbox.republish_lost(factory, broker, ["m"]) == 2
+    assert sorted(broker.sent) == sorted(p.job_id for p in old[1:])
+    assert outbox.republish_lost(factory, broker, ["m"]) == 0  # once, not on every pass
 
 
 def test_handed_back_and_recovered_jobs_count_as_unpublished(factory: sessionmaker[Session]) -> None:
