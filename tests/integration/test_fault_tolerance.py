@@ -428,3 +428,25 @@ def test_jobs_flushed_from_a_busy_redis_run_without_waiting_for_an_empty_queue(f
                                            "batch_done_after_s": round(done_after, 2), "backlog": backlog}))
     assert final["status"] == "completed" and final["request_counts"]["completed"] == 40
     assert backlog > 0  # the traffic kept the queue busy all along
+
+
+def test_a_dead_apis_validating_batch_is_resumed_within_seconds(faulty: Faulty) -> None:
+    """A file batch left `validating` by an API process that died mid-validation (recorded 15 s
+    ago, its lease, if it took one, long run out) is validated by the live API's maintenance
+    within a pass or two, not after 5 minutes."""
+    lines = b"".join(b'{"custom_id": "c%d", "url": "/v1/completions", "body": {"model": "%s", "prompt": "p"}}\n'
+                     % (i, PACED.encode()) for i in range(5))
+    with faulty.stack.client() as c:
+        upload = c.post("/v1/files", files={"file": ("in.jsonl", lines, "application/jsonl")},
+                        data={"purpose": "batch"})
+        assert upload.status_code == 200, upload.text
+        batch_id = f"batch_dead{uuid.uuid4().hex[:8]}"
+        faulty.db("INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, total, created_at, "
+                  "expires_at) VALUES (%(id)s, '/v1/completions', %(f)s, '24h', 'validating', 0, "
+                  "%(t)s - 15, %(t)s + 86400) RETURNING id", id=batch_id, f=upload.json()["id"], t=time.time())
+        inserted_at = time.monotonic()
+        batch = wait_for(lambda: (b := c.get(f"/v1/batches/{batch_id}").json())["status"] != "validating" and b,
+                         20, 0.1, "the batch resumed")
+        resumed_after = time.monotonic() - inserted_at
+    print("recovery figures:", json.dumps({"validating_resumed_after_s": round(resumed_after, 2)}))
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 5, batch
