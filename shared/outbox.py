@@ -5,8 +5,8 @@ right after its commit and marks what went out; if the broker is down the client
 answer, and `sweep_unpublished` (API maintenance and worker upkeep) publishes the job once the
 broker is back. `republish_lost` covers the opposite case: the broker lost messages it had taken
 (a restart without persistence, a FLUSHALL), so jobs wait `queued` for a message that no longer
-exists; a Redis broker tells when its data began (broker.EPOCH_KEY), so these are found at the next
-upkeep pass even while new work keeps the queue busy.
+exists. A Redis broker tells when its data began (redis_transport.EPOCH_KEY), so these are found
+at the next upkeep pass even while new work keeps the queue busy.
 
 Duplicates are harmless (claims are guarded UPDATEs), so the sweepers prefer publishing twice to
 losing a job; they still lock what they publish so replicas do not flood the queue together.
@@ -124,7 +124,7 @@ def republish_lost(factory: sessionmaker[Session], publisher: Publisher, models:
                    after_s: float = LOST_AFTER_S, limit: int = SWEEP_LIMIT, budget_s: float = SWEEP_BUDGET_S) -> int:
     """Publish again the queued jobs whose messages the broker lost; returns how many went out.
 
-    A broker that can tell when its present data began (Redis: broker.EPOCH_KEY) has lost the
+    A broker that can tell when its present data began (Redis: redis_transport.EPOCH_KEY) lost the
     messages of every job still queued that was published before then, however busy the queue.
     Any broker: a model's queue that is empty although its jobs were published more than
     `after_s` ago lost theirs. Re-published jobs go ahead of newer work: they waited longest."""
