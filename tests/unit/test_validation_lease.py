@@ -4,16 +4,22 @@ died mid-validation) or that never got one (its owner died right after recording
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from genq.services import intake
 from genq.services import jobs as jobs_data
 from genq.services.intake import VALIDATION_LEASE_S, resume_stale_validations
 from genq.shared.db import Batch, session_scope
 from tests.support.app import api_client
+from tests.support.waiting import wait_for
 
 LINES = b"".join(b'{"custom_id": "c%d", "url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "p"}}\n'
                  % i for i in range(3))
@@ -62,3 +68,43 @@ def test_only_one_process_takes_a_validation(tmp_path: Path) -> None:
         with session_scope(state.sessions) as s:
             assert not jobs_data.hold_validation(s, batch_id, lease_s=VALIDATION_LEASE_S)
             assert jobs_data.hold_validation(s, batch_id, lease_s=VALIDATION_LEASE_S, renew=True)
+
+
+class HeldStorage:
+    """Storage whose reads wait until the test lets them through: a validation that takes long."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+
+    def get(self, key: str) -> bytes:
+        assert self.release.wait(30), "the test never released the read"
+        return bytes(self.inner.get(key))
+
+
+def test_a_long_validation_renews_its_lease_and_is_not_taken_over(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(intake, "VALIDATION_LEASE_S", 0.3)
+    with api_client(tmp_path) as c:
+        state = c.app.state.genq  # type: ignore[attr-defined]
+        batch_id = _validating_batch(c, created_ago_s=60)
+        storage = HeldStorage(state.storage)
+        outcome: list[str] = []
+        owner = threading.Thread(target=lambda: outcome.append(
+            intake.validate_file_batch(dataclasses.replace(state, storage=storage), batch_id)))
+        owner.start()
+        try:
+            leases: set[float] = set()
+
+            def renewed_twice() -> bool:
+                with state.sessions() as s:
+                    leases.add(s.get(Batch, batch_id).validating_until or 0.0)
+                return len(leases - {0.0}) >= 3
+
+            wait_for(renewed_twice, 10, 0.05, "the owner renewing its lease")
+            assert resume_stale_validations(state) == []  # still held: another API leaves it alone
+        finally:
+            storage.release.set()
+            owner.join(10)
+        assert outcome == ["in_progress"]
+        assert c.get(f"/v1/batches/{batch_id}").json()["request_counts"]["total"] == 3
