@@ -5,7 +5,11 @@ stopped by SIGTERM / SIGQUIT / SIGTERM-then-SIGKILL.
 
 Each test submits a batch of at least 200 jobs and then checks what a user would: every job
 ended, the batch's counts add up, every succeeded job has exactly one output object. Figures
-(jobs, faults, jobs lost, duplicate outputs) go to var/fault-figures.json."""
+(jobs, faults, jobs lost, duplicate outputs) go to var/fault-figures.json.
+
+The last tests check that recovery is prompt while the queue is busy (a worker SIGKILLed, a
+FLUSHALL under steady traffic, an API dead mid-validation) and print their timings as
+`recovery figures`."""
 
 from __future__ import annotations
 
