@@ -1,11 +1,18 @@
 """Batches made from an uploaded input file: recorded as `validating`, then checked line by line
 outside the request. Valid input becomes jobs (`in_progress`); invalid input fails the batch
-whole with an `errors` list naming every bad line and field, as OpenAI does."""
+whole with an `errors` list naming every bad line and field, as OpenAI does.
+
+The API process validating a batch holds a lease on it (`batches.validating_until`), renewed
+while it works; if the process dies, another one's maintenance takes the batch over once the
+lease has run out, within seconds."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import select
 
@@ -20,11 +27,44 @@ from genq.shared.errors import ErrorCode
 from genq.shared.webhooks import notify_batch
 
 log = logging.getLogger("genq.api")
-STALE_VALIDATING_S = 300.0
+VALIDATION_LEASE_S = 10.0  # renewed every third of it while the owner validates
 
 
 def validate_file_batch(state: AppState, batch_id: str) -> str:
-    """Validate a `validating` batch's input file and start or fail it. Returns the new status."""
+    """Validate a `validating` batch's input file and start or fail it, unless another process
+    holds its validation. Returns the new status ("validating" if held elsewhere)."""
+    with session_scope(state.sessions) as session:
+        held = jobs_data.hold_validation(session, batch_id, lease_s=VALIDATION_LEASE_S)
+        if not held:
+            batch = session.get(Batch, batch_id)
+            return batch.status if batch else "missing"
+    with _renewing(state, batch_id):
+        return _validate(state, batch_id)
+
+
+@contextmanager
+def _renewing(state: AppState, batch_id: str) -> Iterator[None]:
+    """Renew the batch's validation lease in the background until the block ends."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(VALIDATION_LEASE_S / 3):
+            try:
+                with session_scope(state.sessions) as session:
+                    jobs_data.hold_validation(session, batch_id, lease_s=VALIDATION_LEASE_S, renew=True)
+            except Exception:  # the database is down: the lease may pass to another process
+                log.warning("could not renew the validation lease of batch %s", batch_id, exc_info=True)
+
+    thread = threading.Thread(target=renew, name=f"genq-validating-{batch_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _validate(state: AppState, batch_id: str) -> str:
     with session_scope(state.sessions) as session:
         batch = session.get(Batch, batch_id)
         if batch is None or batch.status != "validating":
@@ -62,9 +102,12 @@ def validate_file_batch(state: AppState, batch_id: str) -> str:
 
 
 def resume_stale_validations(state: AppState) -> list[str]:
-    """Re-run validation for batches left `validating` by an API process that stopped."""
-    cutoff = time.time() - STALE_VALIDATING_S
+    """Re-run validation for batches left `validating` by an API process that stopped: its lease
+    ran out, or it died before it took one (the batch is older than a lease)."""
+    now = time.time()
+    orphaned = Batch.validating_until.is_(None) & (Batch.created_at < now - VALIDATION_LEASE_S)
     with state.sessions() as session:
-        ids = session.execute(select(Batch.id).where(Batch.status == "validating", Batch.created_at < cutoff)
+        ids = session.execute(select(Batch.id).where(Batch.status == "validating",
+                                                     orphaned | (Batch.validating_until < now))
                               .limit(20)).scalars().all()
     return [b for b in ids if validate_file_batch(state, b) == "in_progress"]

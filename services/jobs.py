@@ -78,6 +78,17 @@ def start_validated_batch(session: Session, batch: Batch, lines: list[ValidLine]
     return _insert_jobs(session, batch, lines, now)
 
 
+def hold_validation(session: Session, batch_id: str, *, lease_s: float, renew: bool = False) -> bool:
+    """Take (or with `renew`, extend) the lease on a `validating` batch's validation. Taking it
+    succeeds only if no live process holds it, so one API process validates a batch at a time."""
+    now = time.time()
+    free = Batch.validating_until.is_not(None) if renew else (
+        Batch.validating_until.is_(None) | (Batch.validating_until < now))
+    res = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "validating", free)
+                          .values(validating_until=now + lease_s))
+    return res.rowcount > 0  # type: ignore[attr-defined]
+
+
 def fail_validation(session: Session, batch_id: str, errors: list[dict[str, Any]]) -> bool:
     """OpenAI's behaviour: a batch with invalid input fails whole, listing each line's problem."""
     res = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "validating").values(

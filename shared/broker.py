@@ -16,6 +16,7 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 
 from genq.shared.config import Settings
+from genq.shared.redis_transport import FRONT_HEADER, TRANSPORT, read_epoch
 from genq.shared.requests import effective_priority
 
 RUN_JOB_TASK = "genq.run_job"
@@ -32,6 +33,9 @@ class Publish:
     job_id: str
     model: str
     priority: int | None = None
+    # Ahead of queued work of the same priority: a job that already waited (recovered from a dead
+    # worker, or re-published after the broker lost it). Redis only; other brokers queue it last.
+    front: bool = False
 
 
 class Publisher(Protocol):
@@ -40,6 +44,11 @@ class Publisher(Protocol):
     def publish(self, items: Iterable[Publish]) -> int: ...
     def ping(self) -> None: ...
     def pending(self, model: str) -> int | None: ...
+    def epoch(self) -> float | None: ...
+
+
+def is_redis(broker_url: str) -> bool:
+    return urlsplit(broker_url).scheme in ("redis", "rediss")
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -50,7 +59,9 @@ def make_celery(settings: Settings) -> Celery:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     app = Celery("genq", broker=broker, set_as_current=False)
     transport_options: dict[str, object] = {}
-    if urlsplit(broker).scheme in ("redis", "rediss"):
+    transport: str | None = None
+    if is_redis(broker):
+        transport = TRANSPORT  # kombu's, plus front-of-queue messages and the epoch (redis_transport.py)
         # Redis emulates priorities with one list per step; prefetch 1 makes them mean something.
         transport_options.update(visibility_timeout=VISIBILITY_TIMEOUT_S, queue_order_strategy="priority",
                                  priority_steps=list(range(10)), sep=":",
@@ -65,6 +76,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport=transport,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         # A publish retries once, then fails fast: the job is already recorded, and the outbox
@@ -91,17 +103,22 @@ class CeleryPublisher:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self.redis = is_redis(str(app.conf.broker_url))
 
     def publish(self, items: Iterable[Publish]) -> int:
+        items = list(items)
+        # Each front message goes ahead of the ones before it: send those in reverse to keep their order.
+        ordered = [i for i in items if not i.front] + [i for i in reversed(items) if i.front]
         count = 0
         with self.app.producer_or_acquire() as producer, _batched(producer):
-            for item in items:
+            for item in ordered:
                 # kombu's Redis transport serves its priority lists from 0 up (0 = most urgent), so
                 # genq's 9 (most urgent) maps to 0 and a job stored without one (before genq stored
                 # the effective priority) to genq's default.
                 priority = 9 - effective_priority(item.priority)
                 self.app.send_task(RUN_JOB_TASK, args=[item.job_id], queue=queue_name(item.model),
-                                   priority=priority, producer=producer)
+                                   priority=priority, producer=producer,
+                                   headers={FRONT_HEADER: True} if item.front else None)
                 count += 1
         return count
 
@@ -116,3 +133,11 @@ class CeleryPublisher:
                 return int(conn.default_channel.queue_declare(queue_name(model), passive=True).message_count)
             except ChannelError:  # no such queue: a restarted broker, or nothing was ever sent
                 return 0
+
+    def epoch(self) -> float | None:
+        """When the broker's present data began (redis_transport.EPOCH_KEY): jobs published before
+        it lost their messages. None on brokers other than Redis, which cannot tell."""
+        if not self.redis:
+            return None
+        with self.app.pool.acquire(block=True, timeout=5) as conn:
+            return read_epoch(conn.default_channel.client)

@@ -70,6 +70,9 @@ class Batch(Base):
     expired_at: Mapped[float | None] = mapped_column(Float)
     cancelling_at: Mapped[float | None] = mapped_column(Float)
     cancelled_at: Mapped[float | None] = mapped_column(Float)
+    # While `validating`: until when the API process checking its input file holds it (renewed as
+    # it goes); once this passes, another API process takes the validation over.
+    validating_until: Mapped[float | None] = mapped_column(Float)
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
     retry_of: Mapped[str | None] = mapped_column(String(64))

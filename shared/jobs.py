@@ -128,5 +128,5 @@ def requeue_expired(session: Session, *, models: list[str] | None = None,
             res = session.execute(update(Job).where(*guard).values(
                 status="queued", worker=None, lease_expires_at=None, progress=0.0, published_at=None))
             if res.rowcount:  # type: ignore[attr-defined]
-                publish.append(Publish(job_id, model, priority))
+                publish.append(Publish(job_id, model, priority, front=True))  # it waited already
     return publish, failed

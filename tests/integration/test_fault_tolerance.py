@@ -5,7 +5,11 @@ stopped by SIGTERM / SIGQUIT / SIGTERM-then-SIGKILL.
 
 Each test submits a batch of at least 200 jobs and then checks what a user would: every job
 ended, the batch's counts add up, every succeeded job has exactly one output object. Figures
-(jobs, faults, jobs lost, duplicate outputs) go to var/fault-figures.json."""
+(jobs, faults, jobs lost, duplicate outputs) go to var/fault-figures.json.
+
+The last tests check that recovery is prompt while the queue is busy (a worker SIGKILLed, a
+FLUSHALL under steady traffic, an API dead mid-validation) and print their timings as
+`recovery figures`."""
 
 from __future__ import annotations
 
@@ -360,3 +364,93 @@ def test_shutdown_finishes_or_hands_back(faulty: Faulty, fault_figures: list[dic
     assert jobs[held_killed][1] == 2  # recovered through its lease
     if cold_status == "queued":
         assert jobs[held_cold][1] == 2 and b"handed back" in (faulty.stack.logdir / "cold.log").read_bytes()
+
+
+# --- recovery is prompt ----------------------------------------------------------------------------
+
+PACED = "paced-echo"  # test registry: an echo model taking 0.3 s a job, served by no shared worker
+
+
+def test_a_killed_workers_job_runs_again_ahead_of_a_busy_queue(faulty: Faulty) -> None:
+    """The job of a SIGKILLed worker is running again on the other worker within seconds of its
+    lease running out, not after the queued work submitted behind it (about 20 s here)."""
+    faulty.start_workers(PACED, ["victim", "rescuer"], "--lease", "2")
+    with faulty.stack.client() as c:
+        batch = submit(c, PACED, 60)
+        when_mid_batch(c, batch["id"], 3)
+        held = faulty.freeze_mid_job("victim")
+        os.killpg(faulty.workers["victim"].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        faulty.workers["victim"].wait(10)
+        wait_for(lambda: faulty.db("SELECT 1 FROM jobs WHERE id = %(j)s AND attempts = 2 AND status IN "
+                                   "('running', 'succeeded')", j=held), 10, 0.05, "the held job running again")
+        rerun_after = time.monotonic() - killed_at
+        queued = faulty.db("SELECT count(*) FROM jobs WHERE batch_id = %(b)s AND status = 'queued'",
+                           b=batch["id"])[0][0]
+        print(f"recovery figures: {json.dumps({'rerun_after_s': round(rerun_after, 2), 'still_queued': queued})}")
+        assert queued > 10  # the queue was still busy: the job went ahead of it
+        final = wait_done(c, batch["id"])
+    assert final["status"] == "completed" and final["request_counts"]["completed"] == 60
+    assert faulty.db("SELECT status, attempts FROM jobs WHERE id = %(j)s", j=held) == [("succeeded", 2)]
+
+
+def test_jobs_flushed_from_a_busy_redis_run_without_waiting_for_an_empty_queue(faulty: Faulty) -> None:
+    """FLUSHALL while new jobs keep arriving faster than the worker takes them (so the queue is
+    never empty): the batch's lost jobs are published again within one upkeep pass and the batch
+    completes while the traffic goes on."""
+    import redis
+
+    faulty.start_workers(PACED, ["w1"], "--lease", "3")
+    stop = threading.Event()
+
+    def traffic() -> None:  # ~6 jobs/s against a worker taking ~3/s
+        with faulty.stack.client() as c:
+            while not stop.wait(0.15):
+                c.post("/v1/jobs", json={"url": "/v1/completions", "body": {"model": PACED, "prompt": "new"}})
+
+    with faulty.stack.client() as c:
+        batch = submit(c, PACED, 40)
+        when_mid_batch(c, batch["id"], 3)
+        feeder = threading.Thread(target=traffic, daemon=True)
+        feeder.start()
+        try:
+            flushed_wall, flushed_at = time.time(), time.monotonic()
+            redis.Redis(port=faulty.redis.port).flushall()
+            waiting = "SELECT count(*) FROM jobs WHERE batch_id = %(b)s AND status = 'queued'"
+            lost = faulty.db(waiting + " AND published_at < %(t)s", b=batch["id"], t=flushed_wall)[0][0]
+            assert lost > 10
+            wait_for(lambda: faulty.db(waiting + " AND published_at < %(t)s", b=batch["id"], t=flushed_wall)[0][0]
+                     == 0, 20, 0.1, "the lost jobs published again")
+            republished_after = time.monotonic() - flushed_at
+            final = wait_done(c, batch["id"], timeout=60)
+            done_after = time.monotonic() - flushed_at
+            backlog = faulty.db("SELECT count(*) FROM jobs WHERE status = 'queued'")[0][0]
+        finally:
+            stop.set()
+            feeder.join(10)
+    print("recovery figures:", json.dumps({"lost": lost, "republished_after_s": round(republished_after, 2),
+                                           "batch_done_after_s": round(done_after, 2), "backlog": backlog}))
+    assert final["status"] == "completed" and final["request_counts"]["completed"] == 40
+    assert backlog > 0  # the traffic kept the queue busy all along
+
+
+def test_a_dead_apis_validating_batch_is_resumed_within_seconds(faulty: Faulty) -> None:
+    """A file batch left `validating` by an API process that died mid-validation (recorded 15 s
+    ago, its lease, if it took one, long run out) is validated by the live API's maintenance
+    within a pass or two, not after 5 minutes."""
+    lines = b"".join(b'{"custom_id": "c%d", "url": "/v1/completions", "body": {"model": "%s", "prompt": "p"}}\n'
+                     % (i, PACED.encode()) for i in range(5))
+    with faulty.stack.client() as c:
+        upload = c.post("/v1/files", files={"file": ("in.jsonl", lines, "application/jsonl")},
+                        data={"purpose": "batch"})
+        assert upload.status_code == 200, upload.text
+        batch_id = f"batch_dead{uuid.uuid4().hex[:8]}"
+        faulty.db("INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, total, created_at, "
+                  "expires_at) VALUES (%(id)s, '/v1/completions', %(f)s, '24h', 'validating', 0, "
+                  "%(t)s - 15, %(t)s + 86400) RETURNING id", id=batch_id, f=upload.json()["id"], t=time.time())
+        inserted_at = time.monotonic()
+        batch = wait_for(lambda: (b := c.get(f"/v1/batches/{batch_id}").json())["status"] != "validating" and b,
+                         20, 0.1, "the batch resumed")
+        resumed_after = time.monotonic() - inserted_at
+    print("recovery figures:", json.dumps({"validating_resumed_after_s": round(resumed_after, 2)}))
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 5, batch

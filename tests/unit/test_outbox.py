@@ -25,18 +25,24 @@ REG = parse_registry('[models.m]\nkind = "text"\nsource = "x"\n', Path("."))
 
 
 class StandInBroker:
-    """Records what is published; `down` makes every call fail like an unreachable Redis."""
+    """Records what is published; `down` makes every call fail like an unreachable Redis, and
+    `fails_after` has it go down once that many messages went out."""
 
-    def __init__(self) -> None:
+    def __init__(self, fails_after: int | None = None) -> None:
         self.down = False
+        self.fails_after = fails_after
         self.sent: list[str] = []
         self.waiting = 0
+        self.began: float | None = None  # when its data began, for a broker that can tell (Redis)
 
     def publish(self, items: Iterable[Publish]) -> int:
         if self.down:
             raise ConnectionError("broker unreachable")
         ids = [i.job_id for i in items]
-        self.sent += ids
+        for job_id in ids:
+            if self.fails_after is not None and len(self.sent) >= self.fails_after:
+                raise ConnectionError("broker went away mid-publish")
+            self.sent.append(job_id)
         return len(ids)
 
     def ping(self) -> None:
@@ -46,6 +52,11 @@ class StandInBroker:
         if self.down:
             raise ConnectionError("broker unreachable")
         return self.waiting
+
+    def epoch(self) -> float | None:
+        if self.down:
+            raise ConnectionError("broker unreachable")
+        return self.began
 
 
 @pytest.fixture()
@@ -97,6 +108,25 @@ def test_published_jobs_are_marked(factory: sessionmaker[Session]) -> None:
     assert outbox.sweep_unpublished(factory, broker, grace_s=0) == 0
 
 
+def test_a_publish_cut_short_marks_what_went_out(factory: sessionmaker[Session]) -> None:
+    """An API that dies (here: a broker that fails) half-way through publishing a large batch
+    leaves unpublished only what did not go out, so the sweeper does not send everything twice."""
+    broker = StandInBroker(fails_after=1500)
+    pubs = _jobs(factory, 3000)
+    assert outbox.publish_and_mark(factory, broker, pubs) is False
+    assert len(broker.sent) == 1500
+    assert _unpublished(factory) == {p.job_id for p in pubs} - set(broker.sent)
+
+
+def test_one_sweep_goes_through_every_page(factory: sessionmaker[Session]) -> None:
+    """A backlog larger than one page is published in one upkeep pass, not one page per pass."""
+    broker = StandInBroker()
+    pubs = _jobs(factory, 2500)
+    assert outbox.sweep_unpublished(factory, broker, grace_s=0) == 2500
+    assert sorted(broker.sent) == sorted(p.job_id for p in pubs) and _unpublished(factory) == set()
+    assert outbox.sweep_unpublished(factory, broker, grace_s=0, budget_s=0) == 0
+
+
 def test_lost_messages_are_published_again_only_when_the_queue_is_empty(factory: sessionmaker[Session]) -> None:
     broker = StandInBroker()
     pubs = _jobs(factory)
@@ -114,6 +144,27 @@ def test_lost_messages_are_published_again_only_when_the_queue_is_empty(factory:
     assert sorted(broker.sent) == sorted(p.job_id for p in pubs[1:])
     broker.down = True
     assert outbox.republish_lost(factory, broker, ["m"], after_s=-1) == 0  # deferred, not raised
+
+
+def test_a_broker_that_lost_its_data_gets_the_queued_jobs_again_while_busy(factory: sessionmaker[Session]) -> None:
+    """After a FLUSHALL the queue refills with new work at once, so it is never empty; the broker's
+    epoch tells which queued jobs were published before the loss, and each goes out once more."""
+    import time
+
+    broker = StandInBroker()
+    old = _jobs(factory, 3)
+    outbox.publish_and_mark(factory, broker, old)
+    with session_scope(factory) as s:  # one job is running: it needs no message
+        jd.claim_job(s, old[0].job_id, worker="A", lease_s=30)
+    broker.began = time.time()  # the broker lost its data; new traffic keeps its queue busy
+    new = _jobs(factory, 2)
+    outbox.publish_and_mark(factory, broker, new)
+    broker.sent.clear()
+    broker.waiting = 50
+
+    assert outbox.republish_lost(factory, broker, ["m"]) == 2
+    assert sorted(broker.sent) == sorted(p.job_id for p in old[1:])
+    assert outbox.republish_lost(factory, broker, ["m"]) == 0  # once, not on every pass
 
 
 def test_handed_back_and_recovered_jobs_count_as_unpublished(factory: sessionmaker[Session]) -> None:

@@ -1,0 +1,61 @@
+"""genq's messages on a real Redis: the order a queue hands them out in (most urgent priority
+first, and within one priority a job that already waited ahead of new work), and the broker's
+epoch, which tells genq that Redis lost its data."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from genq.shared.broker import CeleryPublisher, Publish, make_celery, queue_name
+from genq.shared.config import build_settings
+
+pytestmark = pytest.mark.integration
+
+
+def _drain(publisher: CeleryPublisher, model: str) -> list[str]:
+    """Job ids in the order a consumer of the model's queue receives them."""
+    got: list[str] = []
+    with publisher.app.connection_for_read() as conn:
+        while (message := conn.default_channel.basic_get(queue_name(model), no_ack=True)) is not None:
+            args, _kwargs, _embed = message.decode()
+            got.append(args[0])
+    return got
+
+
+def _publisher(redis_url: str, tmp_path: Path) -> CeleryPublisher:
+    settings = build_settings(broker_url=redis_url, database_url=f"sqlite:///{tmp_path}/g.db",
+                              storage_url=f"file://{tmp_path}/obj")
+    return CeleryPublisher(make_celery(settings))
+
+
+def test_recovered_jobs_go_ahead_of_new_work_of_their_priority_only(redis_url: str, tmp_path: Path) -> None:
+    publisher = _publisher(redis_url, tmp_path)
+    model = f"order-{uuid.uuid4().hex[:6]}"
+    publisher.publish([Publish("new-1", model, 5), Publish("new-2", model, 5), Publish("urgent", model, 9)])
+    publisher.publish([Publish("back-1", model, 5, front=True), Publish("back-2", model, 5, front=True),
+                       Publish("new-3", model, 5), Publish("low-back", model, 1, front=True)])
+    assert _drain(publisher, model) == ["urgent", "back-1", "back-2", "new-1", "new-2", "new-3", "low-back"]
+
+
+def test_the_epoch_moves_when_redis_loses_its_data(tmp_path: Path) -> None:
+    """A private server of its own: the session's Redis is not flushed under other tests."""
+    import redis
+
+    from tests.support.servers import PrivateRedis
+
+    server = PrivateRedis()
+    server.start()
+    try:
+        publisher = _publisher(server.url, tmp_path)
+        publisher.publish([Publish("j1", "m")])
+        before = publisher.epoch()
+        assert before is not None and publisher.epoch() == before  # stable while the data lasts
+        redis.Redis(port=server.port).flushall()
+        publisher.publish([Publish("j2", "m")])  # new traffic writes the new epoch with its message
+        after = publisher.epoch()
+        assert after is not None and after > before
+    finally:
+        server.kill()
