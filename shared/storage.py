@@ -123,23 +123,28 @@ class FileStorage:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        with storage_errors():  # a full disk or a lost mount: no path in the message
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
 
     def get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise MissingObject(key) from None
+        path = self._path(key)
+        with storage_errors():
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                raise MissingObject(key) from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        with storage_errors():
+            path.unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> int:
         """Remove every object whose key starts with `prefix` (a folder, ending in '/')."""

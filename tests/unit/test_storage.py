@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from genq.shared.config import build_settings
-from genq.shared.storage import FileStorage, StorageUnavailable, check_key, storage_from_settings
+from genq.shared.storage import FileStorage, StorageError, StorageUnavailable, check_key, storage_from_settings
 from tests.support.processes import free_port
 
 
@@ -64,3 +64,11 @@ def test_unreachable_s3_fails_fast_as_storage_unavailable_naming_no_address() ->
         assert time.monotonic() - started < 3, name
         message = str(caught.value)
         assert not any(s in message for s in (str(port), "127.0.0.1", "secret-bucket", "j1")), message
+
+
+def test_a_failing_directory_raises_a_storage_error_naming_no_path(tmp_path: Path) -> None:
+    st = FileStorage(tmp_path / "objects")
+    (tmp_path / "objects" / "jobs").write_text("a file where a folder should be")
+    with pytest.raises(StorageError) as caught:
+        st.put("jobs/j1/1/0.png", b"x")
+    assert str(tmp_path) not in str(caught.value) and "j1" not in str(caught.value)
