@@ -16,6 +16,7 @@ from genq.services.maintenance import Maintenance
 from genq.services.metrics import Metrics
 from genq.services.routes import ROUTERS
 from genq.services.state import AppState, Limits, build_state
+from genq.services.storage_errors import install_storage_error_handler
 from genq.services.webhooks import Dispatcher
 from genq.shared.config import Settings, get_settings
 from genq.shared.migrate import upgrade
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     app.state.metrics = Metrics(state.sessions)
     install_handlers(app)
     install_db_error_handler(app)
+    install_storage_error_handler(app)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -19,7 +19,8 @@ from sqlalchemy import JSON, Float, Index, Integer, String, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, wait_exponential
+
+from genq.shared.retry import retry_while
 
 
 def new_id(prefix: str) -> str:
@@ -272,17 +273,6 @@ def is_unavailable(exc: BaseException) -> bool:
 def retry_unavailable(fn: Callable[[], T], *, what: str, deadline_s: float = 60.0,
                       first_delay_s: float = 0.2, max_delay_s: float = 5.0) -> T:
     """Run one unit of database work, retrying with backoff while the database is unreachable,
-    for up to `deadline_s`. `fn` must be safe to run again (its own transaction, guarded writes).
-
-    The waits double from `first_delay_s` up to `max_delay_s`; no wait runs past the deadline
-    (stop_before_delay), and the last error is raised as it is."""
-
-    def warn(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning("database unavailable while %s (%s); retrying in %.1fs", what,
-                    type(getattr(exc, "orig", exc)).__name__, state.upcoming_sleep)
-
-    retrying = Retrying(retry=retry_if_exception(is_unavailable),
-                        wait=wait_exponential(multiplier=first_delay_s, max=max_delay_s),
-                        stop=stop_before_delay(deadline_s), before_sleep=warn, reraise=True)
-    return retrying(fn)
+    for up to `deadline_s` (genq.shared.retry). `fn` must be safe to run again."""
+    return retry_while(is_unavailable, fn, what=what, logger=log, dependency="database",
+                       deadline_s=deadline_s, first_delay_s=first_delay_s, max_delay_s=max_delay_s)

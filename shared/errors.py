@@ -42,6 +42,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     # The API's own failures.
     DATABASE_UNAVAILABLE = "database_unavailable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     INTERNAL_ERROR = "internal_error"
     HTTP_ERROR = "http_error"  # what the HTTP layer refuses (a method not allowed, say)
 
@@ -56,7 +57,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMIT_EXCEEDED: 429, ErrorCode.QUEUED_JOBS_LIMIT: 429,
     ErrorCode.RUNTIME_ERROR: 500, ErrorCode.INTERNAL_ERROR: 500, ErrorCode.WORKER_LOST: 500,
     ErrorCode.TOO_MANY_ATTEMPTS: 500,
-    ErrorCode.NO_WORKER_AVAILABLE: 503, ErrorCode.DATABASE_UNAVAILABLE: 503,
+    ErrorCode.NO_WORKER_AVAILABLE: 503, ErrorCode.DATABASE_UNAVAILABLE: 503, ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
 }
 

@@ -93,12 +93,15 @@ def finish_job(session: Session, job_id: str, *, worker: str, status: str,
     return res.rowcount > 0  # type: ignore[attr-defined]
 
 
-def release_job(session: Session, job_id: str, *, worker: str) -> bool:
-    """Hand a running job back to the queue (a worker stopping mid-job). Its message is gone, so
-    it counts as unpublished: the outbox sweeper sends it again."""
+def release_job(session: Session, job_id: str, *, worker: str, count_attempt: bool = True) -> bool:
+    """Hand a running job back to the queue (a worker stopping mid-job, storage down). Its message
+    is gone, so it counts as unpublished: the outbox sweeper sends it again. With
+    `count_attempt=False` the attempt its claim counted is given back (the job was not at fault)."""
+    attempts = {} if count_attempt else {"attempts": Job.attempts - 1}
     res = session.execute(
         update(Job).where(Job.id == job_id, Job.status == "running", Job.worker == worker)
-        .values(status="queued", worker=None, lease_expires_at=None, progress=0.0, published_at=None)
+        .values(status="queued", worker=None, lease_expires_at=None, progress=0.0, published_at=None,
+                **attempts)
     )
     return res.rowcount > 0  # type: ignore[attr-defined]
 

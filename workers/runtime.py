@@ -20,14 +20,14 @@ from sqlalchemy.orm import Session
 
 from genq.shared import jobs as jobs_data
 from genq.shared import outbox, webhooks
-from genq.shared.broker import Publisher
+from genq.shared.broker import Publish, Publisher
 from genq.shared.config import Settings
 from genq.shared.db import Job, is_unavailable, retry_unavailable, session_factory, session_scope
 from genq.shared.errors import ErrorCode, job_error
 from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.kinds import KINDS, body_model
 from genq.shared.registry import Registry
-from genq.shared.storage import Storage
+from genq.shared.storage import MissingObject, Storage, StorageError, StorageUnavailable, retry_storage
 from genq.shared.streams import token_sink
 from genq.shared.upkeep import run_tasks, upkeep_tasks
 from genq.workers.adapters import AdapterFiles
@@ -45,6 +45,16 @@ REPORT_EVERY_S = 2.0  # worker state for /metrics, while jobs are finishing
 
 def output_key(job_id: str, attempt: int, name: str) -> str:
     return f"jobs/{job_id}/{attempt}/{name}"
+
+
+def _public_message(exc: Exception) -> str:
+    """A failed job's message, shown to its tenant: a runner's own error as it is, but nothing of
+    storage's hosts or keys (the full error is in the worker's log)."""
+    if isinstance(exc, StorageError):
+        return str(exc)  # written to name no host, bucket or key
+    if isinstance(exc, MissingObject):
+        return "an object the job needs is missing from storage"
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 class WorkerRuntime:
@@ -103,7 +113,9 @@ class WorkerRuntime:
 
         def put_output(name: str, data: bytes, content_type: str) -> str:
             key = output_key(job_id, job.attempts, name)
-            self.storage.put(key, data, content_type)
+            # Waits out a short storage outage here; a longer one hands the job back (_run_claimed).
+            retry_storage(lambda: self.storage.put(key, data, content_type),
+                          what=f"storing output {name} of job {job_id}")
             written.append(key)
             return key
 
@@ -215,21 +227,42 @@ class WorkerRuntime:
             if dropped:
                 log.info("removed %d output(s) left by job %s attempt %d", dropped, job.id, attempt)
 
-    def _abandon(self, job: Job, written: list[str]) -> None:
+    def _discard(self, written: list[str]) -> None:
+        """Remove this attempt's outputs. With storage down some stay: untidy, not wrong (the
+        job names its own keys, and a later attempt of the same number overwrites them)."""
+        for key in written:
+            try:
+                self.storage.delete(key)
+            except StorageError as exc:
+                log.warning("could not remove output %s: %s", key, exc)
+
+    def _abandon(self, job: Job, written: list[str], *, why: str = "worker stopping",
+                 count_attempt: bool = True) -> bool:
         """Hand a job back to the queue and drop this attempt's outputs, when the process stops
-        before the job ends. If this fails too, the job's lease runs out and it is recovered."""
+        before the job ends or storage is down. If this fails too, the job's lease runs out and it
+        is recovered. True if the job went back to the queue."""
         try:
             with session_scope(self.sessions) as s:
-                released = jobs_data.release_job(s, job.id, worker=self.worker_id)
+                released = jobs_data.release_job(s, job.id, worker=self.worker_id, count_attempt=count_attempt)
                 recorded = not released and self._mine(s, job.id, "succeeded", job.attempts) is not None
         except Exception:
             log.exception("could not hand back job %s; its lease will expire", job.id)
-            return
+            return False
         if not recorded:  # keep the outputs only of a success this attempt already recorded
-            for key in written:
-                self.storage.delete(key)
+            self._discard(written)
         if released:
-            log.warning("job %s handed back to the queue (worker stopping)", job.id)
+            log.warning("job %s handed back to the queue (%s)", job.id, why)
+        return released
+
+    def _hand_back_unstored(self, job: Job, written: list[str], exc: StorageUnavailable) -> str:
+        """Storage stayed unavailable through retry_storage's retries: the job is not at fault, so
+        it goes back to the queue without using up one of its attempts (those stop poison jobs;
+        counting an outage would fail healthy jobs after a few retry windows), and is published
+        again at once. While storage stays down this repeats, paced by those retries."""
+        log.warning("job %s: %s; handing it back to the queue", job.id, exc, exc_info=exc.__cause__ or exc)
+        if self._abandon(job, written, why="storage unavailable", count_attempt=False):
+            outbox.publish_and_mark(self.sessions, self.publisher, [Publish(job.id, job.model, job.priority)])
+        return "handed back"
 
     def hand_back_all(self) -> None:
         """At process exit: hand back every job still held (threads a shutdown did not wait for)."""
@@ -274,20 +307,22 @@ class WorkerRuntime:
             outcome, values = "cancelled", None
         except InvalidRequest as exc:
             outcome, values = "failed", {"error": job_error(ErrorCode.INVALID_REQUEST, str(exc), exc.param)}
+        except StorageUnavailable as exc:
+            if self.stopping.is_set():
+                raise
+            return self._hand_back_unstored(job, written, exc)
         except Exception as exc:
             if self.stopping.is_set():
                 raise  # interrupted by a cold shutdown, not the job's fault
             log.exception("job %s failed", job.id)
-            outcome, values = "failed", {"error": job_error(ErrorCode.RUNTIME_ERROR,
-                                                            f"{type(exc).__name__}: {exc}"[:2000])}
+            outcome, values = "failed", {"error": job_error(ErrorCode.RUNTIME_ERROR, _public_message(exc))}
         else:
             outcome, values = "succeeded", {"result": result}
         if values is not None and self._finish(job, outcome, **values) and outcome == "succeeded":
             self._drop_earlier_attempts(job)
             return outcome
         # Failed, cancelled meanwhile, or the lease passed to another worker: leave nothing behind.
-        for k in written:
-            self.storage.delete(k)
+        self._discard(written)
         return outcome if outcome != "succeeded" else "discarded"
 
     # --- leases ----------------------------------------------------------------------------

@@ -103,7 +103,8 @@ def file_content(file_id: str, state: StateDep, session: SessionDep, tenant: Ten
 @router.delete("/{file_id}", response_model=Deleted)
 def delete_file(file_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     row = load_file(session, file_id, tenant)
+    # The bytes first: with storage down this answers 503 and the file is still there to delete again.
+    state.storage.delete(row.key)
     session.delete(row)
     session.commit()
-    state.storage.delete(row.key)
     return {"id": file_id, "object": "file", "deleted": True}

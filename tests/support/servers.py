@@ -1,15 +1,18 @@
-"""Servers the tests own: a throwaway database on the machine's Postgres, and private redis-server
-and Postgres clusters on free ports. Nothing here touches what the tests did not create."""
+"""Servers the tests own: a throwaway database on the machine's Postgres, and private redis-server,
+Postgres clusters and moto S3 servers on free ports. Nothing here touches what the tests did not create."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 from tests.support.processes import die_with_parent, free_port
 from tests.support.waiting import wait_for
@@ -95,3 +98,26 @@ class PrivatePostgres:
 
     def url(self, db: str, driver: str = "postgresql+psycopg") -> str:
         return f"{driver}://postgres@127.0.0.1:{self.port}/{db}"
+
+
+class PrivateMoto:
+    """A moto S3 server of one test module on a port of its own. Its buckets live in memory, so a
+    restart is "the bucket is gone"."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.logdir = logdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.logdir / "moto.log").open("ab")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
+                                     preexec_fn=die_with_parent)
+        wait_for(lambda: httpx.get(f"http://{self.endpoint}/", timeout=1).status_code < 500, 30, what="moto up")
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(10)
