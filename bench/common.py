@@ -162,13 +162,16 @@ def latency_stats(ms: list[float]) -> dict[str, Any]:
 class Profiler:
     """py-spy recording a process as raw collapsed stacks, until stop()."""
 
-    def __init__(self, pid: int, out: Path, *, subprocesses: bool = False) -> None:
+    def __init__(self, pid: int, out: Path, *, subprocesses: bool = False, gil: bool = False) -> None:
+        """`subprocesses`: the children of `pid` too; `gil`: only threads holding the GIL (where the
+        Python CPU time goes, without the idle thread pool)."""
         exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
         if exe is None:
             raise RuntimeError("--profile needs py-spy (pip install py-spy)")
         self.out = out
         self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
-                                      "--output", str(out), *(["--subprocesses"] if subprocesses else [])],
+                                      "--output", str(out), *(["--subprocesses"] if subprocesses else []),
+                                      *(["--gil"] if gil else [])],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)  # let it attach before the work starts
         if self.proc.poll() is not None:

@@ -12,7 +12,7 @@ What it measures, on this machine, against `genq api --workers --api-workers` an
   ratio   loaded p95 / idle p95 of the probe's GET /v1/batches/{id} (goal: at most 5). The load
           clients' own latencies (`clients`) are reported too; they include their process's
           scheduling on a busy machine.
-With --profile FILE, py-spy records the API processes (raw collapsed stacks) through the
+With --profile FILE, py-spy records the API processes' threads holding the GIL (raw collapsed stacks) through the
 loaded phase and `profile` lists its hottest frames.
 
 Rates depend on the machine and its load (2 cores run the API, the workers, Postgres, Redis and the
@@ -188,7 +188,9 @@ def measure(procs: Procs, tmp: Path, db_url: str, args: argparse.Namespace) -> d
     load.start()
     if not ready.wait(60):
         raise RuntimeError("the load clients did not start")
-    profiler = Profiler(procs.procs["api"].pid, args.profile.resolve(), subprocesses=True) if args.profile else None
+    profiler = None
+    if args.profile is not None:
+        profiler = Profiler(procs.procs["api"].pid, args.profile.resolve(), subprocesses=True, gil=True)
     began = time.perf_counter()
     try:
         loaded_ms, batch = probe(client, batch_id, probe_s, until_completed=True, deadline=deadline)
