@@ -10,8 +10,9 @@ What it measures, on this machine, against `genq api --workers --api-workers` an
           batch} and GET /v1/batches/{id}, while the same probe reads the batch as before, until
           the batch is completed.
   ratio   loaded p95 / idle p95 of the probe's GET /v1/batches/{id} (goal: at most 5). The load
-          clients' own latencies (`clients`) are reported too; they include their process's
-          scheduling on a busy machine.
+          clients' own latencies (`clients_reads`) are reported too, with `cpu_share`, their
+          process's CPU time over the loaded phase: near 1, the clients were CPU-bound themselves
+          and their latencies include waiting for their own event loop.
 With --profile FILE, py-spy records the API processes' threads holding the GIL (raw collapsed stacks) through the
 loaded phase and `profile` lists its hottest frames.
 
@@ -162,7 +163,9 @@ def _load(base_url: str, batch_id: str, job_ids: list[str], clients: int, period
             await asyncio.gather(*(client(i) for i in range(clients)))
         return got
 
-    out.put(asyncio.run(run()))
+    got: dict[str, Any] = asyncio.run(run())
+    got["cpu_s"] = time.process_time()  # this process's CPU time: near the wall time, the clients were CPU-bound
+    out.put(got)
 
 
 def measure(procs: Procs, tmp: Path, db_url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -212,7 +215,10 @@ def measure(procs: Procs, tmp: Path, db_url: str, args: argparse.Namespace) -> d
         "p95_ratio_loaded_to_idle": ratio, "goal_ratio": GOAL_RATIO,
         "meets_goal": ratio is not None and ratio <= GOAL_RATIO and not capped,
         "clients_reads": {"job": latency_stats(clients_ms["job"]), "batch": latency_stats(clients_ms["batch"]),
-                          "errors": len(clients_ms["errors"]), "errors_sample": clients_ms["errors"][:5]},
+                          "errors": len(clients_ms["errors"]), "errors_sample": clients_ms["errors"][:5],
+                          # Near 1: the clients' process used a whole core, so their own latencies
+                          # include waiting for their own event loop, not only for the API.
+                          "cpu_share": round(clients_ms["cpu_s"] / loaded_s, 2)},
         "loaded_s": round(loaded_s, 2),
         "capped": capped, "progress": {"status": batch.get("status"), "request_counts": batch.get("request_counts")},
     }
