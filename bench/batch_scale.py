@@ -39,14 +39,11 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +54,11 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, however this file is run
 from common import (
     Procs,
+    Profiler,
     check_redis_dbs_unused,
     free_port,
+    hot_spots,
+    latency_stats,
     package_versions,
     print_result,
     server_versions,
@@ -114,67 +114,6 @@ def start_genq(procs: Procs, tmp: Path, db_url: str, workers: int) -> httpx.Clie
 
     wait_for(warmed, 90, "genq workers (probe jobs)", 0.05)
     return client
-
-
-def percentile(sorted_ms: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an ascending list (None when empty)."""
-    if not sorted_ms:
-        return None
-    rank = max(1, -(-len(sorted_ms) * q // 100))  # ceil(n * q / 100)
-    return round(sorted_ms[int(rank) - 1], 2)
-
-
-def latency_stats(ms: list[float]) -> dict[str, Any]:
-    s = sorted(ms)
-    return {"count": len(s), "p50_ms": percentile(s, 50), "p95_ms": percentile(s, 95),
-            "p99_ms": percentile(s, 99), "max_ms": round(s[-1], 2) if s else None}
-
-
-class Profiler:
-    """py-spy recording a process as raw collapsed stacks, until stop()."""
-
-    def __init__(self, pid: int, out: Path) -> None:
-        exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
-        if exe is None:
-            raise RuntimeError("--profile needs py-spy (pip install py-spy)")
-        self.out = out
-        self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
-                                      "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(1.0)  # let it attach before the work starts
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"py-spy failed: {self.proc.stderr.read().decode(errors='replace')[-2000:]}")  # type: ignore[union-attr]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def hot_spots(raw: Path, top: int = 15) -> dict[str, Any]:
-    """The frames with the most samples in py-spy's raw output: own (leaf) and inclusive time."""
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        total += n
-        own[frames[-1]] += n
-        for frame in set(frames):
-            inclusive[frame] += n
-
-    def share(c: Counter[str]) -> list[list[Any]]:
-        return [[frame, round(100 * n / total, 1)] for frame, n in c.most_common(top)]
-
-    return {"file": str(raw), "samples": total, "own_pct": share(own) if total else [],
-            "inclusive_pct": share(inclusive) if total else []}
 
 
 def bench_batch(client: httpx.Client, lines: int, deadline: float, poll_s: float,

@@ -54,15 +54,26 @@ def main() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="API processes serving the port (each with its own event loop, threads and database pool).")
 @click.option("--log-level", default="info", show_default=True)
-def api(host: str, port: int, log_level: str) -> None:
+def api(host: str, port: int, workers: int, log_level: str) -> None:
     """Run the HTTP API service (applies database migrations first)."""
     import uvicorn
 
     from genq.services.app import create_app
 
     _logging(log_level)
-    uvicorn.run(create_app(_settings()), host=host, port=port, log_level=log_level)
+    settings = _settings()
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        return
+    from genq.shared.migrate import upgrade
+
+    upgrade(settings.database_url)  # once, before the processes start side by side
+    # uvicorn starts each process from an import string; each builds its app from the environment.
+    uvicorn.run("genq.services.app:create_replica", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level)
 
 
 @main.command()

@@ -62,3 +62,9 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+def create_replica() -> FastAPI:
+    """The app of one of `genq api --workers N`'s processes: settings from the environment, the
+    migrations already applied by the parent (N processes migrating at once would race)."""
+    return create_app(get_settings(), migrate=False)

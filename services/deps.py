@@ -26,7 +26,9 @@ RATE_LIMITED = frozenset({"/v1/jobs", "/v1/batches", "/v1/batches/{batch_id}/ret
                           *ENDPOINTS})
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """The app's state. Async, like every dependency of the app-wide `guard`, so that a route that
+    needs no thread (/healthz) never waits for one."""
     return request.app.state.genq  # type: ignore[no-any-return]
 
 
@@ -96,7 +98,7 @@ async def guard(request: Request, state: Annotated[AppState, Depends(get_state)]
         await run_in_threadpool(check_rate, state.rate, tenant, per_minute)
 
 
-def get_renderer(request: Request, state: Annotated[AppState, Depends(get_state)]) -> ResultRenderer:
+async def get_renderer(request: Request, state: Annotated[AppState, Depends(get_state)]) -> ResultRenderer:
     """Fresh image URLs for this request: presigned for GENQ_PRESIGN_SECONDS, or on this API's address."""
     return ResultRenderer(state.storage, str(request.base_url), state.settings.presign_seconds)
 

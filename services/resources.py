@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from genq.services import idempotency
 from genq.services.errors import not_found
@@ -32,6 +32,19 @@ def get_owned(session: Session, model: type[R], ident: str, tenant: str | None, 
     if row is None or row.tenant != tenant:
         raise not_found(what, ident)
     return row
+
+
+async def read_once(sessions: sessionmaker[Session], read: Callable[[Session], T]) -> T:
+    """Run `read` with a session of its own in one trip through the thread pool, closing the
+    session there. For the status reads clients poll: a route with the session dependency costs
+    three trips (the dependency's enter and exit run in threads of their own), each a wait for a
+    thread and a CPU on a busy machine."""
+
+    def run() -> T:
+        with sessions() as session:
+            return read(session)
+
+    return await run_in_threadpool(run)
 
 
 def list_page(data: Sequence[dict[str, Any]], has_more: bool) -> dict[str, Any]:

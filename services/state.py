@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from genq.services.auth import KeyCache
 from genq.services.egress import AddressPolicy
 from genq.services.guards import RequestRate
+from genq.services.sync_waits import SyncWaits
 from genq.shared.broker import CeleryPublisher, Publisher, make_celery
 from genq.shared.config import Settings
 from genq.shared.db import session_factory
@@ -33,6 +34,7 @@ class Limits:
     max_queued_jobs: int = _default("max_queued_jobs")
     rate_limit_per_minute: int = _default("rate_limit_per_minute")
     max_prompt_chars: int = _default("max_prompt_chars")
+    max_sync_waits_per_tenant: int = _default("max_sync_waits_per_tenant")
     sync_start_timeout_s: float = 30.0  # synchronous endpoints: how long a job may wait for a worker
     sync_timeout_s: float = 600.0  # ... and how long in all before answering 504 with the job id
 
@@ -41,7 +43,8 @@ class Limits:
         return cls(max_batch_lines=settings.max_batch_lines, max_body_bytes=settings.max_body_bytes,
                    max_file_bytes=settings.max_body_bytes, max_queued_jobs=settings.max_queued_jobs,
                    rate_limit_per_minute=settings.rate_limit_per_minute,
-                   max_prompt_chars=settings.max_prompt_chars)
+                   max_prompt_chars=settings.max_prompt_chars,
+                   max_sync_waits_per_tenant=settings.max_sync_waits_per_tenant)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class AppState:
     limits: Limits = field(default_factory=Limits)
     keys: KeyCache = field(default_factory=KeyCache)  # recent API key lookups
     rate: RequestRate = field(default_factory=RequestRate)  # request rate per tenant (in memory)
+    sync_waits: SyncWaits = field(default_factory=SyncWaits)  # waiting synchronous requests (in memory)
 
     @property
     def webhook_policy(self) -> AddressPolicy:
@@ -70,4 +74,5 @@ def build_state(settings: Settings, limits: Limits | None = None) -> AppState:
         publisher=CeleryPublisher(make_celery(settings)),
         limits=limits or Limits.from_settings(settings),
         rate=RequestRate.for_broker(settings.broker_url),  # Redis, shared by the replicas, if the broker is
+        sync_waits=SyncWaits.for_broker(settings.broker_url),  # likewise
     )

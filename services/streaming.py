@@ -91,7 +91,8 @@ class ChunkWriter:
         return out
 
 
-def _read_job(state: AppState, job_id: str) -> Job:
+def read_job(state: AppState, job_id: str) -> Job:
+    """The job as it is now, read in a short session of its own and detached from it."""
     with session_scope(state.sessions) as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -99,9 +100,10 @@ def _read_job(state: AppState, job_id: str) -> Job:
         return job
 
 
-def _cancel(state: AppState, job_id: str) -> None:
+def cancel(state: AppState, job_id: str) -> bool:
+    """Cancel a queued or running job in a short session of its own; whether it was cancelled now."""
     with session_scope(state.sessions) as session:
-        jobs_data.cancel_job(session, job_id)
+        return jobs_data.cancel_job(session, job_id)
 
 
 def _job_error(job: Job) -> dict[str, Any]:
@@ -139,7 +141,7 @@ async def event_stream(state: AppState, renderer: ResultRenderer, job: Job, writ
             if ended and not deltas:
                 break
             if not ended:
-                job = await run_in_threadpool(_read_job, state, job.id)
+                job = await run_in_threadpool(read_job, state, job.id)
                 if time.monotonic() > deadline and job.status not in TERMINAL_JOB_STATUSES:
                     yield json.dumps(error_body(504, f"job {job.id} did not end within the timeout; follow it "
                                                 f"at /v1/jobs/{job.id}", "timeout", job_id=job.id))
@@ -161,7 +163,7 @@ async def event_stream(state: AppState, renderer: ResultRenderer, job: Job, writ
     finally:  # shielded: when the client goes away this runs inside a cancelled scope
         with anyio.CancelScope(shield=True):
             if not finished:  # the client went away: nobody reads the answer, so stop making it
-                await run_in_threadpool(_cancel, state, job.id)
+                await run_in_threadpool(cancel, state, job.id)
             if source is not None:
                 await source.close()
 
@@ -177,7 +179,7 @@ async def first_text(state: AppState, job: Job, deadline: float) -> Job:
                 break
             if source is None:
                 await asyncio.sleep(POLL_S)
-            job = await run_in_threadpool(_read_job, state, job.id)
+            job = await run_in_threadpool(read_job, state, job.id)
         return job
     finally:
         if source is not None:

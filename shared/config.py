@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # Limits (services.state.Limits is built from these).
     max_queued_jobs: int = 1_000_000  # per tenant, queued plus running
     rate_limit_per_minute: int = 0  # create requests per tenant per minute (shared by replicas on Redis); 0: unlimited
+    # Synchronous requests (POST /v1/completions, ...) waiting at once per tenant (shared by replicas
+    # on Redis); 0: unlimited.
+    max_sync_waits_per_tenant: int = 64
     max_batch_lines: int = 50_000
     max_body_bytes: int = 200 * 1024 * 1024  # request bodies and uploaded files
     max_prompt_chars: int = 32_000
@@ -101,9 +104,9 @@ class Settings(BaseSettings):
             raise ValueError(f"must be from 1 to {MAX_PRESIGN_SECONDS} seconds (7 days, S3's limit), got {v}")
         return v
 
-    @field_validator("rate_limit_per_minute")
+    @field_validator("rate_limit_per_minute", "max_sync_waits_per_tenant")
     @classmethod
-    def _rate(cls, v: int) -> int:
+    def _zero_or_positive(cls, v: int) -> int:
         if v < 0:
             raise ValueError(f"must be 0 (unlimited) or a positive whole number, got {v}")
         return v

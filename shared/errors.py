@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     BATCH_TOO_LARGE = "batch_too_large"
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
     QUEUED_JOBS_LIMIT = "queued_jobs_limit"
+    SYNC_WAITS_LIMIT = "sync_waits_limit"
     # Waiting on a synchronous endpoint.
     NO_WORKER_AVAILABLE = "no_worker_available"
     TIMEOUT = "timeout"
@@ -54,7 +55,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_NOT_FOUND: 404,  # a model looked up alone; one line of a request among others is 400
     ErrorCode.ADAPTER_EXISTS: 409, ErrorCode.IDEMPOTENCY_KEY_REUSED: 409, ErrorCode.CANCELLED: 409,
     ErrorCode.BODY_TOO_LARGE: 413, ErrorCode.FILE_TOO_LARGE: 413, ErrorCode.BATCH_TOO_LARGE: 413,
-    ErrorCode.RATE_LIMIT_EXCEEDED: 429, ErrorCode.QUEUED_JOBS_LIMIT: 429,
+    ErrorCode.RATE_LIMIT_EXCEEDED: 429, ErrorCode.QUEUED_JOBS_LIMIT: 429, ErrorCode.SYNC_WAITS_LIMIT: 429,
     ErrorCode.RUNTIME_ERROR: 500, ErrorCode.INTERNAL_ERROR: 500, ErrorCode.WORKER_LOST: 500,
     ErrorCode.TOO_MANY_ATTEMPTS: 500,
     ErrorCode.NO_WORKER_AVAILABLE: 503, ErrorCode.DATABASE_UNAVAILABLE: 503, ErrorCode.STORAGE_UNAVAILABLE: 503,

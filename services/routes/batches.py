@@ -10,6 +10,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from genq.services import jobs as jobs_data
 from genq.services import submit
@@ -29,7 +30,7 @@ from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
 from genq.services.intake import validate_file_batch
 from genq.services.objects import BatchObject, JobObject, Page
-from genq.services.resources import Once, create_once, cursor_page, get_owned, list_page
+from genq.services.resources import Once, create_once, cursor_page, get_owned, list_page, read_once
 from genq.services.validation import ValidLine, validate_batch
 from genq.services.webhooks import validate_subscription
 from genq.shared import jobs as job_state
@@ -44,11 +45,11 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-def load_batch(session: SessionDep, batch_id: str, tenant: str | None) -> Batch:
+def load_batch(session: Session, batch_id: str, tenant: str | None) -> Batch:
     return get_owned(session, Batch, batch_id, tenant, "batch")
 
 
-def batch_view(session: SessionDep, batch: Batch) -> dict[str, Any]:
+def batch_view(session: Session, batch: Batch) -> dict[str, Any]:
     return batch_object(batch, job_state.request_counts(job_state.batch_counts(session, batch.id)))
 
 
@@ -157,8 +158,8 @@ def list_batches(session: SessionDep, tenant: TenantDep, limit: Limit = 20,
 
 
 @router.get("/{batch_id}", response_model=BatchObject)
-def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return batch_view(session, load_batch(session, batch_id, tenant))
+async def get_batch(batch_id: str, state: StateDep, tenant: TenantDep) -> dict[str, Any]:
+    return await read_once(state.sessions, lambda session: batch_view(session, load_batch(session, batch_id, tenant)))
 
 
 @router.get("/{batch_id}/jobs", response_model=Page[JobObject])

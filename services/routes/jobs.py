@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from sqlalchemy.orm import Session
 
 from genq.services import jobs as jobs_data
 from genq.services import submit
@@ -19,7 +20,7 @@ from genq.services.body import (
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
 from genq.services.objects import JobObject
-from genq.services.resources import Once, create_once, get_owned
+from genq.services.resources import Once, create_once, get_owned, read_once
 from genq.shared.db import Job
 from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.views import job_object
@@ -28,7 +29,7 @@ from genq.shared.webhooks import notify_job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(refuse_nul_params)])
 
 
-def load_job(session: SessionDep, job_id: str, tenant: str | None) -> Job:
+def load_job(session: Session, job_id: str, tenant: str | None) -> Job:
     return get_owned(session, Job, job_id, tenant, "job")
 
 
@@ -50,9 +51,12 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
 
 
 @router.get("/{job_id}", response_model=JobObject)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep, renderer: RendererDep) -> dict[str, Any]:
-    job = load_job(session, job_id, tenant)
-    return job_object(job, renderer.render(job))
+async def get_job(job_id: str, state: StateDep, tenant: TenantDep, renderer: RendererDep) -> dict[str, Any]:
+    def read(session: Session) -> dict[str, Any]:
+        job = load_job(session, job_id, tenant)
+        return job_object(job, renderer.render(job))
+
+    return await read_once(state.sessions, read)
 
 
 @router.get("/{job_id}/outputs/{name}", response_class=Response,

@@ -3,25 +3,28 @@ queue and the answer waits for it, with bounded waits and a clear error instead 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 
-from genq.services import jobs as jobs_data
 from genq.services import submit
 from genq.services.body import model_schema, parse_json_body, read_body, request_body_doc
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, error_response
 from genq.services.resources import Once, create_once, get_owned
-from genq.services.streaming import ChunkWriter, first_text, stream_response
-from genq.shared.db import Job
+from genq.services.state import AppState
+from genq.services.streaming import POLL_S, ChunkWriter, cancel, first_text, read_job, stream_response
+from genq.shared.db import Job, tenant_key
 from genq.shared.errors import job_failure
 from genq.shared.kinds import ENDPOINTS, Endpoint
 from genq.shared.schemas import TERMINAL_JOB_STATUSES
 
 router = APIRouter(tags=["synchronous"])
+FIRST_POLL_S = 0.02  # the first re-read of a waiting job; each next one 1.5 times later, up to POLL_S
 Seconds = Annotated[float | None, Query(gt=0, le=3600)]
 # Waiting on the queue can end without an answer; both are reported in the error shape.
 WAIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -31,22 +34,20 @@ WAIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: float, *,
-          started: bool = False) -> Job:
+async def _wait(state: AppState, job_id: str, start_timeout: float, timeout: float, *,
+                started: bool = False) -> Job:
     """Poll the job until it ends (or with `started`, until a worker has it); cancel it if no
-    worker takes it within `start_timeout`."""
+    worker takes it within `start_timeout`. Each read is a short session in a worker thread, so
+    between reads the wait holds no thread and no database connection."""
     began = time.monotonic()
-    delay = 0.02
+    delay = FIRST_POLL_S
     while True:
-        session.expire_all()
-        job = session.get(Job, job_id)
-        assert job is not None
+        job = await run_in_threadpool(read_job, state, job_id)
         waited = time.monotonic() - began
         if job.status in TERMINAL_JOB_STATUSES or (started and job.status != "queued"):
             return job
         if job.status == "queued" and waited > start_timeout:
-            if jobs_data.cancel_job(session, job_id):
-                session.commit()
+            if await run_in_threadpool(cancel, state, job_id):
                 raise APIError(503, f"no worker took the job within {start_timeout:g}s: is a worker serving "
                                f"model {job.model!r} (queue genq.{job.model}) running? The job {job_id} "
                                "was cancelled.", code="no_worker_available", param="model")
@@ -54,8 +55,8 @@ def _wait(state: Any, session: Any, job_id: str, start_timeout: float, timeout: 
         if waited > timeout:
             raise APIError(504, f"job {job_id} is still {job.status} after {timeout:g}s; follow it at "
                            f"/v1/jobs/{job_id}", code="timeout", extra={"job_id": job_id})
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, POLL_S)
 
 
 def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
@@ -77,25 +78,20 @@ async def _serve(url: str, request: Request, state: StateDep, session: SessionDe
     total_s = timeout or state.limits.sync_timeout_s
     began = time.monotonic()
 
-    def answer(job_id: str) -> Any:
-        done = _wait(state, session, job_id, start_s, total_s, started=stream)
-        if not stream or done.status in ("failed", "cancelled"):
-            return _answer(done, renderer)  # an error before any text is a plain JSON error
-        return done
+    def create(once: Once) -> str:
+        return submit.one_job(state, session, tenant, {"url": url, "body": body}, once, stream=stream).id
 
-    def create(once: Once) -> Any:
-        return answer(submit.one_job(state, session, tenant, {"url": url, "body": body}, once, stream=stream).id)
+    def replay(job_id: str) -> str:
+        return get_owned(session, Job, job_id, tenant, "job").id
 
-    def replay(job_id: str) -> Any:
-        get_owned(session, Job, job_id, tenant, "job")
-        return answer(job_id)
-
-    outcome = await create_once(request, session, tenant, "job", [raw], create, replay)
-    if not stream:
-        return outcome
-    job: Job = outcome
-    session.expunge(job)
-    job = await first_text(state, job, began + total_s)
+    # Until the answer starts (for a stream, its first text), the request holds a place of its tenant's.
+    async with state.sync_waits.hold(tenant_key(tenant), state.limits.max_sync_waits_per_tenant):
+        job_id = await create_once(request, session, tenant, "job", [raw], create, replay)
+        await run_in_threadpool(session.close)  # the request's connection goes back to the pool now
+        job = await _wait(state, job_id, start_s, total_s, started=stream)
+        if not stream or job.status in ("failed", "cancelled"):
+            return await run_in_threadpool(_answer, job, renderer)  # an error before any text is plain JSON
+        job = await first_text(state, job, began + total_s)
     if job.status in ("failed", "cancelled"):
         _answer(job, renderer)  # raises: the worker refused or lost it before any text
     spec = state.registry.get(job.model)

@@ -38,7 +38,8 @@ def get_model(model: str, state: StateDep) -> dict[str, Any]:
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """Alive: answered on the event loop, so it never waits behind requests that hold threads."""
     return {"status": "ok"}
 
 

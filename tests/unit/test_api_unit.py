@@ -94,3 +94,17 @@ def test_jobs_and_batches_show_the_priority_they_are_served_at(tmp_path: Path) -
     assert (plain["priority"], again["priority"], urgent["priority"]) == (0, 0, 9)
     assert (batch["priority"], default["priority"]) == (5, 0)
     assert jobs == {"c": 5, "d": 2, "e": 0}  # a line without its own inherits its batch's
+
+
+def test_a_repeated_synchronous_request_answers_its_first_job(tmp_path: Path) -> None:
+    body = {"model": "tiny-gpt2", "prompt": "once"}
+    key = {"Idempotency-Key": "sync-key-1"}
+    with _app(tmp_path) as c:  # no worker: the first request waits start_timeout, then its job is cancelled
+        first = c.post("/v1/completions", params={"start_timeout": 0.1}, json=body, headers=key)
+        again = c.post("/v1/completions", params={"start_timeout": 0.1}, json=body, headers=key)
+        with c.app.state.genq.sessions() as s:  # type: ignore[attr-defined]
+            jobs = s.query(Job).all()
+    assert first.status_code == 503 and first.json()["error"]["code"] == "no_worker_available"
+    assert len(jobs) == 1 and jobs[0].status == "cancelled"
+    assert again.status_code == 409 and again.json()["error"]["code"] == "cancelled"
+    assert jobs[0].id in again.json()["error"]["message"]  # the same job, not a new one

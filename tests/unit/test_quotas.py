@@ -234,3 +234,44 @@ def test_limits_come_from_settings() -> None:
         build_settings(max_queued_jobs=0)
     with pytest.raises(ConfigError, match="GENQ_RATE_LIMIT_PER_MINUTE: must be 0"):
         build_settings(rate_limit_per_minute=-1)
+
+
+def _queued(client: TestClient) -> int:
+    from sqlalchemy import func, select
+
+    from genq.shared.db import Job
+
+    with client.app.state.genq.sessions() as s:  # type: ignore[attr-defined]
+        return int(s.execute(select(func.count()).select_from(Job).where(Job.status == "queued")).scalar_one())
+
+
+def test_waiting_sync_requests_are_capped_per_tenant(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.waiting import wait_for
+
+    with _client(tmp_path, max_sync_waits_per_tenant=2) as c, ThreadPoolExecutor(2) as pool:
+        a, b = _key(c, "acme"), _key(c, "beta")
+        waiting = [pool.submit(c.post, "/v1/completions", params={"start_timeout": 3}, json=LINE["body"], headers=a)
+                   for _ in range(2)]
+        wait_for(lambda: _queued(c) == 2, 10, 0.02, "two waiting requests")
+        over = c.post("/v1/completions", json=LINE["body"], headers=a)
+        assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
+        err = over.json()["error"]
+        assert err["type"] == "rate_limit_error" and err["code"] == "sync_waits_limit"
+        assert "at most 2 per tenant" in err["message"] and _queued(c) == 2  # no job was made for it
+        # Another tenant has places of its own; the waits end as before (no worker: 503).
+        other = c.post("/v1/completions", params={"start_timeout": 0.1}, json=LINE["body"], headers=b)
+        assert other.status_code == 503
+        assert [f.result().status_code for f in waiting] == [503, 503]
+        again = c.post("/v1/completions", params={"start_timeout": 0.1}, json=LINE["body"], headers=a)
+        assert again.status_code == 503, again.text  # their places are free again
+
+
+def test_sync_wait_counts_follow_the_broker() -> None:
+    from genq.services.sync_waits import SyncWaits
+
+    assert SyncWaits.for_broker("sqla+sqlite:///./var/broker.db").redis is None
+    assert SyncWaits.for_broker("redis://127.0.0.1:6379/5").redis is not None  # connects on first use
+    with pytest.raises(ConfigError, match="GENQ_MAX_SYNC_WAITS_PER_TENANT: must be 0"):
+        build_settings(max_sync_waits_per_tenant=-1)
