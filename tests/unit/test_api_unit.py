@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 from openai.types import Model
@@ -94,3 +95,29 @@ def test_jobs_and_batches_show_the_priority_they_are_served_at(tmp_path: Path) -
     assert (plain["priority"], again["priority"], urgent["priority"]) == (0, 0, 9)
     assert (batch["priority"], default["priority"]) == (5, 0)
     assert jobs == {"c": 5, "d": 2, "e": 0}  # a line without its own inherits its batch's
+
+
+def test_batch_metadata_follows_openais_limits(tmp_path: Path) -> None:
+    line = {"custom_id": "a", "url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "x"}}
+
+    def create(metadata: object) -> Any:
+        return c.post("/v1/batches", json={"requests": [line], "metadata": metadata})
+
+    with _app(tmp_path) as c:
+        ok = create({f"k{i}": "v" * 512 for i in range(15)} | {"k" * 64: "v"})
+        refused = {"17 pairs": create({f"k{i}": "v" for i in range(17)}),
+                   "a long key": create({"k" * 65: "v"}),
+                   "a long value": create({"k": "v" * 513}),
+                   "a number": create({"k": 1})}
+        documented = c.get("/openapi.json").json()
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["metadata"]["k" * 64] == "v"
+    for what, resp in refused.items():
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["code"] == "invalid_request", (what, resp.text)
+        assert err["param"].startswith("metadata") and err["message"].startswith(err["param"] + ": "), (what, err)
+    assert refused["a long value"].json()["error"]["param"] == "metadata.k"
+    body = documented["paths"]["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    meta = next(s for s in body["properties"]["metadata"]["anyOf"] if s.get("type") == "object")
+    assert meta["maxProperties"] == 16 and meta["propertyNames"]["maxLength"] == 64
+    assert meta["additionalProperties"] == {"type": "string", "maxLength": 512}

@@ -1,0 +1,144 @@
+"""One client's body must not stall or bloat the API: a huge NDJSON batch is counted before it is
+parsed and handled off the event loop (`/healthz` keeps answering), uploads over their cap are
+refused while they arrive, and an adapter zip bomb is refused without being inflated into memory.
+
+An API process of our own (no workers: its jobs stay queued) runs against the session's Postgres,
+Redis and S3 endpoint; its memory is read from /proc."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+import pytest
+
+from tests.support.processes import Stack
+
+pytestmark = pytest.mark.integration
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # GENQ_MAX_BODY_BYTES here: bodies and uploaded files
+MIB = 1024 * 1024
+IDLE = "tiny-gpt2-idle"  # served by no worker
+
+
+@pytest.fixture(scope="module")
+def api(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack({**stack_env, "GENQ_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}, tmp_path_factory.mktemp("hostile-api"))
+    try:
+        stack.start_api()
+        yield stack
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
+
+
+# --- measuring the API process ------------------------------------------------------------------
+
+def _status_kib(api: Stack, field: str) -> int:
+    status = Path(f"/proc/{api.procs[0].pid}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+class PeakMemory:
+    """The API's peak RSS during a `with` block, above its RSS at the start (Linux: clear_refs 5
+    resets the peak)."""
+
+    def __init__(self, api: Stack) -> None:
+        self.api = api
+        self.added_mib = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        Path(f"/proc/{self.api.procs[0].pid}/clear_refs").write_text("5")
+        self.start = _status_kib(self.api, "VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.added_mib = (_status_kib(self.api, "VmHWM") - self.start) / 1024
+
+
+class HealthProbe:
+    """GET /healthz in a loop on its own thread while a `with` block runs; `worst` is the slowest
+    answer in seconds, the measure of how long the event loop was held."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=300) as c:
+            while not self._stop.is_set():
+                begin = time.monotonic()
+                assert c.get("/healthz").status_code == 200
+                self.times.append(time.monotonic() - begin)
+                self._stop.wait(0.02)  # pacing between probes, not a wait for a condition
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(300)
+
+    @property
+    def worst(self) -> float:
+        return max(self.times)
+
+
+def _submit_ndjson(api: Stack, body: bytes) -> httpx.Response:
+    with httpx.Client(base_url=api.base_url, timeout=300) as c:
+        return c.post("/v1/batches", content=body, headers={"Content-Type": "application/x-ndjson"})
+
+
+def _line(i: int, prompt_chars: int) -> bytes:
+    body = {"model": IDLE, "prompt": f"{i} " + "x" * prompt_chars, "max_tokens": 1}
+    return json.dumps({"custom_id": f"r{i}", "url": "/v1/completions", "body": body}).encode() + b"\n"
+
+
+# --- NDJSON batches -----------------------------------------------------------------------------
+
+def test_a_body_of_too_many_lines_is_refused_before_parsing_and_healthz_keeps_answering(api: Stack) -> None:
+    body = b"{}\n" * (5 * MIB // 3)  # 5 MB, 1.7 million lines: blocked /healthz for 14 s when parsed first
+    with HealthProbe(api.base_url) as probe, PeakMemory(api) as memory:
+        resp = _submit_ndjson(api, body)
+    assert resp.status_code == 413, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "batch_too_large" and "at most 50000 lines" in err["message"]
+    assert probe.worst < 1.0, f"/healthz took {probe.worst:.2f} s while the body was handled"
+    assert memory.added_mib < 3 * len(body) / MIB + 16, f"the API grew {memory.added_mib:.0f} MiB"
+
+
+def test_a_20mb_batch_is_validated_off_the_event_loop_in_bounded_memory(api: Stack) -> None:
+    body = b"".join(_line(i, 10_000) for i in range(2_000))  # 20 MB, 2,000 lines
+    with HealthProbe(api.base_url) as probe, PeakMemory(api) as memory:
+        resp = _submit_ndjson(api, body)
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["request_counts"]["total"] == 2_000
+    factor = memory.added_mib / (len(body) / MIB)
+    print(f"20 MB NDJSON: /healthz worst {probe.worst * 1000:.0f} ms over {len(probe.times)} probes; "
+          f"API peak +{memory.added_mib:.0f} MiB = {factor:.1f}x the body")
+    assert probe.worst < 1.0, f"/healthz took {probe.worst:.2f} s while the batch was validated"
+    assert factor < 8, f"the API grew {memory.added_mib:.0f} MiB for a {len(body) / MIB:.0f} MiB body"
+
+
+def test_a_bad_line_in_a_20mb_batch_is_named_without_stalling_healthz(api: Stack) -> None:
+    lines = [_line(i, 360) for i in range(50_000)]  # 20 MB in the most lines a batch may hold
+    lines[-1] = b'{"custom_id": "last", "url": "/v1/completions", "body": {"model": "nope", "prompt": "x"}}\n'
+    body = b"".join(lines)
+    with HealthProbe(api.base_url) as probe, PeakMemory(api) as memory:
+        resp = _submit_ndjson(api, body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["line"] == 50_000 and resp.json()["error"]["code"] == "model_not_found"
+    print(f"20 MB NDJSON of 50,000 lines: /healthz worst {probe.worst * 1000:.0f} ms over {len(probe.times)} "
+          f"probes; API peak +{memory.added_mib:.0f} MiB = {memory.added_mib / (len(body) / MIB):.1f}x the body")
+    assert probe.worst < 1.0, f"/healthz took {probe.worst:.2f} s while the batch was validated"
