@@ -8,11 +8,14 @@ Redis and S3 endpoint; its memory is read from /proc."""
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -142,3 +145,87 @@ def test_a_bad_line_in_a_20mb_batch_is_named_without_stalling_healthz(api: Stack
     print(f"20 MB NDJSON of 50,000 lines: /healthz worst {probe.worst * 1000:.0f} ms over {len(probe.times)} "
           f"probes; API peak +{memory.added_mib:.0f} MiB = {memory.added_mib / (len(body) / MIB):.1f}x the body")
     assert probe.worst < 1.0, f"/healthz took {probe.worst:.2f} s while the batch was validated"
+
+
+# --- uploads over their cap ---------------------------------------------------------------------
+
+def _raw_post(api: Stack, path: str, headers: dict[str, str], chunks: Iterator[bytes],
+              timeout: float = 60) -> tuple[int, dict[str, object], int]:
+    """POST over a bare socket, sending `chunks` only while the server has not answered: the
+    status, the JSON answer, and how many body bytes went out before it came."""
+    url = urlsplit(api.base_url)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": url.netloc, **headers}.items())
+    sent = 0
+    with socket.create_connection((url.hostname, url.port), timeout=timeout) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    status = int(answer.split(b" ", 2)[1])
+    return status, json.loads(answer.partition(b"\r\n\r\n")[2]), sent
+
+
+def _content_length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 62
+
+
+def _multipart(fields: dict[str, str], filename: str) -> tuple[bytes, bytes]:
+    """The part headers (form fields, then the file's) and the closing boundary of a multipart body."""
+    head = b"".join(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                    for k, v in fields.items())
+    head += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+             "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head, f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+BOUNDARY = "genq-hostile-boundary"
+UPLOADS = {"/v1/files": ({"purpose": "batch"}, "big.jsonl", MAX_BODY_BYTES),
+           "/v1/adapters": ({"name": "big", "model": "tiny-gpt2"}, "big.zip", 1024 * MIB)}
+
+
+@pytest.mark.parametrize("path", list(UPLOADS))
+def test_an_upload_declaring_more_than_the_cap_is_refused_before_its_body_is_read(api: Stack, path: str) -> None:
+    fields, filename, limit = UPLOADS[path]
+    head, _tail = _multipart(fields, filename)
+    declared = max(limit + MIB, 1024 * MIB)  # 1 GiB, or just over the adapters' 1 GiB cap
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Content-Length": str(declared)}
+    begin = time.monotonic()
+    status, answer, sent = _raw_post(api, path, headers, iter([head, *[b"x" * MIB] * 8]), timeout=20)
+    print(f"{path}: {declared / MIB:.0f} MiB declared: {status} after {time.monotonic() - begin:.2f} s, "
+          f"{sent} bytes sent")
+    assert status == 413 and answer["error"]["code"] == "file_too_large" and answer["error"]["param"] == "file"
+
+
+def test_a_chunked_upload_is_cut_off_at_the_cap(api: Stack) -> None:
+    fields, filename, limit = UPLOADS["/v1/files"]
+    head, _tail = _multipart(fields, filename)
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Transfer-Encoding": "chunked"}
+    chunk = MIB
+
+    def chunks() -> Iterator[bytes]:
+        yield b"%x\r\n%s\r\n" % (len(head), head)
+        for _ in range(1024):  # up to 1 GiB
+            yield b"%x\r\n%s\r\n" % (chunk, b"x" * chunk)
+
+    begin = time.monotonic()
+    with PeakMemory(api) as memory:
+        status, answer, sent = _raw_post(api, "/v1/files", headers, chunks())
+    print(f"/v1/files: 1 GiB chunked: {status} after {time.monotonic() - begin:.2f} s, {sent / MIB:.0f} MiB sent; "
+          f"API peak +{memory.added_mib:.0f} MiB")
+    assert status == 413 and answer["error"]["code"] == "file_too_large", answer
+    assert sent < limit + 64 * MIB, f"the API read {sent / MIB:.0f} MiB before refusing a {limit / MIB:.0f} MiB cap"
