@@ -8,10 +8,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 from urllib.parse import urlsplit
 
 from genq.shared.config import PRESIGN_SECONDS, Settings
@@ -31,6 +32,8 @@ class MissingObject(KeyError):
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def put_file(self, key: str, fh: IO[bytes], size: int, content_type: str = "application/octet-stream") -> None:
+        """Store `size` bytes read from `fh` (at its position) without holding them in memory."""
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
@@ -50,11 +53,14 @@ class FileStorage:
         return self.root / check_key(key)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.put_file(key, io.BytesIO(data), len(data), content_type)
+
+    def put_file(self, key: str, fh: IO[bytes], size: int, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(fh, out)
         os.replace(tmp, path)
 
     def get(self, key: str) -> bytes:
@@ -116,9 +122,11 @@ class S3Storage:
         self._bucket_checked = True
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.put_file(key, io.BytesIO(data), len(data), content_type)
+
+    def put_file(self, key: str, fh: IO[bytes], size: int, content_type: str = "application/octet-stream") -> None:
         self._ensure_bucket()
-        self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data),
-                               content_type=content_type)
+        self.client.put_object(self.bucket, self._name(key), fh, size, content_type=content_type)
 
     def get(self, key: str) -> bytes:
         from minio.error import S3Error

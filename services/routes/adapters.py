@@ -69,10 +69,11 @@ async def create_adapter(request: Request, state: StateDep, session: SessionDep,
             raise _too_large(limit) from None
         except AdapterError as exc:
             raise APIError(400, f"file: {exc.message}", code=exc.code, param="file") from None
-        if adapters_data.find(session, tenant=tenant, name=name) is not None:
-            raise _exists(name, "for this tenant")
-        row = adapters_data.create(session, state.storage, tenant=tenant, name=name, model=spec, checked=checked,
-                                   remember=once.remember)
+        with checked:
+            if adapters_data.find(session, tenant=tenant, name=name) is not None:
+                raise _exists(name, "for this tenant")
+            row = adapters_data.create(session, state.storage, tenant=tenant, name=name, model=spec,
+                                       checked=checked, remember=once.remember)
         if row is None:
             raise _exists(name, "for this tenant")
         return adapters_data.adapter_object(row)

@@ -7,11 +7,13 @@ Redis and S3 endpoint; its memory is read from /proc."""
 
 from __future__ import annotations
 
+import io
 import json
 import select
 import socket
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -229,3 +231,30 @@ def test_a_chunked_upload_is_cut_off_at_the_cap(api: Stack) -> None:
           f"API peak +{memory.added_mib:.0f} MiB")
     assert status == 413 and answer["error"]["code"] == "file_too_large", answer
     assert sent < limit + 64 * MIB, f"the API read {sent / MIB:.0f} MiB before refusing a {limit / MIB:.0f} MiB cap"
+
+
+# --- an adapter zip bomb ------------------------------------------------------------------------
+
+def _zip_bomb(inflated: int) -> bytes:
+    """A peft-shaped zip whose weights member is `inflated` zero bytes (512 MiB pack into ~509 KiB)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("adapter_config.json", json.dumps({"peft_type": "LORA", "r": 4, "task_type": "CAUSAL_LM"}))
+        with zf.open("adapter_model.safetensors", "w") as member:
+            for _ in range(inflated // MIB):
+                member.write(bytes(MIB))
+    return buf.getvalue()
+
+
+def test_an_adapter_zip_bomb_is_refused_without_inflating_it_into_memory(api: Stack) -> None:
+    bomb = _zip_bomb(512 * MIB)  # under GENQ_MAX_ADAPTER_BYTES (1 GiB) unpacked, but a thousandfold inflation
+    begin = time.monotonic()
+    with PeakMemory(api) as memory, httpx.Client(base_url=api.base_url, timeout=120) as c:
+        resp = c.post("/v1/adapters", data={"name": "bomb", "model": "tiny-gpt2"},
+                      files={"file": ("bomb.zip", bomb, "application/zip")})
+    print(f"adapter bomb ({len(bomb) / 1024:.0f} KiB -> 512 MiB): {resp.status_code} after "
+          f"{time.monotonic() - begin:.2f} s; API peak +{memory.added_mib:.0f} MiB")
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "invalid_adapter" and err["param"] == "file" and "decompression bomb" in err["message"]
+    assert memory.added_mib < 32, f"the API grew {memory.added_mib:.0f} MiB checking a {len(bomb) >> 10} KiB archive"
