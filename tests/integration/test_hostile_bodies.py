@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.support.processes import Stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +148,21 @@ def test_a_bad_line_in_a_20mb_batch_is_named_without_stalling_healthz(api: Stack
     print(f"20 MB NDJSON of 50,000 lines: /healthz worst {probe.worst * 1000:.0f} ms over {len(probe.times)} "
           f"probes; API peak +{memory.added_mib:.0f} MiB = {memory.added_mib / (len(body) / MIB):.1f}x the body")
     assert probe.worst < 1.0, f"/healthz took {probe.worst:.2f} s while the batch was validated"
+
+
+def test_a_file_batch_of_too_many_lines_fails_without_parsing_them(api: Stack) -> None:
+    body = b"{}\n" * (5 * MIB // 3)  # 1.7 million lines: parsing them first took ~14 s
+    with httpx.Client(base_url=api.base_url, timeout=60) as c, HealthProbe(api.base_url) as probe:
+        up = c.post("/v1/files", data={"purpose": "batch"}, files={"file": ("many.jsonl", body)})
+        assert up.status_code == 200, up.text
+        begin = time.monotonic()
+        batch = c.post("/v1/batches", json={"input_file_id": up.json()["id"], "endpoint": "/v1/completions"}).json()
+        done = wait_for(lambda: (b := c.get(f"/v1/batches/{batch['id']}").json())["status"] != "validating" and b,
+                        30, what="the file batch validated")
+        took = time.monotonic() - begin
+    assert done["status"] == "failed" and done["errors"]["data"][0]["code"] == "batch_too_large", done
+    assert took < 5, f"validating took {took:.1f} s"
+    assert probe.worst < 1.0, f"/healthz took {probe.worst:.2f} s while the file batch was validated"
 
 
 # --- uploads over their cap ---------------------------------------------------------------------
