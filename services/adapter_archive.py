@@ -5,22 +5,27 @@ An uploaded adapter is an archive (zip, tar or tar.gz) of a peft or diffusers ad
 directory, nothing else. Every member is checked as it is read (names, links, sizes against the
 cap); pickle-based weights are refused without being opened; the safetensors header and
 `adapter_config.json` are parsed here (no torch in the API), and the adapter must suit the model's
-kind. `check_archive` returns a `CheckedAdapter`; shared/adapters.py stores it.
+kind. Members are inflated in chunks into temporary files, never whole into memory, and an archive
+may unpack to at most MAX_RATIO times its own size (checked while inflating: a zip bomb stops
+there). `check_archive` returns a `CheckedAdapter`; genq.services.adapters stores it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import re
 import stat
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from types import TracebackType
 from typing import IO, Any
 
 from genq.shared.kinds import ADAPTER_KINDS
@@ -33,6 +38,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 CHUNK = 1024 * 1024
+# Unpacked bytes per archive byte, at most (Apache POI's ZipSecureFile refuses the same, 1/0.01):
+# safetensors of trained weights hardly compress, a zip bomb inflates a thousandfold.
+MAX_RATIO = 100
+MIN_UNPACKED_ROOM = 1024 * 1024  # a tiny archive may unpack to this much whatever its ratio
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
@@ -58,14 +67,40 @@ class AdapterTooLarge(AdapterError):
                          code="file_too_large")
 
 
+class AdapterBomb(AdapterError):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path}: the archive unpacks to more than {MAX_RATIO} times its own size; a LoRA "
+                         "adapter's weights hardly compress, so this looks like a decompression bomb")
+
+
+@dataclass(frozen=True)
+class Member:
+    """An archive member as read: spooled to a temporary file (gone once closed), its size and hash."""
+
+    file: IO[bytes]
+    size: int
+    sha256: str
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @dataclass(frozen=True)
 class CheckedAdapter:
-    """An archive that passed every check: its files under their stored names, and what they say."""
+    """An archive that passed every check: its files under their stored names, and what they say.
+    A context manager: leaving it closes (and so deletes) the files."""
 
-    files: dict[str, bytes]
+    files: dict[str, Member]
     rank: int
     lora_alpha: float | None
     target_modules: list[str]
+
+    def __enter__(self) -> CheckedAdapter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for member in self.files.values():
+            member.close()
 
 
 # --- reading archives -------------------------------------------------------------------------
@@ -126,23 +161,51 @@ def _check_file_name(name: str, path: str) -> None:
         raise AdapterError(f"{path}: file names may use only letters, digits, '.', '_' and '-'")
 
 
-def _read_capped(opener: Callable[[], IO[bytes] | None], cap: int, limit: int) -> bytes:
-    """Read a member, stopping once it passes `cap` bytes whatever its header declared."""
-    chunks, size = [], 0
+@dataclass(frozen=True)
+class _Room:
+    """How much an archive may unpack: GENQ_MAX_ADAPTER_BYTES, or less where its size times
+    MAX_RATIO is less (then going over it is a bomb, not a large adapter)."""
+
+    max_bytes: int
+    archive_bytes: int
+
+    @property
+    def total(self) -> int:
+        return min(self.max_bytes, self.by_ratio)
+
+    @property
+    def by_ratio(self) -> int:
+        return max(MAX_RATIO * self.archive_bytes, MIN_UNPACKED_ROOM)
+
+    def over(self, path: str) -> AdapterError:
+        return AdapterBomb(path) if self.by_ratio < self.max_bytes else AdapterTooLarge(self.max_bytes)
+
+
+def _spool(opener: Callable[[], IO[bytes] | None], path: str, cap: int, room: _Room) -> Member:
+    """Inflate a member into a temporary file a chunk at a time, hashing it, and stop once it passes
+    `cap` bytes whatever its header declared."""
     member = opener()
     assert member is not None  # regular files always open
-    with member as fh:
-        while chunk := fh.read(min(CHUNK, cap + 1 - size)):
-            size += len(chunk)
-            if size > cap:
-                raise AdapterTooLarge(limit)
-            chunks.append(chunk)
-    return b"".join(chunks)
+    out = tempfile.TemporaryFile()
+    digest, size = hashlib.sha256(), 0
+    try:
+        with member as fh:
+            while chunk := fh.read(min(CHUNK, cap + 1 - size)):
+                size += len(chunk)
+                if size > cap:
+                    raise room.over(path)
+                out.write(chunk)
+                digest.update(chunk)
+    except BaseException:
+        out.close()
+        raise
+    out.seek(0)
+    return Member(out, size, digest.hexdigest())
 
 
-def _collect(entries: Iterator[Entry], max_bytes: int) -> dict[str, tuple[str, bytes]]:
-    """Check every member as it is met; return flattened name -> (archive path, bytes)."""
-    files: dict[str, tuple[str, bytes]] = {}
+def _collect(entries: Iterator[Entry], room: _Room, files: dict[str, tuple[str, Member]]) -> None:
+    """Check every member as it is met; spool the files into `files` (flattened name -> (archive
+    path, member)), which the caller closes whatever happens."""
     folders: set[str] = set()  # "" for files at the root
     total = 0
     for path, what, size, opener in entries:
@@ -165,38 +228,50 @@ def _collect(entries: Iterator[Entry], max_bytes: int) -> dict[str, tuple[str, b
         _check_file_name(name, path)
         if name in files:
             raise AdapterError(f"{path}: duplicate of {files[name][0]}")
-        if size > max_bytes - total:
-            raise AdapterTooLarge(max_bytes)
+        if size > room.total - total:
+            raise room.over(path)
         assert opener is not None
-        data = _read_capped(opener, max_bytes - total, max_bytes)
-        total += len(data)
-        files[name] = (path, data)
+        files[name] = (path, _spool(opener, path, room.total - total, room))
+        total += files[name][1].size
     if not files:
         raise AdapterError(f"the archive holds no files; it needs {CONFIG_NAME} and one .safetensors weights file")
-    return files
 
 
-def read_archive(source: bytes | IO[bytes], *, max_bytes: int) -> dict[str, tuple[str, bytes]]:
+def read_archive(source: bytes | IO[bytes], *, max_bytes: int) -> dict[str, tuple[str, Member]]:
     """The files of a zip, tar or tar.gz archive by flattened name (with their archive paths),
-    after checking every member and the sizes (the archive's and the unpacked total)."""
+    spooled to temporary files that the caller closes, after checking every member and the sizes
+    (the archive's, the unpacked total and its ratio to the archive's)."""
     fh: IO[bytes] = io.BytesIO(source) if isinstance(source, bytes) else source
     fh.seek(0, io.SEEK_END)
-    if fh.tell() > max_bytes:
+    room = _Room(max_bytes, fh.tell())
+    if room.archive_bytes > max_bytes:
         raise AdapterTooLarge(max_bytes)
     fh.seek(0)
     head = fh.read(512)
     fh.seek(0)
+    files: dict[str, tuple[str, Member]] = {}
     try:
         if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
             with zipfile.ZipFile(fh) as zf:
-                return _collect(_zip_entries(zf), max_bytes)
+                _collect(_zip_entries(zf), room, files)
+                return files
         if head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar":
             with tarfile.open(fileobj=fh, mode="r:gz" if head.startswith(b"\x1f\x8b") else "r:") as tf:
-                return _collect(_tar_entries(tf), max_bytes)
+                _collect(_tar_entries(tf), room, files)
+                return files
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, NotImplementedError) as exc:
+        _close(files)
         raise AdapterError(f"the archive is damaged or unreadable: {exc}") from None
+    except BaseException:
+        _close(files)
+        raise
     raise AdapterError("not a zip, tar or tar.gz archive (pack the adapter directory, e.g. "
                        "`tar czf adapter.tar.gz -C DIR .`)")
+
+
+def _close(files: dict[str, tuple[str, Member]]) -> None:
+    for _, member in files.values():
+        member.close()
 
 
 # --- safetensors and adapter_config.json ----------------------------------------------------------
@@ -207,22 +282,28 @@ class Tensor:
     shape: tuple[int, ...]
 
 
-def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, after checking that the header is sound: every
-    tensor's dtype, shape and byte range agree, the ranges tile the data exactly.
+def parse_safetensors(source: bytes | IO[bytes], where: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file (its bytes, or a seekable file of which only the
+    header is read), after checking that the header is sound: every tensor's dtype, shape and byte
+    range agree, the ranges tile the data exactly.
 
     Parsed here rather than with safetensors.safe_open, which refuses the same files (the tests
     check it) but with messages that name neither the fault's numbers nor, mostly, the tensor
     ("incomplete metadata, file not fully covered" for both a range past the end and uncovered
     bytes), and which needs the upload written to a file first."""
-    if len(data) < 8:
+    fh: IO[bytes] = io.BytesIO(source) if isinstance(source, bytes) else source
+    length = fh.seek(0, io.SEEK_END)
+    fh.seek(0)
+    if length < 8:
         raise AdapterError(f"{where}: not a safetensors file (shorter than its 8-byte header length)")
-    size = int.from_bytes(data[:8], "little")
-    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+    size = int.from_bytes(fh.read(8), "little")
+    if size > MAX_HEADER_BYTES or 8 + size > length:
         raise AdapterError(f"{where}: the safetensors header length ({size}) runs past the end of the file "
-                           f"({len(data)} bytes): truncated or not a safetensors file")
+                           f"({length} bytes): truncated or not a safetensors file")
+    raw = fh.read(size)
+    fh.seek(0)
     try:
-        header = json.loads(data[8:8 + size].decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise AdapterError(f"{where}: the safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
@@ -230,7 +311,7 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterError(f"{where}: __metadata__ must map names to strings")
-    buffer = len(data) - 8 - size
+    buffer = length - 8 - size
     tensors: dict[str, Tensor] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
@@ -263,9 +344,11 @@ def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[
     return tensors, meta
 
 
-def _config(data: bytes, where: str) -> dict[str, Any]:
-    if len(data) > MAX_CONFIG_BYTES:
+def _config(member: Member, where: str) -> dict[str, Any]:
+    if member.size > MAX_CONFIG_BYTES:
         raise AdapterError(f"{where}: over {MAX_CONFIG_BYTES} bytes")
+    data = member.file.read()
+    member.file.seek(0)
     try:
         config = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -323,17 +406,25 @@ def _check_kind(kind: str, model: str, config: dict[str, Any] | None, tensors: d
 
 def check_archive(source: bytes | IO[bytes], *, model: ModelSpec, max_bytes: int) -> CheckedAdapter:
     """Check an uploaded adapter archive for `model` (text or image); raise AdapterError naming the
-    offending member, or AdapterTooLarge."""
+    offending member, or AdapterTooLarge. The caller closes the result (`with`)."""
     if model.kind not in ADAPTER_KINDS:
         raise AdapterError(f"model {model.name} is a {model.kind} model, which does not serve adapters")
     files = read_archive(source, max_bytes=max_bytes)
-    weights = [(name, path, data) for name, (path, data) in files.items() if name != CONFIG_NAME]
+    try:
+        return _check_files(files, model)  # which keeps every file: the config and the one weights file
+    except BaseException:
+        _close(files)
+        raise
+
+
+def _check_files(files: dict[str, tuple[str, Member]], model: ModelSpec) -> CheckedAdapter:
+    weights = [(name, path, member) for name, (path, member) in files.items() if name != CONFIG_NAME]
     if len(weights) != 1:
         found = ", ".join(path for _, path, _ in weights) or "none"
         raise AdapterError(f"the archive needs exactly one .safetensors weights file, found {found}")
-    _, weights_path, weights_data = weights[0]
+    _, weights_path, weights_file = weights[0]
     config = _config(files[CONFIG_NAME][1], files[CONFIG_NAME][0]) if CONFIG_NAME in files else None
-    tensors, meta = parse_safetensors(weights_data, weights_path)
+    tensors, meta = parse_safetensors(weights_file.file, weights_path)
     for name in tensors:
         if not _LORA_TENSOR.search(name) and not name.endswith(".alpha"):
             raise AdapterError(f"{weights_path}: tensor {name!r} is not a LoRA weight (LoRA tensors are named "
@@ -355,7 +446,7 @@ def check_archive(source: bytes | IO[bytes], *, model: ModelSpec, max_bytes: int
             alpha = float(meta["lora_alpha"])
         except ValueError:
             alpha = None
-    stored = {WEIGHTS_NAMES[model.kind]: weights_data}
+    stored = {WEIGHTS_NAMES[model.kind]: weights_file}
     if CONFIG_NAME in files:
         stored = {CONFIG_NAME: files[CONFIG_NAME][1], **stored}
     return CheckedAdapter(files=stored, rank=rank, lora_alpha=alpha, target_modules=_targets(config, tensors))

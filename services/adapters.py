@@ -4,7 +4,6 @@ uploads and their public JSON shapes. Upload checks live in genq.services.adapte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -102,14 +101,15 @@ def create(session: Session, storage: Storage, *, tenant: str | None, name: str,
     idempotency key). None when another upload of the same name won a race (its files and row are
     removed again)."""
     adapter_id = new_id("adapter")
-    files = [{"name": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in checked.files.items()]
+    files = [{"name": n, "bytes": f.size, "sha256": f.sha256} for n, f in checked.files.items()]
     row = Adapter(id=adapter_id, tenant=tenant, name=name, base_model=model.name, kind=model.kind, files=files,
-                  bytes=sum(len(d) for d in checked.files.values()), created_at=time.time(),
+                  bytes=sum(f.size for f in checked.files.values()), created_at=time.time(),
                   meta={"rank": checked.rank, "lora_alpha": checked.lora_alpha,
                         "target_modules": checked.target_modules})
     try:
-        for file_name, data in checked.files.items():
-            storage.put(storage_key(adapter_id, file_name), data)
+        for file_name, member in checked.files.items():
+            member.file.seek(0)
+            storage.put_file(storage_key(adapter_id, file_name), member.file, member.size)
         session.add(row)
         remember(adapter_id)
         session.commit()

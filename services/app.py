@@ -14,9 +14,10 @@ from genq.services.deps import guard
 from genq.services.errors import install_handlers
 from genq.services.maintenance import Maintenance
 from genq.services.metrics import Metrics
-from genq.services.routes import ROUTERS
+from genq.services.routes import ROUTERS, adapters, files
 from genq.services.state import AppState, Limits, build_state
 from genq.services.storage_errors import install_storage_error_handler
+from genq.services.upload_cap import UploadCap
 from genq.services.webhooks import Dispatcher
 from genq.shared.config import Settings, get_settings
 from genq.shared.migrate import upgrade
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     install_storage_error_handler(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.add_middleware(UploadCap, state=state,
+                       caps={"/v1/files": files.upload_cap, "/v1/adapters": adapters.upload_cap})
     return app
 
 

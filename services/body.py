@@ -58,18 +58,6 @@ def parse_json_body(raw: bytes, prefix: str = "") -> Any:
     raise APIError(400, f"request body{joint}{err.message}", code="invalid_json")
 
 
-def ndjson_lines(raw: bytes) -> list[tuple[int, Any]]:
-    """Numbered objects of an NDJSON body; blank lines are skipped but still counted, and a byte
-    order mark at the start (as Windows tools write) is ignored."""
-    out: list[tuple[int, Any]] = []
-    for number, text in enumerate(raw.removeprefix(BOM).split(b"\n"), start=1):
-        if not text.strip():
-            continue
-        obj, err = parse_json_line(text, number)
-        out.append((number, err if err is not None else obj))
-    return out
-
-
 def batch_error(errors: list[LineError]) -> APIError:
     first = errors[0]
     more = len(errors) - 1

@@ -18,10 +18,10 @@ from sqlalchemy import select
 
 from genq.services import jobs as jobs_data
 from genq.services import submit
-from genq.services.body import ndjson_lines
 from genq.services.errors import APIError
+from genq.services.ndjson import validate_ndjson
 from genq.services.state import AppState
-from genq.services.validation import MAX_ERRORS_REPORTED, validate_batch
+from genq.services.validation import MAX_ERRORS_REPORTED
 from genq.shared.db import Batch, File, session_scope
 from genq.shared.errors import ErrorCode
 from genq.shared.webhooks import notify_batch
@@ -77,7 +77,7 @@ def _validate(state: AppState, batch_id: str) -> str:
                 notify_batch(session, batch_id)
             return "failed"
         raw = state.storage.get(file.key)
-        lines, errors = validate_batch(ndjson_lines(raw), state.registry, max_lines=state.limits.max_batch_lines,
+        lines, errors = validate_ndjson(raw, state.registry, max_lines=state.limits.max_batch_lines,
                                        endpoint=batch.endpoint, max_prompt_chars=state.limits.max_prompt_chars,
                                        adapters=submit.adapters(state, session, batch.tenant),
                                        webhook_policy=state.webhook_policy)

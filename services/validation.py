@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import types
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
@@ -233,22 +234,31 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
     return ValidLine(line or 0, req, body), []
 
 
-def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines: int, endpoint: str | None = None,
-                   max_prompt_chars: int = MAX_PROMPT_CHARS,
+def too_many_lines(count: int, max_lines: int) -> LineError | None:
+    """The `batch_too_large` error of a batch of `count` lines, if that is over `max_lines`."""
+    if count <= max_lines:
+        return None
+    return LineError(None, "requests", f"a batch holds at most {max_lines} lines, got {count}",
+                     code="batch_too_large")
+
+
+def validate_batch(objs: Iterable[tuple[int, Any]], registry: Registry, *, max_lines: int,
+                   endpoint: str | None = None, max_prompt_chars: int = MAX_PROMPT_CHARS,
                    adapters: AdapterCatalog | None = None,
                    webhook_policy: AddressPolicy = AddressPolicy()) -> tuple[list[ValidLine], list[LineError]]:
     """Validate numbered request lines; custom_id is required and unique within a batch. One
-    `adapters` catalog serves every line (the tenant's uploads are read once)."""
+    `adapters` catalog serves every line (the tenant's uploads are read once). `objs` may be
+    consumed lazily (genq.services.ndjson), so that each parsed line is dropped once validated;
+    a lazy caller counts its lines against `max_lines` itself, before parsing them."""
+    if isinstance(objs, Sized) and (over := too_many_lines(len(objs), max_lines)) is not None:
+        return [], [over]
     valid: list[ValidLine] = []
     errors: list[LineError] = []
-    if not objs:
-        return [], [LineError(None, "requests", "a batch needs at least one request line")]
-    if len(objs) > max_lines:
-        return [], [LineError(None, "requests", f"a batch holds at most {max_lines} lines, got {len(objs)}",
-                              code="batch_too_large")]
     seen: dict[str, int] = {}
     webhook_policy = webhook_policy.remembering()  # one lookup per webhook host for the whole batch
+    met = False  # any line, even a bad one
     for line, obj in objs:
+        met = True
         if isinstance(obj, LineError):
             errors.append(obj)
             continue
@@ -265,4 +275,6 @@ def validate_batch(objs: list[tuple[int, Any]], registry: Registry, *, max_lines
         else:
             seen[cid] = line
             valid.append(ok)
+    if not met:
+        return [], [LineError(None, "requests", "a batch needs at least one request line")]
     return valid, errors

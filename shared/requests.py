@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from genq.shared.kinds import ENDPOINTS
 from genq.shared.schemas import WEBHOOK_FIELDS, documented
@@ -46,6 +46,17 @@ class RequestLine(_Strict):
         return v
 
 
+# OpenAI's metadata limits: at most 16 pairs, keys up to 64 characters, string values up to 512.
+METADATA_MAX_PAIRS, METADATA_MAX_KEY_CHARS, METADATA_MAX_VALUE_CHARS = 16, 64, 512
+Metadata = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=METADATA_MAX_KEY_CHARS)],
+         Annotated[str, StringConstraints(max_length=METADATA_MAX_VALUE_CHARS)]],
+    Field(max_length=METADATA_MAX_PAIRS,
+          description=f"Up to {METADATA_MAX_PAIRS} pairs; keys up to {METADATA_MAX_KEY_CHARS} characters, "
+                      f"string values up to {METADATA_MAX_VALUE_CHARS}."),
+]
+
+
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -71,7 +82,7 @@ class BatchCreate(_Strict):
     input_file_id: str | None = Field(default=None, max_length=64)
     endpoint: str | None = None
     completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     priority: int | None = Field(default=None, ge=0, le=9)
     webhook_url: str | None = Field(default=None, max_length=2000)
     webhook_events: list[str] | None = None

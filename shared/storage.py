@@ -14,12 +14,13 @@ import io
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import IO, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from genq.shared.config import PRESIGN_SECONDS, Settings
@@ -103,6 +104,8 @@ def retry_storage(fn: Callable[[], T], *, what: str, deadline_s: float = STORAGE
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def put_file(self, key: str, fh: IO[bytes], size: int, content_type: str = "application/octet-stream") -> None:
+        """Store `size` bytes read from `fh` (at its position) without holding them in memory."""
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
@@ -122,12 +125,15 @@ class FileStorage:
         return self.root / check_key(key)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.put_file(key, io.BytesIO(data), len(data), content_type)
+
+    def put_file(self, key: str, fh: IO[bytes], size: int, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
         with storage_errors():  # a full disk or a lost mount: no path in the message
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(fh, out)
             os.replace(tmp, path)
 
     def get(self, key: str) -> bytes:
@@ -212,10 +218,13 @@ class S3Storage:
         self._bucket_checked = True
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.put_file(key, io.BytesIO(data), len(data), content_type)
+
+    def put_file(self, key: str, fh: IO[bytes], size: int, content_type: str = "application/octet-stream") -> None:
         name = self._name(key)
         with self._calls():
             self._ensure_bucket()
-            self.client.put_object(self.bucket, name, io.BytesIO(data), len(data), content_type=content_type)
+            self.client.put_object(self.bucket, name, fh, size, content_type=content_type)
 
     def get(self, key: str) -> bytes:
         from minio.error import S3Error

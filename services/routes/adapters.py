@@ -19,6 +19,8 @@ from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError, not_found
 from genq.services.objects import AdapterObject, Deleted, Page
 from genq.services.resources import Once, create_once
+from genq.services.state import AppState
+from genq.services.upload_cap import Cap
 from genq.shared.kinds import ADAPTER_KINDS
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(refuse_nul_params)])
@@ -27,6 +29,11 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depen
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"file: the adapter archive is over the limit of {limit} bytes (GENQ_MAX_ADAPTER_BYTES)",
                     code="file_too_large", param="file")
+
+
+def upload_cap(state: AppState) -> Cap:
+    """What UploadCap lets in for an upload: the body is refused while it arrives."""
+    return Cap(state.settings.max_adapter_bytes, _too_large(state.settings.max_adapter_bytes))
 
 
 def _exists(name: str, where: str) -> APIError:
@@ -41,9 +48,8 @@ async def create_adapter(request: Request, state: StateDep, session: SessionDep,
                          model: Annotated[str, Form(max_length=200)]) -> dict[str, Any]:
     """Register a LoRA adapter for `model` from an archive holding adapter_config.json and one
     .safetensors weights file (nothing else; pickle-based weights are refused)."""
-    limit = state.settings.max_adapter_bytes
-    declared = request.headers.get("content-length", "")
-    if (declared.isdigit() and int(declared) > limit + 64 * 1024) or (file.size or 0) > limit:
+    limit = state.settings.max_adapter_bytes  # the body was capped while it arrived (UploadCap)
+    if (file.size or 0) > limit:
         raise _too_large(limit)
     if (why := adapters_data.check_name(name)) is not None:
         raise APIError(400, f"name: {why}", code="invalid_request", param="name")
@@ -63,10 +69,11 @@ async def create_adapter(request: Request, state: StateDep, session: SessionDep,
             raise _too_large(limit) from None
         except AdapterError as exc:
             raise APIError(400, f"file: {exc.message}", code=exc.code, param="file") from None
-        if adapters_data.find(session, tenant=tenant, name=name) is not None:
-            raise _exists(name, "for this tenant")
-        row = adapters_data.create(session, state.storage, tenant=tenant, name=name, model=spec, checked=checked,
-                                   remember=once.remember)
+        with checked:
+            if adapters_data.find(session, tenant=tenant, name=name) is not None:
+                raise _exists(name, "for this tenant")
+            row = adapters_data.create(session, state.storage, tenant=tenant, name=name, model=spec,
+                                       checked=checked, remember=once.remember)
         if row is None:
             raise _exists(name, "for this tenant")
         return adapters_data.adapter_object(row)

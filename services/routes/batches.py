@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
@@ -19,7 +21,6 @@ from genq.services.body import (
     batch_error,
     has_nul,
     model_schema,
-    ndjson_lines,
     parse_json_body,
     read_body,
     refuse_nul_params,
@@ -29,6 +30,7 @@ from genq.services.body import (
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
 from genq.services.intake import validate_file_batch
+from genq.services.ndjson import validate_ndjson
 from genq.services.objects import BatchObject, JobObject, Page
 from genq.services.resources import Once, create_once, cursor_page, get_owned, list_page, read_once
 from genq.services.validation import ValidLine, validate_batch
@@ -36,7 +38,7 @@ from genq.services.webhooks import validate_subscription
 from genq.shared import jobs as job_state
 from genq.shared.db import Batch, File, Job, owned_by
 from genq.shared.finalize import maybe_finalize_batch
-from genq.shared.requests import BatchCreate
+from genq.shared.requests import BatchCreate, Metadata
 from genq.shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES
 from genq.shared.views import batch_object, job_object, output_line
 
@@ -53,9 +55,11 @@ def batch_view(session: Session, batch: Batch) -> dict[str, Any]:
     return batch_object(batch, job_state.request_counts(job_state.batch_counts(session, batch.id)))
 
 
-def _parse_submission(raw: bytes, content_type: str) -> BatchCreate:
-    if content_type.startswith(("application/x-ndjson", "application/jsonl", "application/json-lines")):
-        return BatchCreate(requests=ndjson_lines(raw))
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
+
+
+def _parse_submission(raw: bytes) -> BatchCreate:
+    """A JSON body's batch (run in a worker thread: parsing a large body is CPU-bound)."""
     obj = parse_json_body(raw)
     if not isinstance(obj, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_request")
@@ -119,7 +123,9 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
     """Inline or NDJSON lines are validated now (400 naming each bad line) and queued; a batch of
     an uploaded file answers `validating` at once and is checked in the background."""
     raw = await read_body(request, state.limits.max_body_bytes)
-    spec = _parse_submission(raw, request.headers.get("content-type", ""))
+    # An NDJSON body carries lines only: it is counted, parsed and validated in `create`, in a thread.
+    ndjson = request.headers.get("content-type", "").startswith(NDJSON_TYPES)
+    spec = BatchCreate() if ndjson else await run_in_threadpool(_parse_submission, raw)
 
     def create(once: Once) -> dict[str, Any]:
         fields = _batch_fields(state, spec)
@@ -134,10 +140,11 @@ async def create_batch(request: Request, background: BackgroundTasks, state: Sta
             session.commit()
             background.add_task(validate_file_batch, state, batch.id)
             return batch_object(batch, job_state.request_counts({}))
-        lines, errors = validate_batch(spec.requests or [], state.registry, max_lines=state.limits.max_batch_lines,
-                                       endpoint=spec.endpoint, max_prompt_chars=state.limits.max_prompt_chars,
-                                       adapters=submit.adapters(state, session, tenant),
-                                       webhook_policy=state.webhook_policy)
+        check = partial(validate_ndjson, raw) if ndjson else partial(validate_batch, spec.requests or [])
+        lines, errors = check(state.registry, max_lines=state.limits.max_batch_lines, endpoint=spec.endpoint,
+                              max_prompt_chars=state.limits.max_prompt_chars,
+                              adapters=submit.adapters(state, session, tenant),
+                              webhook_policy=state.webhook_policy)
         if errors:
             raise batch_error(errors)
         endpoint = spec.endpoint or lines[0].request.url
@@ -216,7 +223,7 @@ class RetryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_cancelled: bool = False
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
 
 
 @router.post("/{batch_id}/retry", status_code=202, response_model=BatchObject,

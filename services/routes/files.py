@@ -16,6 +16,8 @@ from genq.services.errors import APIError
 from genq.services.objects import Deleted, FileObject, Page
 from genq.services.output_files import render_output_file
 from genq.services.resources import Once, create_once, cursor_page, get_owned
+from genq.services.state import AppState
+from genq.services.upload_cap import Cap
 from genq.shared.db import File as FileRow
 from genq.shared.db import new_id, owned_by
 from genq.shared.views import file_object
@@ -30,12 +32,21 @@ def load_file(session: SessionDep, file_id: str, tenant: str | None) -> FileRow:
     return get_owned(session, FileRow, file_id, tenant, "file")
 
 
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"file is over the limit of {limit} bytes", code="file_too_large", param="file")
+
+
+def upload_cap(state: AppState) -> Cap:
+    """What UploadCap lets in for an upload: the body is refused while it arrives."""
+    return Cap(state.limits.max_file_bytes, _too_large(state.limits.max_file_bytes))
+
+
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     chunks, size = [], 0
     while chunk := await upload.read(CHUNK):
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"file is over the limit of {limit} bytes", code="file_too_large", param="file")
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -44,17 +55,14 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 async def upload_file(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                       file: Annotated[UploadFile, File()],
                       purpose: Purpose) -> dict[str, Any]:
-    """Store an uploaded JSONL file; batches name it by `input_file_id`."""
-    limit = state.limits.max_file_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise APIError(413, f"file is over the limit of {limit} bytes", code="file_too_large", param="file")
+    """Store an uploaded JSONL file; batches name it by `input_file_id` (a body over the limit is
+    refused while it arrives, by UploadCap)."""
     if purpose not in UPLOAD_PURPOSES:
         raise APIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", code="invalid_request",
                        param="purpose")
     if has_nul(file.filename):
         raise APIError(400, f"file: the filename {NUL_MESSAGE}", code="invalid_request", param="file")
-    data = await _read_limited(file, limit)
+    data = await _read_limited(file, state.limits.max_file_bytes)
 
     def store(once: Once) -> dict[str, Any]:
         file_id = new_id("file")

@@ -7,9 +7,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 import stat
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,8 @@ def built(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 def test_real_peft_and_diffusers_adapters_are_accepted(built: dict[str, Path], fmt: str) -> None:
     text = check_archive(archive_adapter(built["text"], fmt), model=TEXT, max_bytes=BIG)
     assert list(text.files) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert text.files["adapter_model.safetensors"] == (built["text"] / "adapter_model.safetensors").read_bytes()
+    weights = text.files["adapter_model.safetensors"].file.read()
+    assert weights == (built["text"] / "adapter_model.safetensors").read_bytes()
     assert (text.rank, text.lora_alpha, text.target_modules) == (4, 8, ["c_attn", "c_fc", "c_proj"])
     image = check_archive(archive_adapter(built["image"], fmt), model=IMAGE, max_bytes=BIG)
     assert list(image.files) == ["pytorch_lora_weights.safetensors"]  # no adapter_config.json needed
@@ -299,6 +302,50 @@ def test_a_decompression_bomb_stops_at_the_limit() -> None:
     zbomb = _zip([("adapter_config.json", _config()), ("adapter_model.safetensors", bytes(50_000_000))])
     with pytest.raises(AdapterTooLarge):
         read_archive(zbomb, max_bytes=1_000_000)
+
+
+def _zip_of_zeros(size: int) -> bytes:
+    """A zip whose weights member is `size` zero bytes, written a chunk at a time."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("adapter_config.json", _config())
+        with zf.open("adapter_model.safetensors", "w") as member:
+            for _ in range(size // (1 << 20)):
+                member.write(bytes(1 << 20))
+    return buf.getvalue()
+
+
+def test_a_zip_bomb_under_the_size_limit_is_refused_by_its_ratio_in_bounded_memory() -> None:
+    # 64 MiB of zeros packs into ~64 kB: far under GENQ_MAX_ADAPTER_BYTES's 1 GiB, but a thousandfold
+    # inflation; it is refused once the unpacked bytes pass MAX_RATIO times the archive's, and what
+    # was inflated went to a temporary file, not memory.
+    bomb = _zip_of_zeros(64 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(AdapterError, match="decompression bomb") as refused:
+            check_archive(bomb, model=TEXT, max_bytes=1 << 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not isinstance(refused.value, AdapterTooLarge) and refused.value.code == "invalid_adapter"
+    assert "adapter_model.safetensors" in refused.value.message
+    assert peak < 8 << 20, f"checking the bomb held {peak >> 20} MiB"
+
+
+def test_members_are_spooled_to_files_not_held_in_memory() -> None:
+    name = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    weights = _raw_safetensors({name: {"dtype": "F32", "shape": [4, 1 << 20], "data_offsets": [0, 16 << 20]}},
+                               os.urandom(16 << 20))
+    data = _tar([("adapter_config.json", _config()), ("adapter_model.safetensors", weights)], gz=False)
+    tracemalloc.start()
+    try:
+        with check_archive(data, model=TEXT, max_bytes=1 << 30) as checked:
+            peak = tracemalloc.get_traced_memory()[1]
+            member = checked.files["adapter_model.safetensors"]
+            assert member.size == len(weights) and member.file.read() == weights
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"checking a {len(weights) >> 20} MiB member held {peak >> 20} MiB"
 
 
 def test_a_member_declaring_more_than_the_limit_is_refused_before_reading() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 from openai.types import Model
@@ -108,3 +109,30 @@ def test_a_repeated_synchronous_request_answers_its_first_job(tmp_path: Path) ->
     assert len(jobs) == 1 and jobs[0].status == "cancelled"
     assert again.status_code == 409 and again.json()["error"]["code"] == "cancelled"
     assert jobs[0].id in again.json()["error"]["message"]  # the same job, not a new one
+
+
+
+def test_batch_metadata_follows_openais_limits(tmp_path: Path) -> None:
+    line = {"custom_id": "a", "url": "/v1/completions", "body": {"model": "tiny-gpt2", "prompt": "x"}}
+
+    def create(metadata: object) -> Any:
+        return c.post("/v1/batches", json={"requests": [line], "metadata": metadata})
+
+    with _app(tmp_path) as c:
+        ok = create({f"k{i}": "v" * 512 for i in range(15)} | {"k" * 64: "v"})
+        refused = {"17 pairs": create({f"k{i}": "v" for i in range(17)}),
+                   "a long key": create({"k" * 65: "v"}),
+                   "a long value": create({"k": "v" * 513}),
+                   "a number": create({"k": 1})}
+        documented = c.get("/openapi.json").json()
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["metadata"]["k" * 64] == "v"
+    for what, resp in refused.items():
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["code"] == "invalid_request", (what, resp.text)
+        assert err["param"].startswith("metadata") and err["message"].startswith(err["param"] + ": "), (what, err)
+    assert refused["a long value"].json()["error"]["param"] == "metadata.k"
+    body = documented["paths"]["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    meta = next(s for s in body["properties"]["metadata"]["anyOf"] if s.get("type") == "object")
+    assert meta["maxProperties"] == 16 and meta["propertyNames"]["maxLength"] == 64
+    assert meta["additionalProperties"] == {"type": "string", "maxLength": 512}
