@@ -21,19 +21,23 @@ from genq.shared.response_format import check_response_format
 from genq.shared.schemas import (
     LOGIT_BIAS_SCHEMA,
     STOP_SCHEMA,
+    RequestModel,
     SamplingBody,
     StreamOptions,
     Usage,
     documented,
+    sized,
 )
 
 CHAT_URL = "/v1/chat/completions"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_MESSAGES = 2048
+MAX_TOOLS = 128  # OpenAI's limit of tools (and of functions) in one request
+MAX_PARTS = 1024  # content parts in one message
 
 
-class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Part(RequestModel):
+    pass
 
 
 class TextPart(_Part):
@@ -77,6 +81,8 @@ class ChatMessage(_Part):
     audio: dict[str, Any] | None = None  # assistant: an earlier audio answer (refused: text only)
     function_call: dict[str, Any] | None = None  # deprecated form of tool_calls (refused)
 
+    _message_sizes = sized(content=MAX_PARTS, tool_calls=MAX_TOOLS)
+
     @model_validator(mode="after")
     def _shape(self) -> ChatMessage:
         if self.role == "tool" and not self.tool_call_id:
@@ -111,6 +117,7 @@ class ChatBody(SamplingBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra=documented(
         stop=STOP_SCHEMA, logit_bias=LOGIT_BIAS_SCHEMA))
 
+    _chat_sizes = sized(tools=MAX_TOOLS, functions=MAX_TOOLS, modalities=8, metadata=16)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1, le=32768, description="Deprecated by OpenAI for "
                                    "max_completion_tokens; either bounds the tokens of each choice.")

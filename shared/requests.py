@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import ConfigDict, Field, StringConstraints, field_validator
 
 from genq.shared.kinds import ENDPOINTS
-from genq.shared.schemas import WEBHOOK_FIELDS, documented
+from genq.shared.schemas import WEBHOOK_FIELDS, RequestModel, documented, sized
 
 # genq's priorities run from 0, the default and least urgent, to 9, the most urgent.
 DEFAULT_PRIORITY = 0
@@ -19,8 +19,8 @@ def effective_priority(*given: int | None) -> int:
     return next((p for p in given if p is not None), DEFAULT_PRIORITY)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(RequestModel):
+    _webhook_sizes = sized(webhook_events=32)
 
 
 class RequestLine(_Strict):

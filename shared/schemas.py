@@ -9,7 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
@@ -60,16 +70,50 @@ WEBHOOK_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
-class _Strict(BaseModel):
+MAX_PROMPTS = 64  # prompts in one completion request
+
+# More unknown fields than this in one object are refused as one error, not one error each.
+MAX_UNKNOWN_FIELDS = 32
+
+
+class RequestModel(BaseModel):
+    """The base of every model of a request: unknown fields are refused, many of them as one error
+    (a hostile body costs one error, not millions)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) > len(cls.model_fields) + MAX_UNKNOWN_FIELDS:
+            raise ValueError(f"holds {len(data)} fields; it has {len(cls.model_fields)} (unknown fields are refused)")
+        return data
 
-class StreamOptions(_Strict):
+
+def sized(**limits: int | tuple[int, str]) -> Any:
+    """A before-validator of a request model for the named list or object fields: one over its
+    size is refused before its items are validated (one error, not one per item). A limit may come
+    with its message, a template of `{limit}` and `{count}`."""
+
+    def check(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+        limit, message = _limit(limits[info.field_name or ""])
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise ValueError(message.format(limit=limit, count=len(value)))
+        return value
+
+    return field_validator(*limits, mode="before", check_fields=False)(classmethod(check))  # type: ignore[arg-type]
+
+
+def _limit(spec: int | tuple[int, str]) -> tuple[int, str]:
+    return spec if isinstance(spec, tuple) else (spec, "holds {count} items; at most {limit}")
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # accepted: genq's chunks carry no obfuscation padding
 
 
-class JobBody(_Strict):
+class JobBody(RequestModel):
     """What every request body has: the model it names, an optional adapter, and prompts whose
     length the API limits. Each endpoint's body (genq.shared.kinds) is one of these."""
 
@@ -119,6 +163,8 @@ class SamplingBody(JobBody):
     user: str | None = Field(default=None, max_length=256)  # accepted so that OpenAI batch files work unchanged
 
     nulls_take_defaults: ClassVar[bool] = True
+    _sampling_sizes = sized(stop=(4, "at most {limit} stop sequences, got {count}"),
+                            logit_bias=(300, "at most {limit} tokens may be biased, got {count}"))
 
     @model_validator(mode="before")
     @classmethod
@@ -182,6 +228,7 @@ class CompletionBody(SamplingBody):
                            "maxItems": 64}]},
         stop=STOP_SCHEMA, logit_bias=LOGIT_BIAS_SCHEMA))
 
+    _completion_sizes = sized(prompt=(MAX_PROMPTS, "must hold between 1 and {limit} prompts, got {count}"))
     prompt: str | list[str] = Field(description="One prompt, or a list of prompts answered in order.")
     max_tokens: int = Field(default=16, ge=1, le=4096)
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -194,8 +241,8 @@ class CompletionBody(SamplingBody):
     @classmethod
     def _prompt_not_empty(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list):
-            if not 1 <= len(v) <= 64:
-                raise ValueError("must hold between 1 and 64 prompts")
+            if not 1 <= len(v) <= MAX_PROMPTS:
+                raise ValueError(f"must hold between 1 and {MAX_PROMPTS} prompts")
             if any(not p for p in v):
                 raise ValueError("prompts must not be empty")
         elif not v:
@@ -339,6 +386,7 @@ class ImagesResult(BaseModel):
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs in one request
 MAX_EMBEDDING_DIMENSIONS = 65536
+MAX_INPUT_TOKENS = 32768  # token ids in one input of a list of them (the model's context limits it further)
 
 _Text = Annotated[str, Field(min_length=1)]
 _TokenId = Annotated[int, Strict(), Field(ge=0)]  # strict: true and 1.0 are not token ids
@@ -361,7 +409,7 @@ EmbeddingInput = Annotated[
     Annotated[_Text, Tag("string")]
     | Annotated[list[_Text], Tag("strings"), Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
     | Annotated[list[_TokenId], Tag("tokens"), Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
-    | Annotated[list[Annotated[list[_TokenId], Field(min_length=1)]], Tag("token_lists"),
+    | Annotated[list[Annotated[list[_TokenId], Field(min_length=1, max_length=MAX_INPUT_TOKENS)]], Tag("token_lists"),
                 Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)],
     Discriminator(_input_kind, custom_error_type="invalid_input",
                   custom_error_message="must be a string, a list of strings, a list of token ids or a list of "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
@@ -38,7 +39,7 @@ async def submit_job(request: Request, state: StateDep, session: SessionDep, ten
                      renderer: RendererDep) -> dict[str, Any]:
     """Submit one request line; answers 202 with the queued job."""
     raw = await read_body(request, state.limits.max_body_bytes)
-    obj = parse_json_body(raw)
+    obj = await run_in_threadpool(parse_json_body, raw)  # a big body is parsed off the event loop
 
     def create(once: Once) -> dict[str, Any]:
         return job_object(submit.one_job(state, session, tenant, obj, once))

@@ -72,7 +72,7 @@ def _answer(job: Job, renderer: RendererDep) -> dict[str, Any]:
 async def _serve(url: str, request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                  renderer: RendererDep, start_timeout: float | None, timeout: float | None) -> Any:
     raw = await read_body(request, state.limits.max_body_bytes)
-    body = parse_json_body(raw, prefix="body")
+    body = await run_in_threadpool(parse_json_body, raw, "body")  # off the event loop, as big as it may be
     stream = isinstance(body, dict) and body.get("stream") is True
     start_s = start_timeout or state.limits.sync_start_timeout_s
     total_s = timeout or state.limits.sync_timeout_s

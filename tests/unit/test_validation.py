@@ -134,3 +134,38 @@ def test_adapter_errors_name_the_line_and_field(line: dict[str, Any], words: str
     assert [v.line for v in valid] == [1, 2]
     assert [(e.line, e.param, e.code) for e in errors] == [(3, "body.adapter", code)]
     assert errors[0].as_dict()["message"].startswith(f"line 3: body.adapter: {words}")
+
+
+HUGE = 200_000  # items in a hostile value: one error each would take pydantic seconds and megabytes
+_CHAT = {"model": "t", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _chat(message: dict[str, Any] | None = None, **body: Any) -> dict[str, Any]:
+    msg = {"role": "user", "content": "hi", **(message or {})}
+    return {"custom_id": "c", "url": "/v1/chat/completions", "body": {**_CHAT, "messages": [msg], **body}}
+
+
+@pytest.mark.parametrize(("line", "param"), [
+    (_text(prompt=list(range(HUGE))), "body.prompt"),
+    (_text(stop=list(range(HUGE))), "body.stop"),
+    (_text(logit_bias={str(i): "x" for i in range(HUGE)}), "body.logit_bias"),
+    (_text(**{f"k{i}": 1 for i in range(HUGE)}), "body"),
+    (_text(stream_options={f"k{i}": 1 for i in range(HUGE)}), "body.stream_options"),
+    (_chat(tools=list(range(HUGE))), "body.tools"),
+    (_chat(modalities=list(range(HUGE))), "body.modalities"),
+    (_chat({"content": list(range(HUGE))}), "body.messages[0].content"),
+    (_chat({"tool_calls": list(range(HUGE))}), "body.messages[0].tool_calls"),
+    (_chat(response_format={f"k{i}": 1 for i in range(HUGE)}), "body.response_format"),
+    ({**_text(), "webhook_url": "https://example.com/", "webhook_events": list(range(HUGE))}, "webhook_events"),
+    ({**_text(), **{f"k{i}": 1 for i in range(HUGE)}}, None),
+    ({"custom_id": "e", "url": "/v1/embeddings", "body": {"model": "t", "input": [list(range(HUGE))]}},
+     "body.input[0]"),
+])
+def test_an_oversized_value_is_one_error_found_before_its_items(line: dict[str, Any], param: str | None) -> None:
+    """A list or object far over its limit is refused as a whole, before pydantic validates (and
+    reports) each of its items: a 30 MB prompt list of numbers used to hold the API for minutes."""
+    _, errors = validate_line(line, 1, REG)
+    assert len(errors) == 1, [e.as_dict() for e in errors[:3]]
+    assert errors[0].param == param, errors[0].as_dict()
+    assert len(errors[0].message) < 200 and ("at most" in errors[0].message or "between" in errors[0].message
+            or "refused" in errors[0].message), errors[0].as_dict()
