@@ -38,7 +38,7 @@ from genq.services.webhooks import validate_subscription
 from genq.shared import jobs as job_state
 from genq.shared.db import Batch, File, Job, owned_by
 from genq.shared.finalize import maybe_finalize_batch
-from genq.shared.requests import BatchCreate, Metadata
+from genq.shared.requests import METADATA_MAX_PAIRS, BatchCreate, Metadata
 from genq.shared.schemas import JOB_STATUSES, TERMINAL_JOB_STATUSES
 from genq.shared.views import batch_object, job_object, output_line
 
@@ -256,6 +256,10 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
         if errors:
             raise batch_error(errors)
         metadata = {**(original.meta or {}), **(opts.metadata or {}), "retry_of": original.id}
+        if len(metadata) > METADATA_MAX_PAIRS:
+            raise APIError(400, f"metadata: the retry's metadata (the batch's, this request's and retry_of) would "
+                           f"hold {len(metadata)} pairs; at most {METADATA_MAX_PAIRS}", code="invalid_request",
+                           param="metadata")
         return _start(state, session, tenant, once, lines, endpoint=original.endpoint,
                       completion_window=original.completion_window, meta=metadata, priority=original.priority,
                       webhook_url=original.webhook_url, webhook_events=original.webhook_events,

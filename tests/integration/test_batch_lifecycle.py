@@ -61,6 +61,9 @@ def test_retry_creates_a_batch_of_the_failed_requests(stack: Stack) -> None:
         batch = c.post("/v1/batches", json={"requests": lines, "metadata": {"run": "7"}}).json()
         done = _terminal(c, batch["id"])
         assert done["request_counts"]["completed"] == 2 and done["request_counts"]["failed"] == 2
+        # retry_of takes a metadata pair of its own: 1 + 15 more would be 17, over OpenAI's 16.
+        crowded = c.post(f"/v1/batches/{batch['id']}/retry", json={"metadata": {f"k{i}": "v" for i in range(15)}})
+        assert crowded.status_code == 400 and crowded.json()["error"]["param"] == "metadata", crowded.text
         retry = c.post(f"/v1/batches/{batch['id']}/retry")
         assert retry.status_code == 202, retry.text
         again = retry.json()
