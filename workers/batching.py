@@ -136,7 +136,8 @@ class Batcher:
                     continue
                 first = self._waiting[0]
                 spec = first.runner.spec
-                limit = spec.options.max_batch_size
+                # A model that does not batch runs each item at once: no wait for company.
+                limit = spec.options.max_batch_size if spec.options.batches() else 1
                 deadline = first.arrived + spec.options.max_wait_ms / 1000
                 group, rows = self._gather(first, limit)
                 now = time.monotonic()

@@ -27,8 +27,10 @@ SIZE = 100  # bytes each SizedRunner holds when loaded
 class ListRunner:
     """Answers each item with its value; records the calls; raises for a batch holding 'bad'."""
 
-    def __init__(self, max_batch_size: int = 4, max_wait_ms: float = 50, hold: threading.Event | None = None) -> None:
-        self.spec = model_spec("m", "echo", "none", max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    def __init__(self, max_batch_size: int = 4, max_wait_ms: float = 50, hold: threading.Event | None = None,
+                 batch: bool = True) -> None:
+        self.spec = model_spec("m", "echo", "none", max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                               batch=batch)
         self.calls: list[list[str]] = []
         self.hold = hold  # the first call waits for it, so that items pile up behind it
 
@@ -69,6 +71,25 @@ def submit_all(batcher: Batcher, runner: ListRunner, bodies: list[_Body]) -> lis
     for t in threads:
         t.join(20)
     return results
+
+
+def test_a_model_that_does_not_batch_runs_each_item_alone_and_at_once() -> None:
+    """An echo model without `batch = true` (and a GAN) never batches: items waiting behind a
+    running one still run one a call, and none waits max_wait_ms (or the grace) for company."""
+    hold = threading.Event()
+    runner, batcher = ListRunner(max_batch_size=4, max_wait_ms=60_000, hold=hold, batch=False), Batcher()
+    done: list[Any] = []
+    first = threading.Thread(target=lambda: done.append(submit_all(batcher, runner, [_Body("first")])))
+    first.start()
+    wait_for(lambda: runner.calls, 10, 0.005, "the first call")
+    rest = threading.Thread(target=lambda: done.append(submit_all(batcher, runner, [_Body("a"), _Body("b")])))
+    rest.start()
+    wait_for(lambda: len(batcher._waiting) >= 2, 10, 0.005, "2 items waiting")
+    hold.set()
+    first.join(20)
+    rest.join(20)  # within max_wait_ms' 60 s only if nobody waited for it
+    assert not rest.is_alive()
+    assert runner.calls == [["first"], ["a"], ["b"]]
 
 
 def test_waiting_items_share_batches_up_to_the_limit_in_arrival_order() -> None:
