@@ -10,9 +10,9 @@ import torch
 from genq.shared.registry import model_spec
 from genq.shared.schemas import CompletionBody
 from genq.workers.runners import make_runner
-from genq.workers.runners import text as text_module
+from genq.workers.runners import text_engine as text_module
 from genq.workers.runners.base import InvalidRequest, JobCancelled, RunContext
-from genq.workers.runners.sampling import RowParams, RowSampler
+from genq.workers.runners.sampling import RowParams, RowState, penalize_row
 from genq.workers.runners.text import TextRunner
 
 PROMPT = "The train left the station"
@@ -195,7 +195,8 @@ def test_cancel_stops_generation(text_runner: TextRunner, monkeypatch: pytest.Mo
     with pytest.raises(JobCancelled):
         complete(text_runner, ctx, max_tokens=200, temperature=0)
     assert len(polls) == 5  # no polling (or generating) after the cancel was seen
-    assert progress == sorted(progress) and 0 < progress[0] and progress[-1] <= 5 / 200
+    # Polls follow each decoding step; the first step also made the prefill's token: 6 tokens at most.
+    assert progress == sorted(progress) and 0 < progress[0] and progress[-1] <= 6 / 200
 
 
 def test_presence_and_frequency_penalties(text_runner: TextRunner) -> None:
@@ -203,10 +204,12 @@ def test_presence_and_frequency_penalties(text_runner: TextRunner) -> None:
         return RowParams(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition=1.0, presence=presence,
                        frequency=frequency, max_tokens=4, seed=0, logprobs=-1, stops=[])
 
-    # Row 0 penalized (presence 0.5, frequency 0.25), row 1 not; column 0 is the prompt.
-    sampler = RowSampler([params(0.5, 0.25), params(0.0, 0.0)], pad=[0, 0], width=1, device="cpu")
-    scores = sampler._penalize(torch.tensor([[3, 1, 1, 2], [3, 0, 0, 0]]), torch.zeros(2, 4))
-    assert scores.tolist() == [[0.0, -1.0, -0.75, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    # Penalized (presence 0.5, frequency 0.25) or not, after prompt [3] and tokens 1, 1, 2.
+    penalized, plain = RowState(params(0.5, 0.25), [3]), RowState(params(0.0, 0.0), [3])
+    penalized.generated = [1, 1, 2]
+    plain.generated = [0, 0, 0]
+    assert penalize_row(penalized, torch.zeros(4)).tolist() == [0.0, -1.0, -0.75, 0.0]
+    assert penalize_row(plain, torch.zeros(4)).tolist() == [0.0, 0.0, 0.0, 0.0]
 
     def distinct(**fields: Any) -> int:
         tokens = complete(text_runner, max_tokens=30, temperature=0, logprobs=0, **fields)
