@@ -51,6 +51,8 @@ def row_params(body: SamplingBody, seed: int, index: int, max_tokens: int,
                      stops=body.stop_list, bias=body.token_bias, response_format=response_format)
 
 
+NUCLEUS_SCAN = 1024  # tokens StepSampler scans for a row's top-p nucleus before sorting the whole row
+
 # One step's logprobs of a row: the chosen token's, then the top values and their token ids.
 Record = tuple[float, list[float], list[int]]
 
@@ -149,21 +151,44 @@ class StepSampler:
         return pick.clamp_(max=s.shape[1] - 1)
 
     def _filter(self, s: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Mask tokens outside each row's top-k and top-p nucleus (ties with the last kept token stay)."""
-        k = torch.where(self.top_k[rows] > 0, self.top_k[rows], s.shape[1]).clamp(max=s.shape[1])
+        """Mask tokens outside each row's top-k and top-p nucleus (ties with the last kept token stay).
+
+        The nucleus is looked for among each row's NUCLEUS_SCAN most likely tokens first (a partial
+        sort, ~10x cheaper than sorting the vocabulary); only rows whose nucleus is wider than that
+        (flat distributions) sort their whole row."""
+        vocab = s.shape[1]
+        k = torch.where(self.top_k[rows] > 0, self.top_k[rows], vocab).clamp(max=vocab)
         top_p = self.top_p[rows]
-        if bool((top_p >= 1.0).all()):  # top-k only: a partial sort is enough
-            values = s.topk(int(k.max()), dim=-1).values
-            threshold = values.gather(1, (k - 1)[:, None])
-        else:
-            ordered = s.sort(dim=-1, descending=True).values
-            rank = torch.arange(s.shape[1], device=s.device)[None, :]
-            ordered = ordered.masked_fill(rank >= k[:, None], float("-inf"))
-            probs = torch.softmax(ordered, dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-            keep = ((before < top_p[:, None]) | (rank == 0)) & (rank < k[:, None])
-            threshold = ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
+        scan = min(vocab, NUCLEUS_SCAN)
+        ordered = s.topk(scan, dim=-1).values
+        if bool((top_p >= 1.0).all()) and int(k.max()) <= scan:  # top-k only
+            return s.masked_fill(s < ordered.gather(1, (k - 1)[:, None]), float("-inf"))
+        rank = torch.arange(scan, device=s.device)[None, :]
+        # Probabilities among the row's top-k tokens (all tokens without top-k), in sorted order.
+        norm = s.logsumexp(dim=-1)
+        if bool((k < vocab).any()):
+            norm = torch.where(k < vocab, ordered.masked_fill(rank >= k[:, None], float("-inf")).logsumexp(dim=-1),
+                               norm)
+        probs = (ordered - norm[:, None]).exp()
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        keep = ((before < top_p[:, None]) | (rank == 0)) & (rank < k[:, None])
+        count = keep.sum(dim=-1, keepdim=True)
+        threshold = ordered.gather(1, count - 1)
+        # Rows to sort whole: a top-k wider than the scan, or a nucleus that may go on past it.
+        wide = (((k > scan) & (k < vocab)) | ((count.squeeze(1) == scan) & (k > scan))).nonzero().flatten().tolist()
+        if wide:  # the nucleus may go on past the scanned tokens
+            threshold[wide] = self._full_threshold(s[wide], k[wide], top_p[wide])
         return s.masked_fill(s < threshold, float("-inf"))
+
+    @staticmethod
+    def _full_threshold(s: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        ordered = s.sort(dim=-1, descending=True).values
+        rank = torch.arange(s.shape[1], device=s.device)[None, :]
+        ordered = ordered.masked_fill(rank >= k[:, None], float("-inf"))
+        probs = torch.softmax(ordered, dim=-1)
+        before = probs.cumsum(dim=-1) - probs
+        keep = ((before < top_p[:, None]) | (rank == 0)) & (rank < k[:, None])
+        return ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
 
     def _records(self, raw: torch.Tensor, chosen: torch.Tensor) -> tuple[list[Any], list[Any], list[Any]]:
         lp = torch.log_softmax(raw[self.lp_rows], dim=-1)
