@@ -225,3 +225,28 @@ def test_more_adapters_than_fit_load_each_only_a_few_times(
         assert loads <= 5, loads  # each of the four about once
     else:
         assert loads >= 12, loads  # the baseline this test guards against
+
+
+def test_constrained_chat_rows_join_free_rows_mid_flight(tiny_dir: Path) -> None:
+    import json
+
+    import jsonschema
+
+    from tests.unit.test_chat_runner import PERSON, chat_item, texts
+
+    spec = load_registry(tiny_dir / "models.toml").get("tiny-chat")
+    assert spec is not None
+    chat = TextRunner(spec, device="cpu")
+    chat.load()
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    asks = [{"seed": 3, "max_completion_tokens": 40},
+            {"temperature": 0, "response_format": schema_format, "max_completion_tokens": 120},
+            {"seed": 5, "n": 2, "temperature": 0.9, "response_format": schema_format, "max_completion_tokens": 120}]
+    want = [texts(finish(chat.run_batch([chat_item(chat, **a)])[0])) for a in asks]
+    items = [chat_item(chat, **a) for a in asks]
+    feed = Feed({2: [items[1]], 5: [items[2]]})
+    chat.serve(items[:1], feed.pull, feed.deliver)
+    for it, expected in zip(items, want, strict=True):
+        assert texts(feed.outcome(it)) == expected
+    for choice in feed.outcome(items[2])["choices"]:
+        jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
