@@ -278,7 +278,8 @@ class StreamRunner(ListRunner):
             item = running.pop(0)
             self.served.append(item.body.value)  # type: ignore[attr-defined]
             deliver(item, {"echo": item.body.value})  # type: ignore[attr-defined]
-            taken = pull(lambda offered: [it for it, _ in offered][:4 - len(running)])
+            room = 4 - len(running)
+            taken = pull(lambda offered, room=room: [it for it, _ in offered][:room])
             self.calls.append([it.body.value for it in taken])
             running += taken
 

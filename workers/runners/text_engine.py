@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from genq.workers.runners.base import BatchItem, Outcome, Pull
+from genq.workers.runners.base import BatchItem, JobCancelled, Outcome, Pull
 from genq.workers.runners.sampling import RowState, StepSampler
 from genq.workers.runners.text_output import RowStream
 
@@ -200,12 +200,12 @@ class _Prefill:
 class EngineHooks:
     """What the engine needs from its runner and its batcher.
 
-    `pull(choose)` takes waiting items of this model, those `choose(offered, room, in_use)` picks (room:
-    rows free; in_use: adapter names of the admitted jobs); `start(item, in_use)` turns one into an
-    EngineJob (or raises: the item fails alone);
-    `result(job)` is a finished job's outcome; `deliver(item, outcome)` hands it to the job's thread;
-    `scope(names)` gives the model's extra arguments for rows of these adapter names; `is_end(token)`
-    says whether a token ends a row.
+    `pull(choose)` takes the waiting items of this model that `choose(offered, room, in_use)` picks
+    (room: rows free; in_use: adapter names of the admitted jobs); `start(item, in_use)` turns one
+    into an EngineJob (or raises: the item fails alone); `result(job)` is a finished job's outcome;
+    `deliver(item, outcome)` hands it to the job's thread; `scope(names)` gives the model's extra
+    arguments for rows of these adapter names; `sampler(rows)` decodes the rows' next tokens;
+    `is_end(token)` and `stop_hit(row)` say whether a row ends at its newest token.
     """
 
     forward: Callable[..., Any]  # the model's forward (it becomes a peft model when an adapter first loads)
@@ -233,8 +233,6 @@ class Engine:
         self.sampler: StepSampler | None = None  # for self.decoding's rows
         self.prefill: _Prefill | None = None
         self.jobs: list[EngineJob] = []  # admitted, not yet delivered
-        self.steps = 0
-        self.peak_rows = 0
         self._next_poll = 0.0
 
     # --- the loop --------------------------------------------------------------------------------
@@ -242,11 +240,8 @@ class Engine:
     def run(self, items: list[BatchItem]) -> None:
         self.admit(items)
         while True:
-            if self.prefill is None:
-                room = self.h.max_rows - self.rows_running
-                if room > 0:
-                    in_use = {j.adapter for j in self.jobs}
-                    self.admit(self.h.pull(lambda offered: self.h.choose(offered, room, in_use)))
+            if self.prefill is None and self.rows_running < self.h.max_rows:
+                self.admit(self.h.pull(self._choose))
             if self.prefill is None and self.decoding is None:
                 return
             if self.prefill is not None:
@@ -254,6 +249,9 @@ class Engine:
             if self.decoding is not None:
                 self.decode_step()
             self.poll()
+
+    def _choose(self, offered: list[tuple[BatchItem, float]]) -> list[BatchItem]:
+        return self.h.choose(offered, self.h.max_rows - self.rows_running, {j.adapter for j in self.jobs})
 
     @property
     def rows_running(self) -> int:
@@ -271,7 +269,6 @@ class Engine:
             rows += job.rows
         if rows:
             self.prefill = _Prefill(rows, self.h.pad_id, self.h.device)
-            self.peak_rows = max(self.peak_rows, self.rows_running)
 
     # --- prefill and decode ----------------------------------------------------------------------
 
@@ -309,7 +306,6 @@ class Engine:
             self.sampler = self.h.sampler([s.state for s in decoding.rows])
         tokens = self.sampler(logits)
         decoding.last = torch.tensor(tokens, dtype=torch.long, device=decoding.last.device)
-        self.steps += 1
         self._after_tokens(decoding.rows, tokens)
         self._drop_done()
 
@@ -358,8 +354,6 @@ class Engine:
                 self.cancel(job)
 
     def cancel(self, job: EngineJob) -> None:
-        from genq.workers.runners.base import JobCancelled
-
         job.cancelled = True
         for row in job.rows:
             row.done = True
