@@ -39,3 +39,14 @@ def image_runner(tiny_dir: Path):
     runner = ImageRunner(spec, device="cpu")
     runner.load()
     return runner
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two real peft LoRA adapters of tiny-gpt2, `lora-a` and `lora-b`, as LocalAdapters."""
+    from genq.workers.runners.base import LocalAdapter
+    from genq.workers.tiny_lora import build_text_lora
+
+    out = tmp_path_factory.mktemp("loras")
+    return {name: LocalAdapter(name, build_text_lora(tiny_dir / "tiny-gpt2", out / name, seed=seed))
+            for name, seed in (("lora-a", 1), ("lora-b", 2))}

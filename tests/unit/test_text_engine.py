@@ -26,15 +26,6 @@ def runner(tiny_dir: Path) -> TextRunner:
     return r
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, LocalAdapter]:
-    from genq.workers.tiny_lora import build_text_lora
-
-    out = tmp_path_factory.mktemp("loras")
-    return {name: LocalAdapter(name, build_text_lora(tiny_dir / "tiny-gpt2", out / name, seed=seed))
-            for name, seed in (("lora-a", 1), ("lora-b", 2))}
-
-
 class Feed:
     """A batcher stand-in: items offered on given pulls (the engine pulls once per step while it has
     room), outcomes recorded in delivery order with the pull count at delivery."""
