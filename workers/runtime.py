@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from typing import Any
 
 from sqlalchemy import select
@@ -34,6 +35,7 @@ from genq.workers.adapters import AdapterFiles
 from genq.workers.batching import Arrival, Batcher
 from genq.workers.cache import ModelCache
 from genq.workers.coalesce import Coalescer
+from genq.workers.isolation import Isolation
 from genq.workers.runners import make_runner
 from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext, Runner
 from genq.workers.state import report_state
@@ -91,6 +93,7 @@ class WorkerRuntime:
         # Claims and outcomes (and batch checks) of concurrent jobs share round trips (workers/coalesce.py).
         self._claims = Coalescer(self._claim_group)
         self._finishes = Coalescer(self._finish_group, after=self._check_batches)
+        self.isolation = Isolation()
 
     # --- models --------------------------------------------------------------------------
 
@@ -205,7 +208,7 @@ class WorkerRuntime:
 
     def execute(self, job_id: str) -> str:
         """Run one job if this worker can claim it. Returns what happened, for logs and tests."""
-        with self.batcher.arrival() as arrival:  # a partly filled batch may wait for this job
+        with self.isolation.held(), self.batcher.arrival() as arrival:  # a batch may wait for this job
             job, status = self._claim(job_id)
             if job is None:
                 log.info("job %s skipped (%s)", job_id, status)
@@ -215,7 +218,9 @@ class WorkerRuntime:
                 self._running[job_id] = (job, written)
             self.watch.add(job_id)
             try:
-                outcome = self._run_claimed(job, written, arrival)
+                # A job whose earlier start did not finish may be what killed that worker.
+                with self.isolation.alone() if job.attempts > 1 else nullcontext(True) as alone:
+                    outcome = self._run_claimed(job, written, arrival) if alone else self._hand_back_later(job)
             except BaseException as exc:
                 # A shutdown interrupting the job hands it back; other errors (the database down
                 # past the retries) leave it to its lease.
@@ -287,6 +292,14 @@ class WorkerRuntime:
         log.warning("job %s: %s; handing it back to the queue", job.id, exc, exc_info=exc.__cause__ or exc)
         if self._abandon(job, written, why="storage unavailable", count_attempt=False):
             outbox.publish_and_mark(self.sessions, self.publisher, [Publish(job.id, job.model, job.priority)])
+        return "handed back"
+
+    def _hand_back_later(self, job: Job) -> str:
+        """Another job that lost a worker runs alone here: this one, which lost one too, goes back
+        to the queue unstarted (its attempt given back) and is published again (workers/isolation.py)."""
+        if self._abandon(job, [], why="another job runs alone", count_attempt=False):
+            outbox.publish_and_mark(self.sessions, self.publisher,
+                                    [Publish(job.id, job.model, job.priority, front=True)])
         return "handed back"
 
     def hand_back_all(self) -> None:
