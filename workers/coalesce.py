@@ -41,7 +41,7 @@ class Coalescer(Generic[T, R]):
         self._cond = threading.Condition()
         self._pending: list[_Ticket[T, R]] = []
         self._busy = False
-        self.groups = self.items = 0  # for tests and logs: how well items were grouped
+        self.groups = self.items = 0  # how well items were grouped (the worker logs it at exit)
 
     def submit(self, item: T) -> R:
         ticket: _Ticket[T, R] = _Ticket(item)

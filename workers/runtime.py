@@ -403,3 +403,6 @@ class WorkerRuntime:
     def stop(self) -> None:
         self._stop.set()
         self.batcher.stop()
+        claims, finishes = self._claims, self._finishes
+        log.info("worker %s: %d claims in %d groups, %d outcomes in %d groups", self.worker_id,
+                 claims.items, claims.groups, finishes.items, finishes.groups)
