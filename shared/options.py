@@ -64,6 +64,8 @@ class TextOptions(AdapterOptions):
     """`kind = "text"`: a transformers causal LM."""
 
     max_tokens: PositiveInt = Field(default=1024, description="upper bound for a request's max_tokens")
+    prefill_chunk_tokens: PositiveInt = Field(default=256, description=(
+        "prompt tokens of joining rows run per decoding step while other rows decode (continuous batching)"))
     revision: str | None = Field(default=None, description="the hub revision (branch, tag or commit) to load")
     chat_template: str | None = Field(default=None, min_length=1, description=(
         "a Jinja chat template for /v1/chat/completions, for models whose tokenizer files have none "

@@ -12,6 +12,10 @@ held back by a few milliseconds at most; otherwise when the oldest item has wait
 (registry option, default 50 ms). The grace keeps a burst that is still being delivered by the
 broker, one message at a time, from starting with its first few jobs.
 
+A continuous runner (text) batches at the iteration level instead: the group starts a running
+batch, which pulls more waiting items of its model as rows free up and hands each item's outcome
+back as soon as it is known (`_serve`).
+
 If a batched call raises, nobody fails yet: the items are retried in two halves, recursively, so
 only an item that fails on its own gets the error (an out-of-memory batch also halves this way).
 """
@@ -25,7 +29,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from genq.workers.runners.base import BatchItem, Outcome, Runner, finish
+from genq.workers.runners.base import BatchItem, Choose, ContinuousRunner, Outcome, Runner, finish
 
 log = logging.getLogger("genq.worker")
 GRACE_S = 0.005
@@ -160,6 +164,9 @@ class Batcher:
         return group, rows
 
     def _run(self, group: list[_Waiting]) -> None:
+        if isinstance(group[0].runner, ContinuousRunner):
+            self._serve(group)
+            return
         model = group[0].model
         started = time.perf_counter()
         outcomes = self._outcomes(group)
@@ -174,6 +181,61 @@ class Batcher:
         log.debug("batch of %d job(s), %d row(s) on %s in %.2fs", len(group), rows, model, seconds)
         for w, outcome in zip(group, outcomes, strict=True):
             w.outcome = outcome
+            w.done.set()
+
+    def _serve(self, group: list[_Waiting]) -> None:
+        """A continuous runner: the group starts a running batch that takes in more of its model's
+        waiting items as rows free up, and hands each outcome back as soon as it is known. It stops
+        taking items once another model's item has waited that model's max_wait_ms, so a worker
+        serving several models moves on when the running batch drains."""
+        first = group[0]
+        runner = first.runner
+        assert isinstance(runner, ContinuousRunner)
+        stats = self.stats.setdefault(first.model, BatchStats())
+        stats.batches += 1
+        members = {id(w.item): w for w in group}
+        stats.largest = max(stats.largest, sum(w.rows for w in group))
+        started = time.perf_counter()
+
+        def pull(choose: Choose) -> list[BatchItem]:
+            with self._cond:
+                now = time.monotonic()
+                if any(w.model != first.model and now - w.arrived >= w.runner.spec.options.max_wait_ms / 1000
+                       for w in self._waiting):
+                    return []
+                offered = [w for w in self._waiting if w.model == first.model and w.key == first.key]
+                chosen = {id(it) for it in choose([(w.item, now - w.arrived) for w in offered])} if offered else set()
+                taken = [w for w in offered if id(w.item) in chosen]
+                for w in taken:
+                    self._waiting.remove(w)
+                    members[id(w.item)] = w
+                stats.largest = max(stats.largest, sum(w.rows for w in members.values()))
+            return [w.item for w in taken]
+
+        def deliver(item: BatchItem, outcome: Outcome) -> None:
+            w = members.pop(id(item))
+            stats.items += 1
+            stats.rows += w.rows
+            w.outcome = outcome
+            w.done.set()
+
+        try:
+            runner.serve([w.item for w in group], pull, deliver)
+        except BaseException as exc:  # noqa: BLE001 - the undelivered items retry in smaller groups
+            left = list(members.values())
+            members.clear()
+            log.warning("a running batch on %s failed (%s: %s); retrying its %d undelivered job(s)",
+                        first.model, type(exc).__name__, exc, len(left))
+            if left:
+                for w, outcome in zip(left, self._outcomes(left), strict=True):
+                    stats.items += 1
+                    stats.rows += w.rows
+                    w.outcome = outcome
+                    w.done.set()
+        finally:
+            stats.seconds += time.perf_counter() - started
+        for w in members.values():  # a runner that returned without delivering them
+            w.outcome = RuntimeError(f"{first.model}'s runner returned without an outcome for this job")
             w.done.set()
 
     def _outcomes(self, group: list[_Waiting]) -> list[Outcome]:

@@ -251,3 +251,81 @@ def test_parse_bytes(text: str, value: int) -> None:
 def test_parse_bytes_refuses_nonsense(text: str) -> None:
     with pytest.raises(ValueError, match="size like"):
         parse_bytes(text)
+
+
+class StreamRunner(ListRunner):
+    """A continuous runner: each step ends its oldest running item and takes in whatever waits;
+    `fail_after` makes serve raise once that many items were delivered."""
+
+    def __init__(self, name: str = "m", fail_after: int | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.spec = model_spec(name, "echo", "none", max_batch_size=self.spec.options.max_batch_size,
+                               max_wait_ms=self.spec.options.max_wait_ms, batch=True)
+        self.fail_after, self.served, self.retried, self.sessions = fail_after, [], [], 0
+
+    def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
+        self.retried += [it.body.value for it in items]  # type: ignore[attr-defined]
+        return super().run_batch(items)
+
+    def serve(self, items: list[BatchItem], pull: Any, deliver: Any) -> None:
+        self.sessions += 1
+        running = list(items)
+        self.calls.append([it.body.value for it in items])  # type: ignore[attr-defined]
+        while running:
+            time.sleep(0.002)  # one decoding step's work
+            if self.fail_after is not None and len(self.served) >= self.fail_after:
+                raise RuntimeError("the device failed mid-batch")
+            item = running.pop(0)
+            self.served.append(item.body.value)  # type: ignore[attr-defined]
+            deliver(item, {"echo": item.body.value})  # type: ignore[attr-defined]
+            room = 4 - len(running)
+            taken = pull(lambda offered, room=room: [it for it, _ in offered][:room])
+            self.calls.append([it.body.value for it in taken])
+            running += taken
+
+
+def test_a_running_continuous_batch_takes_in_waiting_items_and_delivers_each_at_once() -> None:
+    runner, batcher = StreamRunner(max_batch_size=4, max_wait_ms=10), Batcher()
+    results = submit_all(batcher, runner, [_Body(f"v{i}") for i in range(12)])  # type: ignore[arg-type]
+    assert results == [{"echo": f"v{i}"} for i in range(12)]
+    assert runner.sessions < 12 and sorted(runner.served) == sorted(f"v{i}" for i in range(12))
+    batcher.stop()
+
+
+def test_a_failed_continuous_batch_retries_only_its_undelivered_items() -> None:
+    runner, batcher = StreamRunner(max_batch_size=4, max_wait_ms=10, fail_after=2), Batcher()
+    results = submit_all(batcher, runner, [_Body(f"v{i}") for i in range(4)])  # type: ignore[arg-type]
+    assert results == [{"echo": f"v{i}"} for i in range(4)]
+    assert len(runner.served) == 2  # the other two went through run_batch
+    assert sorted(runner.retried) == sorted({f"v{i}" for i in range(4)} - set(runner.served))
+    batcher.stop()
+
+
+def test_another_models_job_is_not_starved_by_a_busy_continuous_batch() -> None:
+    """While a continuous batch of model m has work pouring in, a job of model b waits about its
+    max_wait_ms: then m stops taking new items, drains, and b runs."""
+    busy, other, batcher = StreamRunner(max_batch_size=4, max_wait_ms=60_000), ListRunner(max_wait_ms=20), Batcher()
+    other.spec = model_spec("b", "echo", "none", max_batch_size=4, max_wait_ms=20, batch=True)
+    stop = threading.Event()
+
+    def feed(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            batcher.submit("m", busy, BatchItem(_Body(f"f{k}-{n}"), RunContext()))  # type: ignore[arg-type]
+            n += 1
+
+    feeders = [threading.Thread(target=feed, args=(k,), daemon=True) for k in range(6)]
+    for t in feeders:
+        t.start()
+    wait_for(lambda: len(busy.served) > 20, 10, 0.001, "the continuous batch running")
+    answer: list[Any] = []
+    waiter = threading.Thread(target=lambda: answer.append(
+        batcher.submit("b", other, BatchItem(_Body("other"), RunContext()))))  # type: ignore[arg-type]
+    waiter.start()
+    waiter.join(10)
+    stop.set()
+    assert answer == [{"echo": "other"}]
+    assert busy.sessions >= 2  # m's batch drained for it, and m went on afterwards
+    for t in feeders:
+        t.join(10)
+    batcher.stop()

@@ -102,7 +102,7 @@ def test_rows_stop_at_their_own_max_tokens_and_stop_strings(runner: TextRunner) 
 
 
 def test_a_cancelled_job_stops_alone_inside_a_batch(runner: TextRunner, monkeypatch: pytest.MonkeyPatch) -> None:
-    from genq.workers.runners import text as text_module
+    from genq.workers.runners import text_engine as text_module
 
     monkeypatch.setattr(text_module, "POLL_SECONDS", 0.0)
     polls = {"n": 0}

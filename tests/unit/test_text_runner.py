@@ -10,9 +10,9 @@ import torch
 from genq.shared.registry import model_spec
 from genq.shared.schemas import CompletionBody
 from genq.workers.runners import make_runner
-from genq.workers.runners import text as text_module
+from genq.workers.runners import text_engine as text_module
 from genq.workers.runners.base import InvalidRequest, JobCancelled, RunContext
-from genq.workers.runners.sampling import RowParams, RowSampler
+from genq.workers.runners.sampling import RowParams, RowState, StepSampler, penalize_row
 from genq.workers.runners.text import TextRunner
 
 PROMPT = "The train left the station"
@@ -195,7 +195,8 @@ def test_cancel_stops_generation(text_runner: TextRunner, monkeypatch: pytest.Mo
     with pytest.raises(JobCancelled):
         complete(text_runner, ctx, max_tokens=200, temperature=0)
     assert len(polls) == 5  # no polling (or generating) after the cancel was seen
-    assert progress == sorted(progress) and 0 < progress[0] and progress[-1] <= 5 / 200
+    # Polls follow each decoding step; the first step also made the prefill's token: 6 tokens at most.
+    assert progress == sorted(progress) and 0 < progress[0] and progress[-1] <= 6 / 200
 
 
 def test_presence_and_frequency_penalties(text_runner: TextRunner) -> None:
@@ -203,10 +204,12 @@ def test_presence_and_frequency_penalties(text_runner: TextRunner) -> None:
         return RowParams(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition=1.0, presence=presence,
                        frequency=frequency, max_tokens=4, seed=0, logprobs=-1, stops=[])
 
-    # Row 0 penalized (presence 0.5, frequency 0.25), row 1 not; column 0 is the prompt.
-    sampler = RowSampler([params(0.5, 0.25), params(0.0, 0.0)], pad=[0, 0], width=1, device="cpu")
-    scores = sampler._penalize(torch.tensor([[3, 1, 1, 2], [3, 0, 0, 0]]), torch.zeros(2, 4))
-    assert scores.tolist() == [[0.0, -1.0, -0.75, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    # Penalized (presence 0.5, frequency 0.25) or not, after prompt [3] and tokens 1, 1, 2.
+    penalized, plain = RowState(params(0.5, 0.25), [3]), RowState(params(0.0, 0.0), [3])
+    penalized.generated = [1, 1, 2]
+    plain.generated = [0, 0, 0]
+    assert penalize_row(penalized, torch.zeros(4)).tolist() == [0.0, -1.0, -0.75, 0.0]
+    assert penalize_row(plain, torch.zeros(4)).tolist() == [0.0, 0.0, 0.0, 0.0]
 
     def distinct(**fields: Any) -> int:
         tokens = complete(text_runner, max_tokens=30, temperature=0, logprobs=0, **fields)
@@ -214,6 +217,27 @@ def test_presence_and_frequency_penalties(text_runner: TextRunner) -> None:
 
     assert distinct(frequency_penalty=2.0) > distinct()
     assert distinct(presence_penalty=2.0) > distinct()
+
+
+@pytest.mark.parametrize("scale", [0.5, 4.0, 12.0], ids=["flat", "peaked", "sharp"])
+def test_the_scanned_nucleus_is_the_sorted_one(scale: float) -> None:
+    """Top-k/top-p masks from the partial scan equal those from sorting every row, whether the
+    nucleus fits in the scanned tokens (peaked logits) or not (flat ones fall back to the sort)."""
+    def params(top_k: int, top_p: float) -> RowParams:
+        return RowParams(greedy=False, temperature=1.0, top_k=top_k, top_p=top_p, repetition=1.0, presence=0.0,
+                         frequency=0.0, max_tokens=4, seed=0, logprobs=-1, stops=[])
+
+    settings = [(0, 0.9), (0, 0.5), (40, 1.0), (2000, 0.95), (0, 0.999), (5, 0.3), (1, 1.0)]
+    sampler = StepSampler([RowState(params(k, p), [0]) for k, p in settings], "cpu")
+    torch.manual_seed(1)
+    scores = torch.randn(len(settings), 50257) * scale
+    fast = ~sampler._filter(scores.clone(), list(range(len(settings)))).isinf()
+    k = torch.where(sampler.top_k > 0, sampler.top_k, scores.shape[1])
+    full = scores >= sampler._full_threshold(scores, k, sampler.top_p)
+    # The same tokens, but for one at the nucleus's edge when the two sums round apart.
+    assert ((fast ^ full).sum(dim=1) <= 1).all() and (fast ^ full).sum() <= 1
+    kept = fast.sum(dim=1).tolist()
+    assert kept[6] == 1 and kept[2] == 40
 
 
 def test_device_and_dtype_policy() -> None:

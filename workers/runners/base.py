@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -197,6 +197,24 @@ class Runner(Protocol):
         """Serve the items together: one outcome per item, in order (a Deferred one is finished
         in the job's thread). Raising fails nobody yet: the batcher retries the items in smaller
         groups, so only a culprit fails."""
+
+
+# A continuous runner's view of its batcher. pull(choose) offers the waiting items of the runner's
+# model, oldest first, each with the seconds it has waited; `choose` returns those it takes.
+# deliver(item, outcome) ends one item.
+Choose = Callable[[list[tuple[BatchItem, float]]], list[BatchItem]]
+Pull = Callable[[Choose], list[BatchItem]]
+Deliver = Callable[[BatchItem, Outcome], None]
+
+
+@runtime_checkable
+class ContinuousRunner(Protocol):
+    """A runner that batches at the iteration level: items join a running batch as rows free up."""
+
+    def serve(self, items: list[BatchItem], pull: Pull, deliver: Deliver) -> None:
+        """Serve `items` and whatever `pull` gives while rows are free, delivering each item's
+        outcome as soon as it is known; return when none is left. Raising fails the undelivered
+        items' batch: the batcher retries them through run_batch in smaller groups."""
 
 
 OptionsT = TypeVar("OptionsT", bound=ModelOptions)

@@ -1,35 +1,35 @@
 """Text generation with a Hugging Face causal LM: OpenAI `/v1/completions` and
-`/v1/chat/completions` requests, batched together.
+`/v1/chat/completions` requests, batched together at the iteration level.
 
 A chat request's prompt is its conversation rendered by the model's own chat template
 (`apply_chat_template` with `add_generation_prompt`; the registry's `chat_template` replaces the
-tokenizer's), tokenized as the template wrote it; from there on it is one more prompt in the batch.
+tokenizer's), tokenized as the template wrote it; from there on it is one more prompt.
 
-The worker's batcher hands `run_batch` any number of requests at once; their prompts x n rows go
-through one left-padded `generate` call. Rows differ freely in sampling parameters: one logits
-processor (`RowSampler`) applies each row's penalties, temperature, top-k and top-p and draws
-the row's token from the row's own random generator, then hands generate a distribution with all
-its mass on that token, so generate's greedy step takes it. Per-row stopping criteria end a row
-at its own max_tokens, at one of its stop strings, or when its job is cancelled.
+Each prompt x n is one row. The worker's batcher hands `serve` the first jobs and lets it pull
+more while it runs: text_engine.py keeps up to `max_batch_size` rows decoding in one KV cache,
+prefills joining rows in chunks, and hands a job's result back as soon as its rows end. Rows differ
+freely in sampling parameters: sampling.py applies each row's penalties, logit bias, grammar,
+temperature, top-k and top-p and draws the row's token from the row's own random generator. A row
+ends at its own max_tokens, an end token, one of its stop strings, or when its job is cancelled.
 
 Reproducibility: row i of a request with seed s draws from a generator seeded with s + i, so its
-random stream does not depend on what shares its batch, and choice i equals the n=1 request with
-seed s + i. Greedy rows (temperature 0) take the argmax. Either way a row's logits can move in
-the last float bits with the batch's shape (padding, kernel choice), so a near-tie can in rare
-cases go the other way; on the tiny test models greedy and seeded text were identical alone and in
-mixed batches (tests/unit/test_text_batching.py).
+random stream does not depend on what shares its batch or when it joined, and choice i equals the
+n=1 request with seed s + i. Greedy rows (temperature 0) take the argmax. Either way a row's logits
+can move in the last float bits with the batch's shape (padding, kernel choice), so a near-tie can
+in rare cases go the other way; on the tiny test models greedy and seeded text were identical alone,
+in mixed batches and joining running ones (tests/unit/test_text_batching.py, test_text_engine.py).
 
 LoRA adapters (peft, text_adapters.py) load onto the resident model without reloading it and stay
-in an LRU of `max_adapters`. A batch whose rows use different adapters, or some none, runs as one
-peft mixed-adapter batch. Cutting rows and formatting logprobs live in text_output.py; there
-`text_offset` counts from the start of the returned `text` (so with `echo` the prompt starts at 0).
+in an LRU of `max_adapters`. Rows of different adapters, or none, decode together as one peft
+mixed-adapter batch; a job whose adapter would evict one that running rows use waits for them.
+Cutting rows and formatting logprobs live in text_output.py; there `text_offset` counts from the
+start of the returned `text` (so with `echo` the prompt starts at 0).
 """
 
 from __future__ import annotations
 
 import gc
 import threading
-import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,13 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from genq.shared.chat import ChatBody
 from genq.shared.options import TextOptions
@@ -52,10 +46,11 @@ from genq.shared.schemas import CompletionBody, SamplingBody
 from genq.workers.runners.base import (
     BatchItem,
     Deferred,
+    Deliver,
     InvalidRequest,
-    JobCancelled,
     LocalAdapter,
     Outcome,
+    Pull,
     RunContext,
     chat_completion,
     finish,
@@ -67,70 +62,10 @@ from genq.workers.runners.base import (
 from genq.workers.runners.constrained import CompiledFormat, ResponseFormats
 from genq.workers.runners.device import resolve_device, resolve_dtype
 from genq.workers.runners.lora import AdapterLRU
-from genq.workers.runners.sampling import RowParams, RowSampler, row_params
-from genq.workers.runners.text_adapters import PeftAdapters
+from genq.workers.runners.sampling import RowParams, RowState, StepSampler, row_params
+from genq.workers.runners.text_adapters import BASE_ADAPTER, PeftAdapters
+from genq.workers.runners.text_engine import Engine, EngineHooks, EngineJob, Sequence
 from genq.workers.runners.text_output import RowStream, TokenText, join_logprobs
-
-POLL_SECONDS = 0.2  # how often generation reports progress and asks whether jobs were cancelled
-
-
-class _RowWatch(StoppingCriteria):
-    """Between tokens, per row: its max_tokens, its stop strings, and its job's cancellation; and
-    the new text of streaming rows, handed to their jobs' `emit` each step. Progress is reported
-    and cancellation asked at most every POLL_SECONDS."""
-
-    def __init__(self, runner: TextRunner, items: list[BatchItem], owner: list[int], rows: list[RowParams],
-                 width: int) -> None:
-        self.runner, self.items, self.rows, self.width = runner, items, rows, width
-        assert runner.text is not None
-        self.text = runner.text
-        self.cancelled: set[int] = set()  # item indexes
-        self._next_poll = 0.0
-        device = runner.device
-        self._limit = torch.tensor([r.max_tokens for r in rows], device=device)
-        self._stop_rows = [i for i, r in enumerate(rows) if r.stops]
-        self._window = {i: max(len(s) for s in rows[i].stops) + 2 for i in self._stop_rows}
-        self._owner = torch.tensor(owner, device=device)
-        # Streaming rows: batch row -> (item index, choice index within the item, its text so far).
-        self._streams: dict[int, tuple[int, int, RowStream]] = {}
-        for row, (r, j) in enumerate(zip(rows, owner, strict=True)):
-            if items[j].ctx.emit is not None:
-                self._streams[row] = (j, row - owner.index(j), RowStream(self.text, r.stops, r.max_tokens))
-        self._item_limit: dict[int, int] = {}  # the items with rows in this batch -> their max_tokens
-        for r, j in zip(rows, owner, strict=True):
-            self._item_limit[j] = max(self._item_limit.get(j, 0), r.max_tokens)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        made = input_ids.shape[1] - self.width
-        done = self._limit <= made
-        for i in self._stop_rows:
-            tail = self.text.decode(input_ids[i, max(self.width, input_ids.shape[1] - self._window[i]):].tolist())
-            if any(stop in tail for stop in self.rows[i].stops):
-                done[i] = True
-        now = time.monotonic()
-        if now >= self._next_poll:
-            self._next_poll = now + POLL_SECONDS
-            for j, limit in self._item_limit.items():
-                if j in self.cancelled:
-                    continue
-                self.items[j].ctx.set_progress(min(1.0, made / limit))
-                if self.items[j].ctx.is_cancelled():
-                    self.cancelled.add(j)
-        if self.cancelled:
-            done |= torch.isin(self._owner, torch.tensor(sorted(self.cancelled), device=self._owner.device))
-        if self._streams:
-            self._stream(input_ids[:, -1].tolist())
-        return done
-
-    def _stream(self, tokens: list[int]) -> None:
-        pieces: dict[int, list[tuple[int, str]]] = {}
-        for row, (j, choice, stream) in self._streams.items():
-            if j not in self.cancelled and (piece := stream.push(tokens[row])):
-                pieces.setdefault(j, []).append((choice, piece))
-        for j, deltas in pieces.items():
-            emit = self.items[j].ctx.emit
-            assert emit is not None
-            emit(deltas)
 
 
 @dataclass
@@ -139,6 +74,9 @@ class _Prepared:
     max_tokens: int  # what each choice may generate
     rows: list[RowParams] = field(default_factory=list)
     row_prompt: list[int] = field(default_factory=list)  # the prompt index of each row
+
+
+ADAPTER_PATIENCE_S = 5.0  # how long a job waits behind jobs whose adapter is loaded, at most
 
 
 class TextRunner:
@@ -259,57 +197,87 @@ class TextRunner:
         return len(item.prepared.rows)
 
     def run_batch(self, items: list[BatchItem]) -> list[Outcome]:
+        """Serve exactly these items together (the batcher's retry path, tests and direct use)."""
+        outcomes: dict[int, Outcome] = {}
+        self.serve(items, lambda choose: [], lambda item, outcome: outcomes.__setitem__(id(item), outcome))
+        return [outcomes[id(item)] for item in items]
+
+    def serve(self, items: list[BatchItem], pull: Pull, deliver: Deliver) -> None:
+        """Continuous batching (text_engine.py): these items, then whatever `pull` gives as rows free up."""
         with self._lock, torch.inference_mode():
             if self.model is None:
                 self.load()
-            outcomes: list[Outcome | None] = [None] * len(items)
-            # 1. Load the adapters the batch names; an adapter that fails fails only its jobs.
-            for j, failure in self.peft.ensure(items).items():
-                outcomes[j] = failure
-            live = [j for j in range(len(items)) if outcomes[j] is None]
-            if not live:
-                return outcomes  # type: ignore[return-value]
-            # 2. One left-padded batch of every row of every live request.
-            rows, owner, ids = [], [], []
-            for j in live:
-                prepared = items[j].prepared
-                rows += prepared.rows
-                owner += [j] * len(prepared.rows)
-                ids += [prepared.prompt_ids[p] for p in prepared.row_prompt]
-            batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
-            width = batch["input_ids"].shape[1]
-            pad = [width - len(r) for r in ids]
-            # 3. Generate, each row decoded and stopped by its own parameters.
-            sampler = RowSampler(rows, pad, width, self.device, self.formats)
-            watch = _RowWatch(self, items, owner, rows, width)
-            names = [self.peft.name(items[j]) for j in owner]
-            with self.peft.scope(names) as extra:
-                out = self.model.generate(
-                    **batch, **extra, max_new_tokens=max(r.max_tokens for r in rows), do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([sampler]),
-                    stopping_criteria=StoppingCriteriaList([watch]), return_dict_in_generate=True)
-            generated = out.sequences[:, width:].tolist()
-            steps = sampler.cpu_records()  # logprobs, copied off the device once for the batch
-            where = {r: i for i, r in enumerate(sampler.lp_rows)}  # batch row -> its place in `steps`
-            # 4. Each request's rows and logprobs; the echoed prompts' logprobs need the model here.
-            start = 0
-            for j in live:
-                item, count = items[j], len(items[j].prepared.rows)
-                span = range(start, start + count)
-                start += count
-                if j in watch.cancelled:
-                    outcomes[j] = JobCancelled(item.ctx.job_id)
-                    continue
-                try:
-                    prompt_lp = self.echo_logprobs(item)
-                except Exception as exc:  # noqa: BLE001 - this request's failure only
-                    outcomes[j] = exc
-                    continue
-                row_lp = [[(c[where[r]], v[where[r]], t[where[r]]) for c, v, t in steps] if r in where else []
-                          for r in span]
-                # 5. Cutting, decoding and the response: in the job's own thread (base.Deferred).
-                outcomes[j] = Deferred(partial(self.respond, item, [generated[r] for r in span], row_lp, prompt_lp))
-        return outcomes  # type: ignore[return-value]
+            hooks = EngineHooks(
+                forward=lambda **inputs: self.model(**inputs), pad_id=self.tokenizer.pad_token_id, device=self.device,
+                max_rows=self.options.max_batch_size, prefill_tokens=self.options.prefill_chunk_tokens,
+                sampler=lambda rows: StepSampler(rows, self.device, self.formats),
+                start=self._start, result=self._result, deliver=deliver, pull=pull, choose=self._choose,
+                scope=self.peft.scope, is_end=lambda token: token in self.text.end_ids,  # type: ignore[union-attr]
+                stop_hit=self._stop_hit)
+            Engine(hooks).run(items)
+
+    def _choose(self, offered: list[tuple[BatchItem, float]], room: int, in_use: set[str]) -> list[BatchItem]:
+        """The waiting jobs to admit into `room` free rows: oldest first, but those whose adapter is
+        loaded (or none) before those that would load one, unless they waited ADAPTER_PATIENCE_S; and
+        none whose adapter would evict one that running rows use."""
+        planned, loaded = set(in_use), set(self.adapters.ids())
+
+        def later(entry: tuple[BatchItem, float]) -> bool:
+            name = self.peft.name(entry[0])
+            return name not in planned and name not in loaded and name != BASE_ADAPTER \
+                and entry[1] < ADAPTER_PATIENCE_S
+
+        taken = []
+        for item, _ in sorted(offered, key=later):  # stable: oldest first within each group
+            rows = len(item.prepared.rows)
+            if rows > room and not (room == self.options.max_batch_size and not taken):
+                continue  # (a job larger than the batch runs alone)
+            if self._admissible(item, planned):
+                taken.append(item)
+                room -= rows
+        return taken
+
+    def _admissible(self, item: BatchItem, planned: set[str]) -> bool:
+        """Whether an item may join rows using the `planned` adapters without evicting one of them."""
+        name = self.peft.name(item)
+        if name == BASE_ADAPTER or name in planned:
+            return True
+        if len(planned - {BASE_ADAPTER}) >= self.options.max_adapters:
+            return False
+        planned.add(name)
+        return True
+
+    def _start(self, item: BatchItem, in_use: set[str]) -> EngineJob:
+        """An admitted item's rows (its adapter loaded first: a load failure fails it alone)."""
+        failure = self.peft.ensure([item], in_use).get(0)
+        if failure is not None:
+            raise failure
+        prepared = item.prepared
+        job = EngineJob(item, self.peft.name(item), limit=max(1, prepared.max_tokens))
+        assert self.text is not None
+        for row, (params, p) in enumerate(zip(prepared.rows, prepared.row_prompt, strict=True)):
+            seq = Sequence(job, row, RowState(params, prepared.prompt_ids[p]))
+            if item.ctx.emit is not None:
+                seq.stream = RowStream(self.text, params.stops, params.max_tokens)
+            if params.stops:
+                seq.stop_window = max(len(stop) for stop in params.stops) + 2
+            job.rows.append(seq)
+        return job
+
+    def _stop_hit(self, row: Sequence) -> bool:
+        assert self.text is not None
+        tail = self.text.decode(row.state.generated[-row.stop_window:])
+        return any(stop in tail for stop in row.state.params.stops)
+
+    def _result(self, job: EngineJob) -> Outcome:
+        """A finished job's outcome: cutting, decoding and the response are left to its own thread."""
+        try:
+            prompt_lp = self.echo_logprobs(job.item)  # needs the model: here, on the device thread
+        except Exception as exc:  # noqa: BLE001 - this request's failure only
+            return exc
+        rows = [s.state for s in job.rows]
+        return Deferred(partial(self.respond, job.item, [r.generated for r in rows], [r.records for r in rows],
+                                prompt_lp))
 
     def echo_logprobs(self, item: BatchItem) -> list[dict[str, Any]] | None:
         body, prepared = item.body, item.prepared

@@ -36,13 +36,13 @@ class PeftAdapters:
         return item.adapter.id if item.adapter is not None else BASE_ADAPTER
 
     # 1. Loading: what the batch needs, evicting the least recently used ones it does not.
-    def ensure(self, items: list[BatchItem]) -> dict[int, Exception]:
-        """Load the batch's adapters not yet resident. Returns the items whose adapter could not be
-        loaded (each fails alone)."""
+    def ensure(self, items: list[BatchItem], in_use: set[str] | frozenset[str] = frozenset()) -> dict[int, Exception]:
+        """Load the batch's adapters not yet resident, never evicting one `in_use` by running rows.
+        Returns the items whose adapter could not be loaded (each fails alone)."""
         from peft import PeftModel
 
         failures: dict[int, Exception] = {}
-        needed = {it.adapter.id for it in items if it.adapter is not None}
+        needed = {it.adapter.id for it in items if it.adapter is not None} | in_use
         for j, item in enumerate(items):
             adapter = item.adapter
             if adapter is None or self.lru.use(adapter.id) is not None:
