@@ -5,9 +5,10 @@ processes, cannot move a finished job or run it twice."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import JSON, Float, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from genq.shared.broker import Publish
@@ -16,6 +17,7 @@ from genq.shared.errors import ErrorCode, job_error
 from genq.shared.schemas import TERMINAL_JOB_STATUSES
 
 ACTIVE = ("queued", "running")
+NULLABLE_JSON = JSON(none_as_null=True)  # None is SQL NULL, as in an ORM update, not JSON 'null'
 
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
@@ -50,17 +52,24 @@ def has_active_jobs(session: Session, batch_id: str) -> bool:
 
 def claim_job(session: Session, job_id: str, *, worker: str, lease_s: float) -> Job | None:
     """Move a queued job (or one whose lease ran out) to running for this worker."""
+    return claim_jobs(session, [job_id], worker=worker, lease_s=lease_s).get(job_id)
+
+
+def claim_jobs(session: Session, job_ids: list[str], *, worker: str, lease_s: float) -> dict[str, Job]:
+    """claim_job for many jobs in one statement; returns the claimed ones by id. The rows are
+    locked in id order (Postgres), so two workers claiming overlapping groups cannot deadlock."""
     now = time.time()
+    claimable = (Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < now))
+    locked = select(Job.id).where(Job.id.in_(job_ids), claimable).order_by(Job.id).with_for_update()
     stmt = (
         update(Job)
-        .where(Job.id == job_id,
-               (Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < now)))
+        .where(Job.id.in_(locked), claimable)
         .values(status="running", worker=worker, lease_expires_at=now + lease_s, started_at=now,
                 attempts=Job.attempts + 1, progress=0.0)
         .returning(Job)
-        .execution_options(populate_existing=True)
+        .execution_options(populate_existing=True, synchronize_session=False)
     )
-    return session.execute(stmt).scalar_one_or_none()
+    return {job.id: job for job in session.execute(stmt).scalars()}
 
 
 def renew_leases(session: Session, job_ids: list[str], *, worker: str, lease_s: float) -> int:
@@ -80,17 +89,46 @@ def set_progress(session: Session, job_id: str, progress: float, *, worker: str)
     )
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A job's end as a worker records it: a terminal status with its result or error."""
+
+    job_id: str
+    status: str
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        assert self.status in TERMINAL_JOB_STATUSES
+
+
 def finish_job(session: Session, job_id: str, *, worker: str, status: str,
                result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
     """Record the outcome, only if this worker still holds the job (not cancelled, not re-leased)."""
-    assert status in TERMINAL_JOB_STATUSES
-    res = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running", Job.worker == worker)
-        .values(status=status, result=result, error=error,
-                finished_at=time.time(), lease_expires_at=None,
-                progress=1.0 if status == "succeeded" else Job.progress)
-    )
-    return res.rowcount > 0  # type: ignore[attr-defined]
+    return bool(finish_jobs(session, [Outcome(job_id, status, result, error)], worker=worker))
+
+
+def finish_jobs(session: Session, outcomes: list[Outcome], *, worker: str) -> set[str]:
+    """finish_job for many jobs in one round trip (an executemany, in id order so that two
+    writers lock rows in the same order); returns the ids recorded. When some were not (cancelled
+    or taken over meanwhile), one query tells which: those stamped with this call's time."""
+    if not outcomes:
+        return set()
+    now = time.time()
+    table = Job.__table__
+    mine = (table.c.status == "running", table.c.worker == worker)
+    rows = [{"job_id": o.job_id, "to": o.status, "res": o.result, "err": o.error,
+             "done": 1.0 if o.status == "succeeded" else None}
+            for o in sorted(outcomes, key=lambda o: o.job_id)]
+    stmt = (update(table).where(table.c.id == bindparam("job_id"), *mine)
+            .values(status=bindparam("to"), result=bindparam("res", type_=NULLABLE_JSON),
+                    error=bindparam("err", type_=NULLABLE_JSON), finished_at=now, lease_expires_at=None,
+                    progress=func.coalesce(bindparam("done", type_=Float), table.c.progress)))
+    changed = session.connection().execute(stmt, rows).rowcount
+    ids = [r["job_id"] for r in rows]
+    if changed == len(ids):
+        return set(ids)
+    return set(session.scalars(select(Job.id).where(Job.id.in_(ids), Job.worker == worker, Job.finished_at == now)))
 
 
 def release_job(session: Session, job_id: str, *, worker: str, count_attempt: bool = True) -> bool:

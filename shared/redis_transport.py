@@ -12,6 +12,12 @@
   persistence) lost the key with the messages, so the next publish writes a later time, and every
   job still queued that was published before that time has lost its message.
 
+- a worker that may hold more messages (prefetch) takes them in one round trip after each BRPOP,
+  instead of one BRPOP each: a Lua script pops up to that many from its queues' lists, most urgent
+  first, and records each in kombu's unacked index, as kombu's QoS.append does, in the same atomic
+  step (so none is lost between popping and recording). They are then delivered as kombu delivers
+  the BRPOP's message, and their QoS.append only notes them in memory.
+
 genq declares no queue expiry, so unlike kombu's `_put` this one sets none.
 """
 
@@ -21,13 +27,74 @@ import time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 FRONT_HEADER = "genq_front"
 EPOCH_KEY = "genq:epoch"  # a Unix time, as text
 
 
+MAX_TAKE = 100  # messages one round trip takes when the prefetch is unlimited
+
+# KEYS: the unacked index (zset), the unacked hash, then the lists, most urgent first.
+# ARGV: how many to take, the time to index them at. Returns [list, message, list, message, ...].
+TAKE_SCRIPT = """
+local n, out = tonumber(ARGV[1]), {}
+for i = 3, #KEYS do
+  while #out < 2 * n do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    local props = cjson.decode(item)['properties']
+    local info = props['delivery_info']
+    redis.call('ZADD', KEYS[1], ARGV[2], props['delivery_tag'])
+    redis.call('HSET', KEYS[2], props['delivery_tag'],
+               '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = item
+  end
+end
+return out
+"""
+
+
+class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorded: set[str] = set()  # delivery tags TAKE_SCRIPT already put in the unacked index
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            kombu_redis.virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    def _brpop_read(self, **options: Any) -> bool:
+        delivered: bool = super()._brpop_read(**options)
+        self._take_more()
+        return delivered
+
+    def _take_more(self) -> None:
+        """Deliver as many more waiting messages as the prefetch allows, in one round trip."""
+        if not self.ack_emulation or self.global_keyprefix or not isinstance(self.qos, QoS):
+            return
+        room = self.qos.can_consume_max_estimate()
+        room = MAX_TAKE if room is None else min(room, MAX_TAKE)
+        queues = list(self.active_queues)
+        if room <= 0 or not queues:
+            return
+        lists = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        with self.conn_or_acquire() as client:
+            taken = client.eval(TAKE_SCRIPT, 2 + len(lists), self.unacked_index_key, self.unacked_key,
+                                *lists, room, time.time())
+        for i in range(0, len(taken), 2):
+            message = loads(bytes_to_str(taken[i + 1]))
+            self.qos.recorded.add(message["properties"]["delivery_tag"])
+            self.connection._deliver(message, bytes_to_str(taken[i]).rsplit(self.sep, 1)[0])
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         push = "rpush" if (message.get("headers") or {}).get(FRONT_HEADER) else "lpush"

@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from genq.shared.db import Batch, Job, WebhookDelivery, new_id
@@ -73,6 +74,17 @@ def notify_job(session: Session, job_id: str) -> WebhookDelivery | None:
     job = session.get(Job, job_id, populate_existing=True)
     event = JOB_STATUS_EVENTS.get(job.status) if job else None
     return enqueue_job_event(session, job, event) if job and event else None
+
+
+def notify_jobs(session: Session, job_ids: list[str]) -> list[WebhookDelivery]:
+    """notify_job for many jobs in one query, which reads only the jobs that have a webhook."""
+    if not job_ids:
+        return []
+    jobs = session.scalars(select(Job).where(Job.id.in_(job_ids), Job.webhook_url.is_not(None))
+                           .execution_options(populate_existing=True))
+    queued = (enqueue_job_event(session, job, event) for job in jobs
+              if (event := JOB_STATUS_EVENTS.get(job.status)))
+    return [d for d in queued if d is not None]
 
 
 def notify_batch(session: Session, batch_id: str) -> WebhookDelivery | None:

@@ -20,6 +20,7 @@ from genq.workers.runtime import WorkerRuntime
 from genq.workers.settings import WorkerSettings
 
 log = logging.getLogger("genq.worker")
+PIPELINE_JOBS = 16  # jobs held at once by a worker whose models run one job at a time
 
 
 def build_worker(settings: Settings, models: list[str], worker: WorkerSettings | None = None, *,
@@ -71,10 +72,11 @@ def _hand_back_on_cold_shutdown(runtime: WorkerRuntime) -> None:
 
 def default_concurrency(registry: Registry, models: list[str]) -> int:
     """Twice the largest batch of the models that batch: one batch runs while the next is claimed
-    and prepared. 1 when none batches."""
+    and prepared. PIPELINE_JOBS when none batches: one job runs while the others' claims and
+    outcomes are recorded together (workers/coalesce.py), instead of each waiting its turn."""
     sizes = [2 * spec.options.max_batch_size for m in models
              if (spec := registry.get(m)) is not None and spec.options.batches()]
-    return max(sizes, default=1)
+    return max(sizes, default=PIPELINE_JOBS)
 
 
 def run_worker(settings: Settings, models: list[str], worker: WorkerSettings | None = None, *,

@@ -14,9 +14,10 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from genq.shared import jobs as jobs_data
 from genq.shared import outbox, webhooks
@@ -33,6 +34,8 @@ from genq.shared.upkeep import run_tasks, upkeep_tasks
 from genq.workers.adapters import AdapterFiles
 from genq.workers.batching import Arrival, Batcher
 from genq.workers.cache import ModelCache
+from genq.workers.coalesce import Coalescer
+from genq.workers.isolation import Isolation
 from genq.workers.runners import make_runner
 from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext, Runner
 from genq.workers.state import report_state
@@ -87,6 +90,10 @@ class WorkerRuntime:
         self._reported = 0.0
         self.upkeep = upkeep_tasks(self.sessions, storage, publisher, models)
         self.tokens = token_sink(settings.broker_url)  # where streaming jobs' text goes as it is made
+        # Claims and outcomes (and batch checks) of concurrent jobs share round trips (workers/coalesce.py).
+        self._claims = Coalescer(self._claim_group)
+        self._finishes = Coalescer(self._finish_group, after=self._check_batches)
+        self.isolation = Isolation()
 
     # --- models --------------------------------------------------------------------------
 
@@ -130,30 +137,39 @@ class WorkerRuntime:
                           is_cancelled=lambda: self.watch.cancelled(job_id), put_output=put_output,
                           emit=emit if streaming else None)
 
-    def _mine(self, s: Session, job_id: str, status: str, attempts: int | None = None) -> Job | None:
-        """The job if its row shows `status` under this worker (and attempt): how a retry tells
-        that an earlier try committed although its answer was lost with the connection."""
-        current = s.get(Job, job_id)
-        if current is None or current.status != status or current.worker != self.worker_id:
-            return None
-        return current if attempts is None or current.attempts == attempts else None
+    def _shows(self, row: Job | None, status: str, attempts: int | None = None) -> bool:
+        """Whether `row` is in `status` under this worker (and attempt): how a retry tells that an
+        earlier try committed although its answer was lost with the connection."""
+        if row is None or row.status != status or row.worker != self.worker_id:
+            return False
+        return attempts is None or row.attempts == attempts
 
     def _claim(self, job_id: str) -> tuple[Job | None, str]:
         tries = [0]
 
         def attempt() -> tuple[Job | None, str]:
             tries[0] += 1
-            with session_scope(self.sessions) as s:
-                job = jobs_data.claim_job(s, job_id, worker=self.worker_id, lease_s=self.lease_s)
-                if job is None and tries[0] > 1 and job_id not in self._running:
-                    job = self._mine(s, job_id, "running")
-                if job is None:
-                    current = s.get(Job, job_id)
-                    return None, current.status if current else "unknown job"
-                s.expunge(job)
-                return job, "running"
+            return self._claims.submit((job_id, tries[0] > 1))
 
         return retry_unavailable(attempt, what=f"claiming job {job_id}")
+
+    def _claim_group(self, items: list[tuple[str, bool]]) -> list[tuple[Job | None, str]]:
+        """Claim a group of (job id, is a retry) in one transaction; for each, the job if this
+        worker holds it now, else None and the job's status."""
+        ids = sorted({job_id for job_id, _ in items})
+        with session_scope(self.sessions) as s:
+            claimed = jobs_data.claim_jobs(s, ids, worker=self.worker_id, lease_s=self.lease_s)
+            others = [i for i in ids if i not in claimed]
+            rows = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(others)))} if others else {}
+            s.expunge_all()
+        statuses = {job_id: row.status for job_id, row in rows.items()}
+        answers: list[tuple[Job | None, str]] = []
+        for job_id, retried in items:
+            job = claimed.pop(job_id, None)  # a duplicate message of the same job gets None
+            if job is None and retried and job_id not in self._running and self._shows(rows.get(job_id), "running"):
+                job = rows.pop(job_id)  # an earlier try committed, but its answer was lost
+            answers.append((job, "running") if job else (None, statuses.get(job_id, "unknown job")))
+        return answers
 
     def _finish(self, job: Job, status: str, **values: Any) -> bool:
         """Record the outcome, retrying while the database is unreachable (the work is done and
@@ -162,18 +178,37 @@ class WorkerRuntime:
 
         def attempt() -> bool:
             tries[0] += 1
-            with session_scope(self.sessions) as s:
-                recorded = jobs_data.finish_job(s, job.id, worker=self.worker_id, status=status, **values)
-                if recorded:
-                    webhooks.notify_job(s, job.id)  # a row in the outbox; the API sends it
-                    return True
-                return tries[0] > 1 and self._mine(s, job.id, status, job.attempts) is not None
+            return self._finishes.submit((job, jobs_data.Outcome(job.id, status, **values), tries[0] > 1))
 
         return retry_unavailable(attempt, what=f"recording job {job.id}")
 
+    def _finish_group(self, items: list[tuple[Job, jobs_data.Outcome, bool]]) -> list[bool]:
+        """Record a group of (job, outcome, is a retry) and queue their webhook events in one
+        transaction; for each, whether it is recorded (by this try, or by an earlier one whose
+        answer was lost)."""
+        with session_scope(self.sessions) as s:
+            recorded = jobs_data.finish_jobs(s, [o for _, o, _ in items], worker=self.worker_id)
+            # Rows in the outbox, which the API sends; only jobs with a webhook are read again.
+            webhooks.notify_jobs(s, sorted(j.id for j, _, _ in items if j.id in recorded and j.webhook_url))
+            retried = [j.id for j, _, again in items if again and j.id not in recorded]
+            rows = {r.id: r for r in s.scalars(select(Job).where(Job.id.in_(retried)))} if retried else {}
+        return [job.id in recorded or (again and self._shows(rows.get(job.id), o.status, job.attempts))
+                for job, o, again in items]
+
+    def _check_batches(self, items: list[tuple[Job, jobs_data.Outcome, bool]]) -> None:
+        """After a group's outcomes are committed: finalize each of their batches whose last job
+        this was, one check per batch however many of its jobs the group holds."""
+        for batch_id in dict.fromkeys(job.batch_id for job, _, _ in items if job.batch_id):
+            try:
+                maybe_finalize_batch(self.sessions, self.storage, batch_id)
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                log.warning("batch %s not finalized yet (database unavailable); upkeep will", batch_id)
+
     def execute(self, job_id: str) -> str:
         """Run one job if this worker can claim it. Returns what happened, for logs and tests."""
-        with self.batcher.arrival() as arrival:  # a partly filled batch may wait for this job
+        with self.isolation.held(), self.batcher.arrival() as arrival:  # a batch may wait for this job
             job, status = self._claim(job_id)
             if job is None:
                 log.info("job %s skipped (%s)", job_id, status)
@@ -183,7 +218,9 @@ class WorkerRuntime:
                 self._running[job_id] = (job, written)
             self.watch.add(job_id)
             try:
-                outcome = self._run_claimed(job, written, arrival)
+                # A job whose earlier start did not finish may be what killed that worker.
+                with self.isolation.alone() if job.attempts > 1 else nullcontext(True) as alone:
+                    outcome = self._run_claimed(job, written, arrival) if alone else self._hand_back_later(job)
             except BaseException as exc:
                 # A shutdown interrupting the job hands it back; other errors (the database down
                 # past the retries) leave it to its lease.
@@ -194,13 +231,6 @@ class WorkerRuntime:
                 with self._running_lock:
                     self._running.pop(job_id, None)
                 self.watch.remove(job_id)
-        if job.batch_id:
-            try:
-                maybe_finalize_batch(self.sessions, self.storage, job.batch_id)
-            except Exception as exc:
-                if not is_unavailable(exc):
-                    raise
-                log.warning("batch %s not finalized yet (database unavailable); upkeep will", job.batch_id)
         log.info("job %s %s (model %s, attempt %d)", job_id, outcome, job.model, job.attempts)
         self._report_soon()
         return outcome
@@ -244,7 +274,7 @@ class WorkerRuntime:
         try:
             with session_scope(self.sessions) as s:
                 released = jobs_data.release_job(s, job.id, worker=self.worker_id, count_attempt=count_attempt)
-                recorded = not released and self._mine(s, job.id, "succeeded", job.attempts) is not None
+                recorded = not released and self._shows(s.get(Job, job.id), "succeeded", job.attempts)
         except Exception:
             log.exception("could not hand back job %s; its lease will expire", job.id)
             return False
@@ -262,6 +292,14 @@ class WorkerRuntime:
         log.warning("job %s: %s; handing it back to the queue", job.id, exc, exc_info=exc.__cause__ or exc)
         if self._abandon(job, written, why="storage unavailable", count_attempt=False):
             outbox.publish_and_mark(self.sessions, self.publisher, [Publish(job.id, job.model, job.priority)])
+        return "handed back"
+
+    def _hand_back_later(self, job: Job) -> str:
+        """Another job that lost a worker runs alone here: this one, which lost one too, goes back
+        to the queue unstarted (its attempt given back) and is published again (workers/isolation.py)."""
+        if self._abandon(job, [], why="another job runs alone", count_attempt=False):
+            outbox.publish_and_mark(self.sessions, self.publisher,
+                                    [Publish(job.id, job.model, job.priority, front=True)])
         return "handed back"
 
     def hand_back_all(self) -> None:
@@ -365,3 +403,6 @@ class WorkerRuntime:
     def stop(self) -> None:
         self._stop.set()
         self.batcher.stop()
+        claims, finishes = self._claims, self._finishes
+        log.info("worker %s: %d claims in %d groups, %d outcomes in %d groups", self.worker_id,
+                 claims.items, claims.groups, finishes.items, finishes.groups)

@@ -59,3 +59,35 @@ def test_the_epoch_moves_when_redis_loses_its_data(tmp_path: Path) -> None:
         assert after is not None and after > before
     finally:
         server.kill()
+
+
+def test_a_consumer_with_room_takes_what_waits_in_one_go_in_queue_order_and_loses_none(
+        redis_url: str, tmp_path: Path) -> None:
+    """The prefetch is filled after one BRPOP (redis_transport's take): in the order the queue
+    hands messages out, each recorded as unacknowledged, and the unacknowledged ones go back to
+    the queue when the consumer closes."""
+    import redis
+    from kombu import Consumer, Exchange, Queue
+
+    publisher = _publisher(redis_url, tmp_path)
+    model = f"take-{uuid.uuid4().hex[:6]}"
+    publisher.publish([Publish("new-1", model, 5), Publish("new-2", model, 5), Publish("urgent", model, 9),
+                       Publish("low", model, 1)])
+    publisher.publish([Publish("back", model, 5, front=True)])
+    unacked = redis.Redis.from_url(redis_url)
+    name = queue_name(model)
+    received: list[tuple[str, object]] = []
+    with publisher.app.connection_for_read() as conn:
+        consumer = Consumer(conn.default_channel, [Queue(name, Exchange(name), routing_key=name)],
+                            callbacks=[lambda body, message: received.append((body[0][0], message))])
+        consumer.qos(prefetch_count=4)
+        with consumer:
+            conn.drain_events(timeout=5)  # one BRPOP's worth of events
+            assert [job for job, _ in received] == ["urgent", "back", "new-1", "new-2"]  # "low" finds no room
+            tags = [m.delivery_tag for _, m in received]
+            assert all(unacked.hexists("unacked", tag) for tag in tags)
+            for _, message in received[:2]:
+                message.ack()
+            assert [unacked.hexists("unacked", tag) for tag in tags] == [False, False, True, True]
+    # Closing the channel gave the two unacknowledged back (in kombu's order for restored messages).
+    assert sorted(_drain(publisher, model)) == ["low", "new-1", "new-2"]

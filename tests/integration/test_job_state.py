@@ -136,3 +136,52 @@ def test_cancel_batch_keeps_finished_work(factory: sessionmaker[Session], tmp_pa
         assert not records.cancel_batch(s, batch_id)  # already cancelled: nothing changes
 
 
+
+
+def test_a_group_claim_takes_only_what_is_claimable(factory: sessionmaker[Session]) -> None:
+    """claim_jobs, the worker's claim of a group of jobs in one statement, keeps claim_job's guards
+    job by job: a cancelled job stays cancelled, a job another worker leases stays its own, and
+    an expired lease is taken over."""
+    _, (free, cancelled, leased, expired) = _batch(factory, 4)
+    with session_scope(factory) as s:
+        assert records.cancel_job(s, cancelled)
+        assert jd.claim_job(s, leased, worker="B", lease_s=30) is not None
+        assert jd.claim_job(s, expired, worker="C", lease_s=-1) is not None
+    with session_scope(factory) as s:
+        claimed = jd.claim_jobs(s, [free, cancelled, leased, expired], worker="A", lease_s=30)
+    assert sorted(claimed) == sorted([free, expired])
+    assert (claimed[expired].attempts, claimed[expired].worker, claimed[free].attempts) == (2, "A", 1)
+    with session_scope(factory) as s:
+        assert [(s.get(Job, j).status, s.get(Job, j).worker) for j in (cancelled, leased)] == [
+            ("cancelled", None), ("running", "B")]
+
+
+def test_a_group_finish_records_only_the_jobs_the_worker_still_holds(factory: sessionmaker[Session]) -> None:
+    """finish_jobs, the outcomes of a group in one round trip: a job cancelled between its claim
+    and its finish stays cancelled, one whose expired lease another worker took is not finished
+    by the first, and each of the others gets its own outcome, a failure as much as a success."""
+    _, (ok, bad, cancelled, taken) = _batch(factory, 4)
+    with session_scope(factory) as s:
+        assert len(jd.claim_jobs(s, [ok, bad, cancelled], worker="A", lease_s=30)) == 3
+        assert jd.claim_job(s, taken, worker="A", lease_s=-1) is not None
+    with session_scope(factory) as s:
+        assert records.cancel_job(s, cancelled)
+        assert jd.claim_job(s, taken, worker="B", lease_s=30) is not None
+    error = {"code": "runtime_error", "message": "boom"}
+    with session_scope(factory) as s:
+        recorded = jd.finish_jobs(s, [jd.Outcome(ok, "succeeded", result={"i": 0}),
+                                      jd.Outcome(bad, "failed", error=error),
+                                      jd.Outcome(cancelled, "succeeded", result={"late": 1}),
+                                      jd.Outcome(taken, "succeeded", result={"late": 2})], worker="A")
+    assert recorded == {ok, bad}
+    with session_scope(factory) as s:
+        rows = {j: s.get(Job, j) for j in (ok, bad, cancelled, taken)}
+        assert [(rows[ok].status, rows[ok].result, rows[ok].progress, rows[ok].lease_expires_at)] == [
+            ("succeeded", {"i": 0}, 1.0, None)]
+        assert (rows[bad].status, rows[bad].error, rows[bad].result) == ("failed", error, None)
+        assert (rows[cancelled].status, rows[cancelled].result) == ("cancelled", None)
+        assert (rows[taken].status, rows[taken].worker, rows[taken].result) == ("running", "B", None)
+    with session_scope(factory) as s:  # SQL NULL, not JSON null, where no result or error was given
+        from sqlalchemy import select
+
+        assert s.scalars(select(Job.id).where(Job.id.in_([ok, bad]), Job.error.is_(None))).all() == [ok]

@@ -47,7 +47,8 @@ def _job(c: httpx.Client, tag: str, priority: int | None) -> str:
 
 @contextmanager
 def _worker(stack: Stack, name: str) -> Iterator[Any]:
-    proc = stack.start_worker(MODEL, name=name)
+    # One job at a time (a solo pool), so the order jobs finish in is the order they were taken in.
+    proc = stack.start_worker(MODEL, "--concurrency", "1", name=name)
     try:
         yield proc
     finally:
