@@ -222,10 +222,11 @@ def in_process(script: str, spec: dict[str, Any], workdir: Path, env: dict[str, 
 
 
 def mixed_spec(registry: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The spec of `text_mixed.py --in-process`: gpt2-random in bf16 (fp32 on the CPU), batch 32."""
+    """The spec of `text_mixed.py --in-process`: gpt2-random in bf16 (fp32 on the CPU), batch 32;
+    --small: max_tokens classes 4/8/16 instead of the workload's 16/64/192."""
     return {"source": registry_entry(registry, TEXT_MODEL)["source"], "device": "cpu" if args.cpu else "cuda",
             "dtype": "auto" if args.cpu else "bfloat16", "batch_size": MIXED_BATCH, "requests": args.mixed_requests,
-            "seed": 0}
+            "seed": 0, **({"max_tokens": [4, 8, 16]} if args.small else {})}
 
 
 def compared(genq: dict[str, Any], base: dict[str, Any], unit: str) -> dict[str, Any]:

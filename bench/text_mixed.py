@@ -66,8 +66,8 @@ from common import (
     ROOT,
     Procs,
     bench_machine,
+    latency_stats,
     naive_sample,
-    percentile,
     run_batch,
     run_on_services,
     stack_env,
@@ -127,13 +127,17 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
     return times
 
 
+def longest_sequence(lm: TextModel, bodies: list[dict[str, Any]]) -> int:
+    """The longest prompt plus the largest max_tokens: what a KV cache must hold for any request."""
+    return max(len(lm.tokenizer(b["prompt"])["input_ids"]) for b in bodies) + max(b["max_tokens"] for b in bodies)
+
+
 def by_class(bodies: list[dict[str, Any]], latencies: list[float]) -> dict[str, dict[str, Any]]:
-    """p50/p95/max latency in seconds per max_tokens class."""
+    """Latency stats (common.latency_stats: p50/p95/p99/max in ms) per max_tokens class."""
     classes: dict[int, list[float]] = {}
     for body, seconds in zip(bodies, latencies, strict=True):
-        classes.setdefault(body["max_tokens"], []).append(seconds)
-    return {str(m): {"count": len(s), "p50_s": percentile(sorted(s), 50), "p95_s": percentile(sorted(s), 95),
-                     "max_s": round(max(s), 2)} for m, s in sorted(classes.items())}
+        classes.setdefault(body["max_tokens"], []).append(seconds * 1000)
+    return {str(m): latency_stats(ms) for m, ms in sorted(classes.items())}
 
 
 # --- the in-process arms -----------------------------------------------------------------------------
@@ -177,13 +181,13 @@ class Continuous:
         without `arrivals`); seconds from the first add to the last result, and each one's latency."""
         with self.lm.torch.inference_mode(), self.lm.model.continuous_batching_context_manager(
                 generation_config=self.generation, continuous_batching_config=self.config(), block=True) as manager:
-            self._drive(manager, [{**b, "max_tokens": 2} for b in bodies[:self.batch_size]], None)
+            self._drive(manager, [{**b, "max_tokens": 2} for b in bodies[:self.batch_size]], None, "warm-up")
             seconds, tokens, latencies = self._drive(manager, bodies, arrivals)
             settings = self.settings(manager)
         return {**rates(seconds, len(bodies), tokens), "latencies": latencies, "settings": settings}
 
     def _drive(self, manager: Any, bodies: list[dict[str, Any]],
-               arrivals: list[float] | None) -> tuple[float, int, list[float]]:
+               arrivals: list[float] | None, prefix: str = "r") -> tuple[float, int, list[float]]:
         arrivals = arrivals or [0.0] * len(bodies)
         added: dict[str, float] = {}
         done: dict[str, tuple[float, list[int]]] = {}
@@ -192,8 +196,8 @@ class Continuous:
             while len(added) < len(bodies) and arrivals[len(added)] <= time.perf_counter() - started:
                 i = len(added)
                 ids = self.lm.tokenizer(bodies[i]["prompt"])["input_ids"]
-                added[f"r{i}"] = time.perf_counter()
-                manager.add_request(ids, request_id=f"r{i}", max_new_tokens=bodies[i]["max_tokens"],
+                added[f"{prefix}{i}"] = time.perf_counter()
+                manager.add_request(ids, request_id=f"{prefix}{i}", max_new_tokens=bodies[i]["max_tokens"],
                                     eos_token_id=sorted(self.lm.end_ids))
             wait = arrivals[len(added)] - (time.perf_counter() - started) if len(added) < len(bodies) else 1.0
             out = manager.get_result(timeout=max(wait, 0.001))
@@ -205,7 +209,7 @@ class Continuous:
                 raise RuntimeError("the continuous batching manager stopped with requests unanswered")
         seconds = max(t for t, _ in done.values()) - started
         tokens = sum(self.lm.billed(row) for _, row in done.values())
-        return seconds, tokens, [done[f"r{i}"][0] - added[f"r{i}"] for i in range(len(bodies))]
+        return seconds, tokens, [done[f"{prefix}{i}"][0] - added[f"{prefix}{i}"] for i in range(len(bodies))]
 
 
 # --- genq end to end ---------------------------------------------------------------------------------
@@ -266,8 +270,7 @@ def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> di
     source, built = cached_model(args.models_dir, args.small, SHAPE)
     lm = TextModel(source)
     bodies = workload(lm.tokenizer, args.requests, args.seed, args.max_tokens, args.uniform)
-    longest_prompt = max(len(lm.tokenizer(b["prompt"])["input_ids"]) for b in bodies)
-    longest = longest_prompt + max(b["max_tokens"] for b in bodies)
+    longest = longest_sequence(lm, bodies)
     registry = write_registry(tmp, {MODEL: {"kind": "text", "source": str(source), "max_batch_size": args.batch_size,
                                             "max_tokens": max(256, longest)}})
     lengths = [len(lm.tokenizer(b["prompt"])["input_ids"]) for b in bodies]
@@ -319,7 +322,7 @@ def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> di
         stagger["c_continuous"] = by_class(staggered, c_run["latencies"])
         stagger["d_genq"] = by_class(staggered, d_latencies or [])
         shortest = min(stagger["c_continuous"], key=int)
-        c95, d95 = stagger["c_continuous"][shortest]["p95_s"], stagger["d_genq"][shortest]["p95_s"]
+        c95, d95 = stagger["c_continuous"][shortest]["p95_ms"], stagger["d_genq"][shortest]["p95_ms"]
         stagger.update(shortest_class=int(shortest), p95_d_over_c=round(d95 / c95, 3) if c95 else None)
     result.update(arms)
     a, b, s, c, d = (arms[name] for name in ARMS.values())
@@ -336,20 +339,22 @@ def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> di
 
 def in_process_main(spec_file: Path) -> None:
     """Arms b, s and c alone, for bench/gpu_check.py: SPEC is {"source", "device", "dtype",
-    "batch_size", "requests", "seed"}; the workload is built here with the model's tokenizer.
-    Prints the arms' JSON."""
+    "batch_size", "requests", "seed", "max_tokens" (the classes; default CLASSES)}; the workload is
+    built here with the model's tokenizer. Prints the arms' JSON."""
     spec = json.loads(spec_file.read_text())
     started = time.perf_counter()
     lm = TextModel(Path(spec["source"]), spec.get("device", "auto"), spec.get("dtype", "auto"))
     load_s = time.perf_counter() - started
-    bodies, size = workload(lm.tokenizer, int(spec["requests"]), int(spec.get("seed", 0))), int(spec["batch_size"])
-    longest = max(len(lm.tokenizer(b["prompt"])["input_ids"]) for b in bodies) + max(b["max_tokens"] for b in bodies)
+    classes = tuple(spec.get("max_tokens", CLASSES))
+    bodies = workload(lm.tokenizer, int(spec["requests"]), int(spec.get("seed", 0)), classes)
+    size = int(spec["batch_size"])
     lm.warm_up(bodies, size)
     b = arm_static(lm, bodies, size)
     s = arm_static(lm, sorted(bodies, key=lambda body: body["max_tokens"]), size)
-    c = Continuous(lm, bodies, size, longest, int(spec.get("seed", 0))).run(bodies)
+    c = Continuous(lm, bodies, size, longest_sequence(lm, bodies), int(spec.get("seed", 0))).run(bodies)
     del c["latencies"]
-    print(json.dumps({"requests": len(bodies), "b_static_input": b, "s_static_sorted": s, "c_continuous": c,
+    print(json.dumps({"requests": len(bodies), "max_tokens_classes": classes, "b_static_input": b,
+                      "s_static_sorted": s, "c_continuous": c,
                       "c_over_b": ratio(c, b), "s_over_b": ratio(s, b), "c_over_s": ratio(c, s),
                       "load_s": round(load_s, 2), "device": lm.device, "dtype": str(lm.dtype).removeprefix("torch."),
                       "attn_implementation": lm.model.config._attn_implementation}))
