@@ -10,6 +10,11 @@ The measurement driver behind bench/gpu_check.sh (which adds a hard time limit a
               `bench/image_batching.py --in-process` the batched images through sd15-random's
               pipeline in calls of its max_batch_size (8), both loaded as genq's runners load them
               and timed after a warm-up call.
+  1c. mixed   `bench/text_mixed.py --in-process` runs --mixed-requests completions of the mixed-length
+              workload (max_tokens 16/64/192 for 60/25/15 %) through gpt2-random in bf16 with SDPA, in
+              its own process on the idle GPU: static batches of 32 in input order and sorted by
+              max_tokens, and transformers' continuous batching (32 requests per step); `mixed`
+              reports their tokens/s and c_over_b, s_over_b, c_over_s. Skipped with --no-mixed.
   2. stack    the embedded defaults, no server needed: SQLite results DB, SQLite broker, file
               storage; `python -m genq api` and two workers, `--models gpt2-random --gpu G` and
               `--models sd15-random --gpu G`, both on the same GPU. One warm-up job per model
@@ -188,6 +193,7 @@ def run_batch(client: httpx.Client, procs: Procs, url: str, bodies: list[dict[st
 # --- batching: genq against the in-process batched baselines ---------------------------------------
 
 BATCH_GOAL = 0.85  # genq's share of the in-process batched throughput
+MIXED_BATCH = 32  # the mixed workload's static batch and continuous batching's requests per step
 
 
 def registry_entry(registry: Path, model: str) -> dict[str, Any]:
@@ -213,6 +219,14 @@ def in_process(script: str, spec: dict[str, Any], workdir: Path, env: dict[str, 
         raise RuntimeError(f"the in-process baseline {script} failed ({exc}):\n"
                            f"{log_path.read_text(errors='replace')[-3000:]}") from None
     return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def mixed_spec(registry: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The spec of `text_mixed.py --in-process`: gpt2-random in bf16 (fp32 on the CPU), batch 32;
+    --small: max_tokens classes 4/8/16 instead of the workload's 16/64/192."""
+    return {"source": registry_entry(registry, TEXT_MODEL)["source"], "device": "cpu" if args.cpu else "cuda",
+            "dtype": "auto" if args.cpu else "bfloat16", "batch_size": MIXED_BATCH, "requests": args.mixed_requests,
+            "seed": 0, **({"max_tokens": [4, 8, 16]} if args.small else {})}
 
 
 def compared(genq: dict[str, Any], base: dict[str, Any], unit: str) -> dict[str, Any]:
@@ -278,8 +292,8 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
     text_batch = [text_body(i, args.batch_max_tokens) for i in range(args.batch_text_requests)]
     image_batch = [image_body(i, args.size, args.steps) for i in range(args.batch_image_requests)]
     baselines: dict[str, dict[str, Any]] = {}
+    base_env = env if args.cpu else {**env, "CUDA_VISIBLE_DEVICES": str(args.gpu)}
     if not args.no_batching:
-        base_env = env if args.cpu else {**env, "CUDA_VISIBLE_DEVICES": str(args.gpu)}
         for script, model, bodies in (("text_batching.py", TEXT_MODEL, text_batch),
                                       ("image_batching.py", IMAGE_MODEL, image_batch)):
             entry = registry_entry(registry, model)
@@ -287,6 +301,11 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
                     "dtype": entry.get("dtype", "auto"), "batch_size": entry.get("max_batch_size", 8),
                     "bodies": bodies}
             baselines[model] = in_process(script, spec, workdir, base_env, deadline.left(300))
+
+    # 1c. The mixed-length workload in process: static and continuous batching, bf16 with SDPA.
+    if not args.no_mixed:
+        result["mixed"] = in_process("text_mixed.py", mixed_spec(registry, args), workdir, base_env,
+                                     deadline.left(300))
 
     # 2. The stack, then one warm-up job per model.
     sampler = None if args.cpu else MemorySampler(args.gpu).start()
@@ -379,13 +398,17 @@ def main() -> None:
     parser.add_argument("--batch-image-requests", type=int, default=None,
                         help="batched image comparison: images at --size and --steps (default 16; --small: 4)")
     parser.add_argument("--no-batching", action="store_true", help="skip the batched comparisons (1b and 5)")
+    parser.add_argument("--mixed-requests", type=int, default=None,
+                        help="mixed-length workload in process: completions (default 200; --small: 8)")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length workload (1c)")
     parser.add_argument("--budget-s", type=float, default=400.0, help="fail rather than run longer than this")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     small = args.small
     for name, full, tiny in (("text_requests", 64, 8), ("max_tokens", 64, 16), ("image_requests", 8, 2),
                              ("size", "512x512", "64x64"), ("steps", 30, 4), ("batch_text_requests", 256, 16),
-                             ("batch_max_tokens", 32, 8), ("batch_image_requests", 16, 4)):
+                             ("batch_max_tokens", 32, 8), ("batch_image_requests", 16, 4),
+                             ("mixed_requests", 200, 8)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if small else full)
     # Turn SIGTERM (gpu_check.sh's time limit) into SystemExit so the cleanup still runs.

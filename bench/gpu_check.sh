@@ -4,19 +4,23 @@
 #
 #   bash bench/gpu_check.sh                  # GPU 0: 64 completions x 64 tokens, 8 images 512x512 x 30 steps,
 #                                            # then batching: 256 completions x 32 tokens (batch 64) and
-#                                            # 16 images 512x512 fp16 (batch 8), genq vs in-process
+#                                            # 16 images 512x512 fp16 (batch 8), genq vs in-process;
+#                                            # and 200 mixed-length completions in process, bf16:
+#                                            # static batches of 32 and continuous batching
 #   bash bench/gpu_check.sh --gpu 1          # another GPU (both workers share it)
 #   bash bench/gpu_check.sh --cpu --small    # the same code path on a CPU with tiny models (~1 min)
 #   bash bench/gpu_check.sh --out result.json
 # Other flags go to bench/gpu_check.py (see its --help): --text-requests, --max-tokens,
 # --image-requests, --size, --steps, --batch-text-requests, --batch-max-tokens, --batch-image-requests,
-# --no-batching, --models-dir, --budget-s.
+# --no-batching, --mixed-requests, --no-mixed, --models-dir, --budget-s.
 #
 # What it does (bench/gpu_check.py has the details): writes the models with bench/gpu_models.py into
 # a temporary directory (gpt2's EOS muted, so every completion runs to max_tokens); runs the in-process
 # batched baselines (gpt2 `generate` at batch 64, the SD pipeline at batch 8), each in its own process
-# on the idle GPU; starts `python3 -m genq api` and two workers (`--models gpt2-random --gpu N`,
-# `--models sd15-random --gpu N`) on the embedded defaults (SQLite DB and broker, file storage: no
+# on the idle GPU, and the mixed-length workload (bench/text_mixed.py --in-process: static batches
+# in input order and sorted by max_tokens, and transformers' continuous batching, bf16 with SDPA);
+# starts `python3 -m genq api` and two workers (`--models gpt2-random --gpu N`, `--models sd15-random
+# --gpu N`) on the embedded defaults (SQLite DB and broker, file storage: no
 # server needed); runs a text batch and an image batch through the API; reports tokens/s, requests/s,
 # images/s, it/s, the peak GPU memory (nvidia-smi every 0.5 s), the GPU and the torch/CUDA versions;
 # then sends the baselines' requests through genq and reports `batching`: both sides and genq's share

@@ -85,8 +85,9 @@ def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB) -> Any:
 
 
 def build_gpt2(model_dir: Path, *, small: bool, device: str, seed: int = 0, mute_eos: bool = False,
-               chat: bool = False) -> Path:
+               chat: bool = False, shape: dict[str, int] | None = None) -> Path:
     """gpt2-small (or `small`: 2 layers, 64 wide) with random weights; `mute_eos`: see mute_token.
+    `shape`: GPT2Config sizes (n_layer, n_embd, n_head) to use instead, e.g. 6 layers 512 wide.
 
     `chat`: a chat model as workers.tiny.build_tiny_chat makes one: ChatML's `<|im_start|>` and
     `<|im_end|>` added as special tokens (ids 50257 and 50258, the vocabulary 50259), `<|im_end|>`
@@ -106,7 +107,7 @@ def build_gpt2(model_dir: Path, *, small: bool, device: str, seed: int = 0, mute
         tokenizer.eos_token = IM_END
         tokenizer.chat_template = CHAT_TEMPLATE
     eos_id = tokenizer.eos_token_id
-    sizes = {"n_embd": 64, "n_layer": 2, "n_head": 4} if small else {}  # else gpt2-small's defaults
+    sizes = shape or ({"n_embd": 64, "n_layer": 2, "n_head": 4} if small else {})  # else gpt2-small's defaults
     config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=bos_id, eos_token_id=eos_id, **sizes)
     torch.manual_seed(seed)
     with torch.device(device):

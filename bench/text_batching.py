@@ -77,19 +77,22 @@ MODEL_STAMP = {"builder": "bench/gpu_models.py build_gpt2", "mute_eos": True, "s
 
 # --- the model and the requests --------------------------------------------------------------------
 
-def cached_model(models_dir: Path, small: bool) -> tuple[Path, bool]:
-    """The gpt2-shaped model with EOS muted under models_dir, built unless an identical build is
-    there; returns its directory and whether it was built now. Call it holding the lock."""
+def cached_model(models_dir: Path, small: bool, shape: dict[str, int] | None = None) -> tuple[Path, bool]:
+    """The gpt2-shaped model with EOS muted under models_dir (tiny with `small`, else of `shape`'s
+    GPT2Config sizes, else gpt2-small), built unless an identical build is there; returns its
+    directory and whether it was built now. Call it holding the lock."""
     from gpu_models import build_gpt2
 
-    target = models_dir / ("gpt2-tiny-noeos" if small else "gpt2-small-noeos")
-    stamp = {**MODEL_STAMP, "small": small}
+    shape = None if small else shape
+    name = "tiny" if small else f"{shape['n_layer']}x{shape['n_embd']}" if shape else "small"
+    target = models_dir / f"gpt2-{name}-noeos"
+    stamp = {**MODEL_STAMP, "small": small, **({"shape": shape} if shape else {})}
     stamp_file = target / "bench-model.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
         return target, False
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
-    build_gpt2(building, small=small, device="cpu", mute_eos=True)
+    build_gpt2(building, small=small, device="cpu", mute_eos=True, shape=shape)
     (building / "bench-model.json").write_text(json.dumps(stamp))
     shutil.rmtree(target, ignore_errors=True)
     building.rename(target)
@@ -169,7 +172,8 @@ class TextModel:
         return time.perf_counter() - started, tokens
 
     def batched(self, bodies: list[dict[str, Any]], batch_size: int) -> tuple[float, int]:
-        """Batches of batch_size in input order, one generate each; (seconds, completion tokens)."""
+        """Batches of batch_size in the order given, one generate each, run to the batch's longest
+        max_tokens; each row is billed up to its own max_tokens. (seconds, completion tokens)"""
         tokens = 0
         started = time.perf_counter()
         with self.torch.inference_mode():
@@ -177,8 +181,10 @@ class TextModel:
                 chunk = bodies[at:at + batch_size]
                 self.torch.manual_seed(chunk[0]["seed"])
                 enc = self.tokenizer([b["prompt"] for b in chunk], return_tensors="pt", padding=True).to(self.device)
-                out = self.model.generate(**enc, **self._sampling(chunk[0]))
-                tokens += sum(map(self.billed, out[:, enc["input_ids"].shape[1]:].tolist()))
+                limits = [self._sampling(b)["max_new_tokens"] for b in chunk]
+                out = self.model.generate(**enc, **{**self._sampling(chunk[0]), "max_new_tokens": max(limits)})
+                rows = out[:, enc["input_ids"].shape[1]:].tolist()
+                tokens += sum(self.billed(row[:limit]) for row, limit in zip(rows, limits, strict=True))
         return time.perf_counter() - started, tokens
 
     def warm_up(self, bodies: list[dict[str, Any]], batch_size: int) -> None:

@@ -34,3 +34,9 @@ def test_gpu_check_cpu_small_path_reports_rates(tmp_path: Path) -> None:
     assert b["text"]["in_process"]["completion_tokens"] == 16 * 8 and b["image"]["genq"]["images"] == 4
     assert all(v["ratio_genq_to_in_process"] > 0 and v["met"] == (v["ratio_genq_to_in_process"] >= 0.85)
                for v in b.values())
+    # The mixed-length workload in process: static batches and continuous batching did the same work.
+    mixed = result["mixed"]
+    assert mixed["requests"] == 8 and mixed["max_tokens_classes"] == [4, 8, 16] and mixed["dtype"] == "float32"
+    arms = [mixed[arm] for arm in ("b_static_input", "s_static_sorted", "c_continuous")]
+    assert len({arm["completion_tokens"] for arm in arms}) == 1 and all(arm["tokens_per_s"] > 0 for arm in arms)
+    assert mixed["c_over_b"] == pytest.approx(arms[2]["tokens_per_s"] / arms[0]["tokens_per_s"], rel=0.01)
