@@ -70,9 +70,10 @@ def _hand_back_on_cold_shutdown(runtime: WorkerRuntime) -> None:
 
 
 def default_concurrency(registry: Registry, models: list[str]) -> int:
-    """Twice the largest batch of the models that batch: one batch runs while the next is claimed
-    and prepared. 1 when none batches."""
-    sizes = [2 * spec.options.max_batch_size for m in models
+    """The most jobs any model that batches wants held: `held_batches` batches of `max_batch_size`
+    (one batch runs while the next is claimed and prepared; images hold more, see ImageOptions).
+    1 when none batches."""
+    sizes = [spec.options.held_batches * spec.options.max_batch_size for m in models
              if (spec := registry.get(m)) is not None and spec.options.batches()]
     return max(sizes, default=1)
 
