@@ -14,7 +14,7 @@ request; with --mix a mixed workload follows: sizes, steps and guidance from MIX
                  each group in calls of --batch-size images: a list of prompts and a list of one
                  generator per image.
   c_genq         the genq API and ONE `genq worker --models tiny-sd` (Postgres, Redis, file://
-                 storage), warmed up by one job of each shape; each workload's requests go in as one
+                 storage), warmed up by a full batch of each shape; each workload's requests go in as one
                  NDJSON batch to /v1/images/generations; seconds = POST sent -> batch `completed`
                  (generating, PNG encoding and storing, recording, finalizing). Every request must
                  succeed. The worker's `genq_worker*` /metrics samples are reported when present.
@@ -58,7 +58,6 @@ from common import (
     logged_batches,
     naive_sample,
     run_batch,
-    run_job,
     run_on_services,
     settled_worker_metrics,
     stack_env,
@@ -203,9 +202,10 @@ def arm_genq(procs: Procs, tmp: Path, db_url: str, registry: Path, workloads: di
     everyone = [body for bodies in workloads.values() for body in bodies]
     shapes = [everyone[group[0]] for group in groups(everyone)]
     client, worker = start_stack(procs, env, MODEL, flags, URL, {**shapes[0], "seed": 10**9})
-    for body in shapes[1:]:  # every shape's first call before the clock starts, as in b's warm-up
-        run_job(client, procs, URL, {**body, "seed": 10**9}, 600)
-    warm_ups = len(shapes)
+    # As b's warm-up: each shape's first calls, of a full batch, before the clock starts.
+    warm = [{**body, "num_inference_steps": 1, "seed": 10**9 + k} for body in shapes for k in range(args.batch_size)]
+    run_batch(client, procs, URL, warm, 600)
+    warm_ups = 1 + len(warm)
     out = {}
     for name, bodies in workloads.items():
         out[name] = genq_batch(client, procs, tmp, bodies, warm_ups)
