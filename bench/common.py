@@ -357,13 +357,17 @@ def worker_metric_lines(client: httpx.Client) -> list[str]:
     return [line for line in resp.text.splitlines() if line.startswith("genq_worker")]
 
 
-def logged_batches(log_file: Path) -> dict[str, Any] | None:
-    """What a worker's log says about the batches it ran ("batch of N job(s), R row(s) on MODEL in
-    S s", logged at debug level): how many batches of each row count. None when it logged none."""
+def logged_batches(log_file: Path, start: int = 0) -> dict[str, Any] | None:
+    """What a worker's log says (from byte `start` on) about the batches it ran ("batch of N
+    job(s), R row(s) on MODEL in S s", logged at debug level): how many batches of each row count.
+    None when it logged none."""
     import re
 
+    with log_file.open("rb") as fh:
+        fh.seek(start)
+        text = fh.read().decode(errors="replace")
     sizes: dict[int, int] = {}
-    for match in re.finditer(r"batch of (\d+) job\(s\), (\d+) row\(s\)", log_file.read_text(errors="replace")):
+    for match in re.finditer(r"batch of (\d+) job\(s\), (\d+) row\(s\)", text):
         rows = int(match.group(2))
         sizes[rows] = sizes.get(rows, 0) + 1
     if not sizes:

@@ -33,6 +33,9 @@ class ModelOptions(BaseModel):
 
     max_batch_size: PositiveInt = Field(default=8, description="rows (sequences or images) in one batched call")
     max_wait_ms: float = Field(default=50.0, ge=0, description="how long a partly filled batch waits for more jobs")
+    held_batches: PositiveInt = Field(default=2, description=(
+        "a worker holds this many batches' worth of the model's jobs at once: one batch runs while the next "
+        "is claimed and prepared"))
 
     def batches(self) -> bool:
         """Whether jobs of this model may share a call (the worker sizes its concurrency by it)."""
@@ -88,6 +91,11 @@ class ImageOptions(AdapterOptions):
     max_steps: PositiveInt = Field(default=150, description="upper bound for num_inference_steps")
     safety_checker: bool = Field(default=True, description="run the pipeline's safety checker")
     revision: str | None = Field(default=None, description="the hub revision (branch, tag or commit) to load")
+    # Sizes, steps and guidance split the queue into batch keys: holding more jobs lets the batcher
+    # fill a batch of one key from a mixed queue (four keys' worth of a shuffled mix of four).
+    held_batches: PositiveInt = Field(default=4, description=(
+        "a worker holds this many batches' worth of the model's jobs at once, to fill batches of one "
+        "size, steps and guidance from a mixed queue"))
 
     def limit_errors(self, body: BaseModel, model: str, source: str) -> list[Limit]:
         errors: list[Limit] = []

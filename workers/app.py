@@ -71,10 +71,11 @@ def _hand_back_on_cold_shutdown(runtime: WorkerRuntime) -> None:
 
 
 def default_concurrency(registry: Registry, models: list[str]) -> int:
-    """Twice the largest batch of the models that batch: one batch runs while the next is claimed
-    and prepared. PIPELINE_JOBS when none batches: one job runs while the others' claims and
-    outcomes are recorded together (workers/coalesce.py), instead of each waiting its turn."""
-    sizes = [2 * spec.options.max_batch_size for m in models
+    """The most jobs any model that batches wants held: `held_batches` batches of `max_batch_size`
+    (one batch runs while the next is claimed and prepared; images hold more, see ImageOptions).
+    PIPELINE_JOBS when none batches: one job runs while the others' claims and outcomes are
+    recorded together (workers/coalesce.py), instead of each waiting its turn."""
+    sizes = [spec.options.held_batches * spec.options.max_batch_size for m in models
              if (spec := registry.get(m)) is not None and spec.options.batches()]
     return max(sizes, default=PIPELINE_JOBS)
 

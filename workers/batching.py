@@ -6,6 +6,12 @@ records it, so acknowledgement stays per job. One executor thread per worker own
 takes the oldest waiting item, gathers items with the same model and batch key up to the model's
 `max_batch_size` rows, and runs them in one call.
 
+Which group: the oldest item's, unless it is not full and another key's group holds more rows. A
+mixed queue (images of several sizes or steps) would otherwise run whatever key its oldest item
+has, in small batches, while full ones wait behind it. So the fullest group goes first, but an
+oldest item is passed over by at most OVERTAKES batches, after which its group runs however full:
+a rare key waits a few batches, never forever.
+
 When to start a batch: at once when the batch is full; when no other job is on its way in
 (claimed or being prepared by another thread) and none has joined for GRACE_S, so a lone job is
 held back by a few milliseconds at most; otherwise when the oldest item has waited `max_wait_ms`
@@ -33,6 +39,7 @@ from genq.workers.runners.base import BatchItem, Choose, ContinuousRunner, Outco
 
 log = logging.getLogger("genq.worker")
 GRACE_S = 0.005
+OVERTAKES = 4  # batches of other keys that may run while an item is the oldest waiting
 
 
 @dataclass
@@ -43,6 +50,7 @@ class _Waiting:
     key: Hashable
     rows: int
     arrived: float = field(default_factory=time.monotonic)
+    overtaken: int = 0  # batches chosen over this item's own while it was the oldest
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
 
@@ -130,7 +138,7 @@ class Batcher:
             self._run(group)
 
     def _next_group(self) -> list[_Waiting] | None:
-        """Wait for work, then for the oldest item's batch to fill (see the module docstring)."""
+        """Wait for work, then for the chosen group to fill (see the module docstring)."""
         with self._cond:
             while True:
                 if self._stop and not self._waiting:
@@ -139,29 +147,48 @@ class Batcher:
                     self._cond.wait()
                     continue
                 first = self._waiting[0]
-                spec = first.runner.spec
-                # A model that does not batch runs each item at once: no wait for company.
-                limit = spec.options.max_batch_size if spec.options.batches() else 1
-                deadline = first.arrived + spec.options.max_wait_ms / 1000
-                group, rows = self._gather(first, limit)
+                deadline = first.arrived + first.runner.spec.options.max_wait_ms / 1000
+                group, rows, limit = self._choose(first)
                 now = time.monotonic()
                 settled = self._arriving == 0 and now - self._joined >= min(GRACE_S, deadline - first.arrived)
                 if rows >= limit or settled or now >= deadline or self._stop:
+                    if group[0] is not first:
+                        first.overtaken += 1
                     for w in group:
                         self._waiting.remove(w)
                     return group
                 wake = deadline if self._arriving else min(deadline, self._joined + GRACE_S)
                 self._cond.wait(max(0.0, wake - now))
 
-    def _gather(self, first: _Waiting, limit: int) -> tuple[list[_Waiting], int]:
-        group, rows = [first], first.rows
-        for w in self._waiting[1:]:
+    def _choose(self, first: _Waiting) -> tuple[list[_Waiting], int, int]:
+        """The oldest item's group, or the fullest other one while the oldest may be passed over;
+        with its rows and its model's row limit."""
+        best = self._gather(0)
+        if best[1] >= best[2] or first.overtaken >= OVERTAKES:
+            return best
+        seen = {(first.model, first.key)}
+        for at, w in enumerate(self._waiting):
+            if (w.model, w.key) not in seen:
+                seen.add((w.model, w.key))
+                candidate = self._gather(at)
+                if candidate[1] > best[1]:
+                    best = candidate
+        return best
+
+    def _gather(self, at: int) -> tuple[list[_Waiting], int, int]:
+        """The item waiting at `at` and later ones of its model and key, in arrival order, up to its
+        model's row limit (a model that does not batch runs each item alone): items, rows, limit."""
+        head = self._waiting[at]
+        options = head.runner.spec.options
+        limit = options.max_batch_size if options.batches() else 1
+        group, rows = [head], head.rows
+        for w in self._waiting[at + 1:]:
             if rows >= limit:
                 break
-            if w.model == first.model and w.key == first.key and rows + w.rows <= limit:
+            if w.model == head.model and w.key == head.key and rows + w.rows <= limit:
                 group.append(w)
                 rows += w.rows
-        return group, rows
+        return group, rows, limit
 
     def _run(self, group: list[_Waiting]) -> None:
         if isinstance(group[0].runner, ContinuousRunner):

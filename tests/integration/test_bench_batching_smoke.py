@@ -57,21 +57,28 @@ def test_text_batching_bench_reports_three_arms_of_equal_work(tmp_path: Path) ->
 
 
 @pytest.mark.integration
-def test_image_batching_bench_reports_three_arms_and_same_pictures(tmp_path: Path) -> None:
-    images = 4
+def test_image_batching_bench_reports_three_arms_and_same_pictures_per_workload(tmp_path: Path) -> None:
+    images = 8  # the mixed workload: one round of its profiles' weights (3, 2, 2 and 1 images)
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH / "image_batching.py"), "--images", str(images), "--batch-size", "2",
-           "--steps", "2", "--lock-wait", "20", "--out", str(out)]
-    result = run_benchmark(cmd, out, 240, BUSY)
+           "--steps", "2", "--naive-sample", "4", "--mix", "--lock-wait", "20", "--out", str(out)]
+    result = run_benchmark(cmd, out, 300, BUSY)
 
     assert result["max_batch_size"] == 2 and result["size"] == "64x64"
-    for arm in ARMS:
-        assert result[arm]["images"] == images, arm
-        assert result[arm]["seconds"] > 0 and result[arm]["images_per_s"] > 0
-    a, b = result["a_naive_loop"], result["b_batched"]
-    assert a["extrapolated"] is False and a["seconds"] == min(run["seconds"] for run in a["runs"])
-    assert b["calls"] == 2 and len(b["runs"]) == 2 and b["seconds"] == min(run["seconds"] for run in b["runs"])
-    assert result["c_genq"]["succeeded"] == images and result["c_genq"]["failed"] == 0
-    check_ratios(result, "images_per_s", {"c_over_b": 0.85})
-    # Same prompt and seed, same image: batching may move a pixel by a rounding level, no more.
-    assert result["max_abs_diff"] <= 2, result
+    mixed = result["mixed"]
+    assert [(p["size"], p["steps"], p["images"]) for p in mixed["profiles"]] == [
+        ("64x64", 10, 3), ("96x64", 6, 2), ("64x96", 14, 2), ("64x64", 6, 1)]
+    # b groups the mix by shape: ceil(3/2) + 1 + 1 + 1 calls; the uniform workload is one group.
+    for workload, calls in ((result, images // 2), (mixed, 5)):
+        for arm in ARMS:
+            assert workload[arm]["images"] == images, arm
+            assert workload[arm]["seconds"] > 0 and workload[arm]["images_per_s"] > 0
+        a, b = workload["a_naive_loop"], workload["b_batched"]
+        assert a["extrapolated"] is True and a["images_timed"] == 4
+        assert a["seconds_timed"] == min(run["seconds"] for run in a["runs"])
+        assert b["calls"] == calls and len(b["runs"]) == 2 and b["seconds"] == min(run["seconds"] for run in b["runs"])
+        assert workload["c_genq"]["succeeded"] == images and workload["c_genq"]["failed"] == 0
+        check_ratios(workload, "images_per_s", {"c_over_b": 0.95})
+        # Same prompt and seed, same image: batching may move a pixel by a rounding level, no more.
+        assert workload["max_abs_diff"] <= 2, workload
+    assert result["c_over_b"] == {"uniform": result["ratios"]["c_over_b"], "mixed": mixed["ratios"]["c_over_b"]}

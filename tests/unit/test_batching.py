@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from genq.shared.registry import ModelSpec, model_spec
-from genq.workers.batching import Batcher
+from genq.workers.batching import OVERTAKES, Batcher
 from genq.workers.cache import ModelCache, parse_bytes
 from genq.workers.runners.base import BatchItem, Outcome, RunContext
 from tests.support.waiting import wait_for
@@ -95,19 +95,19 @@ def test_a_model_that_does_not_batch_runs_each_item_alone_and_at_once() -> None:
 def test_waiting_items_share_batches_up_to_the_limit_in_arrival_order() -> None:
     hold = threading.Event()
     runner, batcher = ListRunner(max_batch_size=4, hold=hold), Batcher()
-    done: list[Any] = []
-    first = threading.Thread(target=lambda: done.append(submit_all(batcher, runner, [_Body("first")])))
+    done: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: done.update(first=submit_all(batcher, runner, [_Body("first")])))
     first.start()
     wait_for(lambda: runner.calls, 10, 0.005, "the first call")
-    rest = threading.Thread(target=lambda: done.append(
-        submit_all(batcher, runner, [_Body(f"j{i}") for i in range(6)] + [_Body("other", key="x")])))
+    rest = threading.Thread(target=lambda: done.update(rest=(
+        submit_all(batcher, runner, [_Body(f"j{i}") for i in range(6)] + [_Body("other", key="x")]))))
     rest.start()
     wait_for(lambda: len(batcher._waiting) >= 7, 10, 0.005, "7 items waiting")
     hold.set()
     first.join(20)
     rest.join(20)
     assert runner.calls == [["first"], ["j0", "j1", "j2", "j3"], ["j4", "j5"], ["other"]]
-    assert done[1] == [{"echo": f"j{i}"} for i in range(6)] + [{"echo": "other"}]
+    assert done["rest"] == [{"echo": f"j{i}"} for i in range(6)] + [{"echo": "other"}]
     stats = batcher.stats["m"]
     assert (stats.batches, stats.items, stats.rows, stats.largest) == (4, 8, 8, 4)
 
@@ -124,6 +124,46 @@ def test_rows_bound_a_batch_and_a_big_item_runs_alone() -> None:
     hold.set()
     waiter.join(20)
     assert runner.calls[1:] == [["a", "c"], ["b"], ["huge"]]
+
+
+def queue_behind_a_running_call(runner: ListRunner, hold: threading.Event, bodies: list[_Body]) -> list[Any]:
+    """Start a call that waits for `hold`, queue `bodies` behind it, then let it go; the bodies'
+    outcomes, once every call is done."""
+    batcher, done = Batcher(), []
+    first = threading.Thread(target=submit_all, args=(batcher, runner, [_Body("first")]))
+    first.start()
+    wait_for(lambda: runner.calls, 10, 0.005, "the first call")
+    waiter = threading.Thread(target=lambda: done.extend(submit_all(batcher, runner, bodies)))
+    waiter.start()
+    wait_for(lambda: len(batcher._waiting) >= len(bodies), 10, 0.005, f"{len(bodies)} items waiting")
+    hold.set()
+    first.join(20)
+    waiter.join(20)
+    return done
+
+
+def test_a_full_group_of_another_key_goes_before_the_oldest_items_partial_one() -> None:
+    """A shuffled mix (images of two sizes, say): the oldest item's key has 2 rows waiting, the
+    other key 5, so that key's full batch runs first instead of a half-empty one."""
+    hold = threading.Event()
+    runner = ListRunner(max_batch_size=4, hold=hold)
+    keys = ["a", "b", "a", "b", "b", "b", "b"]
+    bodies = [_Body(f"{key}{i}", key=key) for i, key in enumerate(keys)]
+    done = queue_behind_a_running_call(runner, hold, bodies)
+    assert runner.calls[1:] == [["b1", "b3", "b4", "b5"], ["a0", "a2"], ["b6"]]
+    assert done == [{"echo": b.value} for b in bodies]
+
+
+def test_the_oldest_item_is_passed_over_by_a_bounded_number_of_batches() -> None:
+    """However many full batches of other keys wait, the oldest item's own runs after OVERTAKES
+    of them."""
+    hold = threading.Event()
+    runner = ListRunner(max_batch_size=2, hold=hold)
+    others = [_Body(f"b{i}", key="b") for i in range(2 * (OVERTAKES + 2))]
+    done = queue_behind_a_running_call(runner, hold, [_Body("rare", key="a"), *others])
+    full = [[f"b{i}", f"b{i + 1}"] for i in range(0, len(others), 2)]
+    assert runner.calls[1:] == [*full[:OVERTAKES], ["rare"], *full[OVERTAKES:]]
+    assert done[0] == {"echo": "rare"}
 
 
 def test_a_lone_job_is_not_held_back_by_the_max_wait() -> None:

@@ -104,3 +104,17 @@ def test_worker_settings_come_from_the_environment_with_one_default_each(monkeyp
     monkeypatch.setenv("GENQ_WORKER_MEMORY_BUDGET", "lots")
     with pytest.raises(ValueError, match="not a size"):
         WorkerSettings()
+
+
+def test_a_worker_holds_held_batches_of_its_largest_model() -> None:
+    from genq.workers.app import default_concurrency
+
+    registry = parse_registry(
+        "[models.t]\nkind = 'text'\nsource = 'gpt2'\nmax_batch_size = 8\n"
+        "[models.i]\nkind = 'image'\nsource = 'x'\nmax_batch_size = 4\n"
+        "[models.mix]\nkind = 'image'\nsource = 'x'\nmax_batch_size = 4\nheld_batches = 8\n"
+        "[models.g]\nkind = 'gan'\nsource = 'x'\nmax_batch_size = 64\n", Path("."))
+    assert default_concurrency(registry, ["t"]) == 16  # two batches: one runs, one is being prepared
+    assert default_concurrency(registry, ["i"]) == 16  # images hold four: sizes and steps split the queue
+    assert default_concurrency(registry, ["t", "mix"]) == 32
+    assert default_concurrency(registry, ["g"]) == 16  # a GAN does not batch: PIPELINE_JOBS

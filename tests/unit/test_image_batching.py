@@ -4,6 +4,7 @@ the CPU): batched requests keep their own images, per-item cancellation, LoRA ad
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from genq.shared.registry import ModelSpec, load_registry
 from genq.shared.schemas import ImageBody
+from genq.workers.batching import Batcher
 from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, LocalAdapter, Outcome, RunContext, finish
 from genq.workers.runners.image import ImageRunner
 from genq.workers.runners.png import read_png_parameters
 from genq.workers.tiny_lora import build_image_lora
+from tests.support.waiting import wait_for
 
 
 def run_batch(runner: ImageRunner, items: list[BatchItem]) -> list[Outcome]:
@@ -161,6 +164,42 @@ def test_batch_key_groups_only_what_can_share_a_call(runner: ImageRunner, loras:
     assert len(keys) == 1 + len(different)
     assert [runner.rows(it) for it in same] == [4, 2]
     assert runner.spec.options.batches() and not runner.spec.with_options(max_batch_size=1).options.batches()
+
+
+def test_a_mixed_queue_fills_one_call_per_size(runner: ImageRunner, pipeline_calls: list[int]) -> None:
+    """Requests of two sizes queued, shuffled, behind a running call: the size with more waiting
+    images runs first, each size in one call, and an image is the one it is alone."""
+    started, hold = threading.Event(), threading.Event()
+
+    def held() -> bool:  # the first request's call waits here while the others queue up
+        started.set()
+        return not hold.wait(20)
+
+    batcher = Batcher()
+    sizes = ["32x32", "40x32", "32x32", "40x32", "40x32", "40x32"]
+    items = [item(size=size, seed=i, num_inference_steps=2) for i, size in enumerate(sizes)]
+    results: list[Any] = [None] * len(items)
+
+    def submit(i: int, it: BatchItem) -> None:
+        results[i] = batcher.submit("tiny-sd", runner, it)
+
+    first = threading.Thread(target=batcher.submit, args=(
+        "tiny-sd", runner, item(size="48x32", num_inference_steps=2, ctx=RunContext(is_cancelled=held))))
+    first.start()
+    assert started.wait(20)
+    threads = []
+    for i, it in enumerate(items):
+        runner.prepare(it)
+        threads.append(threading.Thread(target=submit, args=(i, it)))
+        threads[-1].start()
+        wait_for(lambda i=i: len(batcher._waiting) > i, 10, 0.005, f"request {i} waiting")
+    hold.set()
+    for t in [first, *threads]:
+        t.join(60)
+    assert pipeline_calls == [1, 4, 2]  # the held call, all 40x32 images, then both 32x32
+    assert all(isinstance(r, dict) for r in results), results
+    alone = served(runner, item(size="40x32", seed=5, num_inference_steps=2))[0]
+    assert close(pixels(alone), pixels(items[5]))
 
 
 def test_prepare_chooses_the_seeds_once(runner: ImageRunner) -> None:
