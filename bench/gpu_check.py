@@ -14,10 +14,15 @@ The measurement driver behind bench/gpu_check.sh (which adds a hard time limit a
               workload (max_tokens 16/64/192 for 60/25/15 %) through gpt2-random in bf16 with SDPA, in
               its own process on the idle GPU: static batches of 32 in input order and sorted by
               max_tokens, and transformers' continuous batching (32 requests per step); `mixed`
-              reports their tokens/s and c_over_b, s_over_b, c_over_s. Skipped with --no-mixed.
+              reports their tokens/s and c_over_b, s_over_b, c_over_s, and the bodies are kept for
+              5b. The registry the stack reads is a copy of models.toml (in the work directory) that
+              also has gpt2-mixed: gpt2-random's weights with max_batch_size 32 and dtype bfloat16
+              (auto on the CPU). Skipped with --no-mixed, as is 5b.
   2. stack    the embedded defaults, no server needed: SQLite results DB, SQLite broker, file
-              storage; `python -m genq api` and two workers, `--models gpt2-random --gpu G` and
-              `--models sd15-random --gpu G`, both on the same GPU. One warm-up job per model
+              storage; `python -m genq api` and three workers on the same GPU, `--models gpt2-random
+              --gpu G`, `--models sd15-random --gpu G` and `--models gpt2-mixed --gpu G`. gpt2-mixed
+              has a worker of its own, as text_mixed.py's arm d has: it holds the default 2 x 32
+              jobs, not gpt2-random's 2 x 64, and sits idle until 5b. One warm-up job per model
               (the batch's shapes) runs first, so loading and first-call costs are not measured.
   3. text     one NDJSON batch of --text-requests completions (max_tokens, temperature 0.8, seed i);
               seconds = POST -> batch `completed`; tokens_per_s counts the completion tokens that
@@ -28,7 +33,11 @@ The measurement driver behind bench/gpu_check.sh (which adds a hard time limit a
               seed i) and --batch-image-requests images (--size, --steps) through genq, each as one
               batch, against the same requests in step 1b: `batching` reports both sides and
               ratio_genq_to_in_process (tokens/s, images/s; goal 0.85). Skipped with --no-batching.
-  6. memory   while 2-5 run, `nvidia-smi` is sampled every 0.5 s: the largest memory.used of the GPU
+  5b. mixed   step 1c's bodies through genq as text_mixed.py's arm d: one NDJSON batch to gpt2-mixed,
+              seconds = POST -> batch `completed`, tokens as the results bill them; `mixed` adds
+              d_genq and d_over_b, d_over_s, d_over_c (tokens/s). Unlike text_mixed.py's d, the
+              stack is SQLite and file storage, not Postgres and Redis.
+  6. memory   while 2-5b run, `nvidia-smi` is sampled every 0.5 s: the largest memory.used of the GPU
               (MiB, every process on it) and, where nvidia-smi can see them, each worker's own
               figure (--query-compute-apps; includes its CUDA context and the caching allocator's
               reserve, which is what the GPU can no longer give to others).
@@ -41,7 +50,7 @@ sampling; --small uses tiny models of the same formats and few, small requests. 
 is the path the tests run, in about a minute on 2 cores.
 
 Run: python bench/gpu_check.py [--cpu] [--small] [--gpu N] [--workdir DIR] [--models-dir DIR] [--no-batching]
-     [--out FILE]
+     [--no-mixed] [--out FILE]
 """
 
 from __future__ import annotations
@@ -66,7 +75,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, how
 from common import ROOT, Procs, free_port, print_result, run_job, wait_for
 from common import run_batch as common_run_batch
 
-TEXT_MODEL, IMAGE_MODEL = "gpt2-random", "sd15-random"
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import genq's own modules (no torch)
+
+TEXT_MODEL, IMAGE_MODEL, MIXED_MODEL = "gpt2-random", "sd15-random", "gpt2-mixed"
 TEXT_URL, IMAGE_URL = "/v1/completions", "/v1/images/generations"
 NDJSON = {"Content-Type": "application/x-ndjson"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -221,12 +232,53 @@ def in_process(script: str, spec: dict[str, Any], workdir: Path, env: dict[str, 
     return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def mixed_spec(registry: Path, args: argparse.Namespace) -> dict[str, Any]:
+def mixed_dtype(args: argparse.Namespace) -> str:
+    return "auto" if args.cpu else "bfloat16"
+
+
+def with_mixed_model(registry: Path, workdir: Path, args: argparse.Namespace) -> Path:
+    """A copy of the registry (in workdir/stack, sources resolved, so --models-dir stays untouched)
+    that also registers gpt2-mixed: gpt2-random's weights with the mixed workload's max_batch_size
+    and dtype. Its max_tokens (256) holds the workload's longest sequence (60 + 192 tokens)."""
+    from genq.workers.tiny import write_registry
+
+    names = tomllib.loads(registry.read_text())["models"]
+    entries = {name: registry_entry(registry, name) for name in names}
+    entries[MIXED_MODEL] = {**entries[TEXT_MODEL], "max_batch_size": MIXED_BATCH, "dtype": mixed_dtype(args)}
+    (workdir / "stack").mkdir(exist_ok=True)
+    return write_registry(workdir / "stack", entries)
+
+
+def mixed_spec(registry: Path, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The spec of `text_mixed.py --in-process`: gpt2-random in bf16 (fp32 on the CPU), batch 32;
-    --small: max_tokens classes 4/8/16 instead of the workload's 16/64/192."""
+    --small: max_tokens classes 4/8/16 instead of the workload's 16/64/192. The workload's bodies
+    go to workdir/mixed-bodies.json for arm d."""
     return {"source": registry_entry(registry, TEXT_MODEL)["source"], "device": "cpu" if args.cpu else "cuda",
-            "dtype": "auto" if args.cpu else "bfloat16", "batch_size": MIXED_BATCH, "requests": args.mixed_requests,
-            "seed": 0, **({"max_tokens": [4, 8, 16]} if args.small else {})}
+            "dtype": mixed_dtype(args), "batch_size": MIXED_BATCH, "requests": args.mixed_requests,
+            "seed": 0, "bodies_out": str(workdir / "mixed-bodies.json"),
+            **({"max_tokens": [4, 8, 16]} if args.small else {})}
+
+
+def mixed_bodies(workdir: Path) -> list[dict[str, Any]]:
+    """The bodies the in-process arms ran (mixed_spec's bodies_out), addressed to gpt2-mixed."""
+    return [{**body, "model": MIXED_MODEL} for body in json.loads((workdir / "mixed-bodies.json").read_text())]
+
+
+def ratio(x: dict[str, Any], y: dict[str, Any]) -> float:
+    return round(x["tokens_per_s"] / y["tokens_per_s"], 4)
+
+
+def mixed_genq(client: httpx.Client, procs: Procs, bodies: list[dict[str, Any]], mixed: dict[str, Any],
+               deadline: Deadline) -> dict[str, Any]:
+    """Arm d of text_mixed.py: the bodies as one NDJSON batch, POST -> `completed`, tokens as billed;
+    `mixed` (the in-process arms) with d_genq and its ratios to b, s and c added."""
+    seconds, lines = run_batch(client, procs, TEXT_URL, bodies, deadline.left(300))
+    tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines)
+    d = {"requests": len(lines), "completion_tokens": tokens, "seconds": round(seconds, 3),
+         "requests_per_s": round(len(lines) / seconds, 3), "tokens_per_s": round(tokens / seconds, 2),
+         "model": MIXED_MODEL, "worker": f"genq worker --models {MIXED_MODEL}"}
+    return {**mixed, "d_genq": d, "d_over_b": ratio(d, mixed["b_static_input"]),
+            "d_over_s": ratio(d, mixed["s_static_sorted"]), "d_over_c": ratio(d, mixed["c_continuous"])}
 
 
 def compared(genq: dict[str, Any], base: dict[str, Any], unit: str) -> dict[str, Any]:
@@ -287,6 +339,8 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
                                f"{log_path.read_text(errors='replace')[-3000:]}") from None
         result["build_models_s"] = round(time.perf_counter() - started, 2)
         registry = workdir / "models" / "models.toml"
+    if not args.no_mixed:
+        registry = with_mixed_model(registry, workdir, args)
 
     # 1b. The in-process batched baselines, alone on the GPU.
     text_batch = [text_body(i, args.batch_max_tokens) for i in range(args.batch_text_requests)]
@@ -304,7 +358,7 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
 
     # 1c. The mixed-length workload in process: static and continuous batching, bf16 with SDPA.
     if not args.no_mixed:
-        result["mixed"] = in_process("text_mixed.py", mixed_spec(registry, args), workdir, base_env,
+        result["mixed"] = in_process("text_mixed.py", mixed_spec(registry, workdir, args), workdir, base_env,
                                      deadline.left(300))
 
     # 2. The stack, then one warm-up job per model.
@@ -327,11 +381,14 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
 
             wait_for(api_ready, deadline.left(60), "genq API /readyz", 0.1)  # migrations done before workers start
             gpu_flag = [] if args.cpu else ["--gpu", str(args.gpu)]
-            for model in (TEXT_MODEL, IMAGE_MODEL):
+            for model in (TEXT_MODEL, IMAGE_MODEL, *([] if args.no_mixed else [MIXED_MODEL])):
                 procs.start(f"worker-{model}", ["-m", "genq", "worker", "--models", model, *gpu_flag,
                                                 "--log-level", "warning"], senv)
             run_job(client, procs, TEXT_URL, text_body(10_000, args.max_tokens), deadline.left(180))
             run_job(client, procs, IMAGE_URL, image_body(10_000, args.size, args.steps), deadline.left(180))
+            mixed = [] if args.no_mixed else mixed_bodies(workdir)
+            if mixed:
+                run_job(client, procs, TEXT_URL, {**mixed[0], "seed": 10**9}, deadline.left(180))
             result["startup_s"] = round(time.perf_counter() - started, 2)
             if sampler:
                 result["gpu_memory_after_warmup_mib"] = sampler.sample()
@@ -361,6 +418,10 @@ def measure(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> dict
                     "text": batched_text(client, procs, text_batch, baselines[TEXT_MODEL], deadline),
                     "image": batched_images(client, procs, image_batch, baselines[IMAGE_MODEL], deadline, args),
                 }
+
+            # 5b. Mixed: step 1c's requests through genq.
+            if mixed:
+                result["mixed"] = mixed_genq(client, procs, mixed, result["mixed"], deadline)
             client.close()
         finally:
             if sampler:
@@ -399,8 +460,8 @@ def main() -> None:
                         help="batched image comparison: images at --size and --steps (default 16; --small: 4)")
     parser.add_argument("--no-batching", action="store_true", help="skip the batched comparisons (1b and 5)")
     parser.add_argument("--mixed-requests", type=int, default=None,
-                        help="mixed-length workload in process: completions (default 200; --small: 8)")
-    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length workload (1c)")
+                        help="mixed-length workload (in process and genq): completions (default 200; --small: 8)")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length workload (1c and 5b)")
     parser.add_argument("--budget-s", type=float, default=400.0, help="fail rather than run longer than this")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()

@@ -5,8 +5,9 @@
 #   bash bench/gpu_check.sh                  # GPU 0: 64 completions x 64 tokens, 8 images 512x512 x 30 steps,
 #                                            # then batching: 256 completions x 32 tokens (batch 64) and
 #                                            # 16 images 512x512 fp16 (batch 8), genq vs in-process;
-#                                            # and 200 mixed-length completions in process, bf16:
-#                                            # static batches of 32 and continuous batching
+#                                            # and 200 mixed-length completions in bf16: static
+#                                            # batches of 32 and continuous batching in process,
+#                                            # and the same bodies through genq
 #   bash bench/gpu_check.sh --gpu 1          # another GPU (both workers share it)
 #   bash bench/gpu_check.sh --cpu --small    # the same code path on a CPU with tiny models (~1 min)
 #   bash bench/gpu_check.sh --out result.json
@@ -19,12 +20,14 @@
 # batched baselines (gpt2 `generate` at batch 64, the SD pipeline at batch 8), each in its own process
 # on the idle GPU, and the mixed-length workload (bench/text_mixed.py --in-process: static batches
 # in input order and sorted by max_tokens, and transformers' continuous batching, bf16 with SDPA);
-# starts `python3 -m genq api` and two workers (`--models gpt2-random --gpu N`, `--models sd15-random
-# --gpu N`) on the embedded defaults (SQLite DB and broker, file storage: no
+# starts `python3 -m genq api` and three workers (`--models gpt2-random --gpu N`, `--models sd15-random
+# --gpu N`, and `--models gpt2-mixed --gpu N`: gpt2-random's weights at batch 32 in bf16) on the
+# embedded defaults (SQLite DB and broker, file storage: no
 # server needed); runs a text batch and an image batch through the API; reports tokens/s, requests/s,
 # images/s, it/s, the peak GPU memory (nvidia-smi every 0.5 s), the GPU and the torch/CUDA versions;
 # then sends the baselines' requests through genq and reports `batching`: both sides and genq's share
-# of the in-process throughput (goal 0.85).
+# of the in-process throughput (goal 0.85); and sends the mixed-length bodies through genq as one
+# batch, adding to `mixed` genq's tokens/s (d_genq) and d_over_b, d_over_s, d_over_c.
 # It stops by itself within GENQ_CHECK_TIMEOUT seconds (default 420) and stops every process it
 # started on exit, even when killed by the limit.
 #

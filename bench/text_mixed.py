@@ -44,7 +44,7 @@ Run: .venv/bin/python bench/text_mixed.py [--requests 200] [--batch-size 32] [--
 Needs Redis (GENQ_BENCH_REDIS; flushes db GENQ_BENCH_TEXT_MIXED_REDIS_DB, default 10) and Postgres
 (GENQ_BENCH_PG_ADMIN; a temporary database is dropped at the end); takes turns with the other batching
 benchmarks on one file lock (exit status 75: waited too long). `--in-process SPEC.json` runs arms b, s
-and c alone for gpu_check.py (see in_process_main).
+and c alone for gpu_check.py and writes the workload for its arm d (see in_process_main).
 """
 
 from __future__ import annotations
@@ -339,7 +339,8 @@ def measure(args: argparse.Namespace, tmp: Path, admin: Any, db_name: str) -> di
 
 def in_process_main(spec_file: Path) -> None:
     """Arms b, s and c alone, for bench/gpu_check.py: SPEC is {"source", "device", "dtype",
-    "batch_size", "requests", "seed", "max_tokens" (the classes; default CLASSES)}; the workload is
+    "batch_size", "requests", "seed", "max_tokens" (the classes; default CLASSES), "bodies_out"
+    (optional: a file to write the workload's bodies to, for gpu_check's own arm d)}; the workload is
     built here with the model's tokenizer. Prints the arms' JSON."""
     spec = json.loads(spec_file.read_text())
     started = time.perf_counter()
@@ -347,6 +348,8 @@ def in_process_main(spec_file: Path) -> None:
     load_s = time.perf_counter() - started
     classes = tuple(spec.get("max_tokens", CLASSES))
     bodies = workload(lm.tokenizer, int(spec["requests"]), int(spec.get("seed", 0)), classes)
+    if spec.get("bodies_out"):
+        Path(spec["bodies_out"]).write_text(json.dumps(bodies))
     size = int(spec["batch_size"])
     lm.warm_up(bodies, size)
     b = arm_static(lm, bodies, size)

@@ -40,3 +40,9 @@ def test_gpu_check_cpu_small_path_reports_rates(tmp_path: Path) -> None:
     arms = [mixed[arm] for arm in ("b_static_input", "s_static_sorted", "c_continuous")]
     assert len({arm["completion_tokens"] for arm in arms}) == 1 and all(arm["tokens_per_s"] > 0 for arm in arms)
     assert mixed["c_over_b"] == pytest.approx(arms[2]["tokens_per_s"] / arms[0]["tokens_per_s"], rel=0.01)
+    # ... and genq end to end (arm d) did the same work, its ratios following from the arms' rates.
+    d = mixed["d_genq"]
+    assert d["model"] == "gpt2-mixed" and d["requests"] == 8 and d["tokens_per_s"] > 0
+    assert d["completion_tokens"] == arms[0]["completion_tokens"]
+    for name, arm in (("d_over_b", arms[0]), ("d_over_s", arms[1]), ("d_over_c", arms[2])):
+        assert mixed[name] == pytest.approx(d["tokens_per_s"] / arm["tokens_per_s"], rel=0.01), name
