@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Float, bindparam, func, select, update
+from sqlalchemy import JSON, Connection, Float, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from genq.shared.broker import Publish
@@ -42,7 +42,7 @@ def request_counts(counts: dict[str, int]) -> dict[str, int]:
     }
 
 
-def has_active_jobs(session: Session, batch_id: str) -> bool:
+def has_active_jobs(session: Session | Connection, batch_id: str) -> bool:
     q = select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE)).limit(1)
     return session.execute(q).first() is not None
 
