@@ -55,21 +55,32 @@ def claim_job(session: Session, job_id: str, *, worker: str, lease_s: float) -> 
     return claim_jobs(session, [job_id], worker=worker, lease_s=lease_s).get(job_id)
 
 
+def _claim_statement() -> Any:
+    """claim_jobs' statement, built once: SQLAlchemy memoizes a statement's cache key, so a worker
+    does not derive it again for every group it claims."""
+    now = bindparam("now", type_=Float)
+    claimable = (Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < now))
+    locked = (select(Job.id).where(Job.id.in_(bindparam("ids", expanding=True)), claimable)
+              .order_by(Job.id).with_for_update())
+    return (
+        update(Job)
+        .where(Job.id.in_(locked), claimable)
+        .values(status="running", worker=bindparam("worker"), lease_expires_at=bindparam("until", type_=Float),
+                started_at=now, attempts=Job.attempts + 1, progress=0.0)
+        .returning(Job)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    )
+
+
+CLAIM = _claim_statement()
+
+
 def claim_jobs(session: Session, job_ids: list[str], *, worker: str, lease_s: float) -> dict[str, Job]:
     """claim_job for many jobs in one statement; returns the claimed ones by id. The rows are
     locked in id order (Postgres), so two workers claiming overlapping groups cannot deadlock."""
     now = time.time()
-    claimable = (Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < now))
-    locked = select(Job.id).where(Job.id.in_(job_ids), claimable).order_by(Job.id).with_for_update()
-    stmt = (
-        update(Job)
-        .where(Job.id.in_(locked), claimable)
-        .values(status="running", worker=worker, lease_expires_at=now + lease_s, started_at=now,
-                attempts=Job.attempts + 1, progress=0.0)
-        .returning(Job)
-        .execution_options(populate_existing=True, synchronize_session=False)
-    )
-    return {job.id: job for job in session.execute(stmt).scalars()}
+    params = {"ids": job_ids, "now": now, "worker": worker, "until": now + lease_s}
+    return {job.id: job for job in session.execute(CLAIM, params).scalars()}
 
 
 def renew_leases(session: Session, job_ids: list[str], *, worker: str, lease_s: float) -> int:
