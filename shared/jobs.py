@@ -119,6 +119,19 @@ def finish_job(session: Session, job_id: str, *, worker: str, status: str,
     return bool(finish_jobs(session, [Outcome(job_id, status, result, error)], worker=worker))
 
 
+def _finish_statement() -> Any:
+    """finish_jobs' statement (an executemany), built once as claim_jobs' is."""
+    table = Job.__table__
+    mine = (table.c.status == "running", table.c.worker == bindparam("me"))
+    return (update(table).where(table.c.id == bindparam("job_id"), *mine)
+            .values(status=bindparam("to"), result=bindparam("res", type_=NULLABLE_JSON),
+                    error=bindparam("err", type_=NULLABLE_JSON), finished_at=bindparam("now", type_=Float),
+                    lease_expires_at=None, progress=func.coalesce(bindparam("done", type_=Float), table.c.progress)))
+
+
+FINISH = _finish_statement()
+
+
 def finish_jobs(session: Session, outcomes: list[Outcome], *, worker: str) -> set[str]:
     """finish_job for many jobs in one round trip (an executemany, in id order so that two
     writers lock rows in the same order); returns the ids recorded. When some were not (cancelled
@@ -126,16 +139,10 @@ def finish_jobs(session: Session, outcomes: list[Outcome], *, worker: str) -> se
     if not outcomes:
         return set()
     now = time.time()
-    table = Job.__table__
-    mine = (table.c.status == "running", table.c.worker == worker)
-    rows = [{"job_id": o.job_id, "to": o.status, "res": o.result, "err": o.error,
+    rows = [{"job_id": o.job_id, "to": o.status, "res": o.result, "err": o.error, "me": worker, "now": now,
              "done": 1.0 if o.status == "succeeded" else None}
             for o in sorted(outcomes, key=lambda o: o.job_id)]
-    stmt = (update(table).where(table.c.id == bindparam("job_id"), *mine)
-            .values(status=bindparam("to"), result=bindparam("res", type_=NULLABLE_JSON),
-                    error=bindparam("err", type_=NULLABLE_JSON), finished_at=now, lease_expires_at=None,
-                    progress=func.coalesce(bindparam("done", type_=Float), table.c.progress)))
-    changed = session.connection().execute(stmt, rows).rowcount
+    changed = session.connection().execute(FINISH, rows).rowcount
     ids = [r["job_id"] for r in rows]
     if changed == len(ids):
         return set(ids)
