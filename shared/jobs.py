@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Float, bindparam, func, select, update
+from sqlalchemy import JSON, Connection, Float, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from genq.shared.broker import Publish
@@ -42,7 +42,7 @@ def request_counts(counts: dict[str, int]) -> dict[str, int]:
     }
 
 
-def has_active_jobs(session: Session, batch_id: str) -> bool:
+def has_active_jobs(session: Session | Connection, batch_id: str) -> bool:
     q = select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE)).limit(1)
     return session.execute(q).first() is not None
 
@@ -55,21 +55,32 @@ def claim_job(session: Session, job_id: str, *, worker: str, lease_s: float) -> 
     return claim_jobs(session, [job_id], worker=worker, lease_s=lease_s).get(job_id)
 
 
+def _claim_statement() -> Any:
+    """claim_jobs' statement, built once: SQLAlchemy memoizes a statement's cache key, so a worker
+    does not derive it again for every group it claims."""
+    now = bindparam("now", type_=Float)
+    claimable = (Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < now))
+    locked = (select(Job.id).where(Job.id.in_(bindparam("ids", expanding=True)), claimable)
+              .order_by(Job.id).with_for_update())
+    return (
+        update(Job)
+        .where(Job.id.in_(locked), claimable)
+        .values(status="running", worker=bindparam("worker"), lease_expires_at=bindparam("until", type_=Float),
+                started_at=now, attempts=Job.attempts + 1, progress=0.0)
+        .returning(Job)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    )
+
+
+CLAIM = _claim_statement()
+
+
 def claim_jobs(session: Session, job_ids: list[str], *, worker: str, lease_s: float) -> dict[str, Job]:
     """claim_job for many jobs in one statement; returns the claimed ones by id. The rows are
     locked in id order (Postgres), so two workers claiming overlapping groups cannot deadlock."""
     now = time.time()
-    claimable = (Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < now))
-    locked = select(Job.id).where(Job.id.in_(job_ids), claimable).order_by(Job.id).with_for_update()
-    stmt = (
-        update(Job)
-        .where(Job.id.in_(locked), claimable)
-        .values(status="running", worker=worker, lease_expires_at=now + lease_s, started_at=now,
-                attempts=Job.attempts + 1, progress=0.0)
-        .returning(Job)
-        .execution_options(populate_existing=True, synchronize_session=False)
-    )
-    return {job.id: job for job in session.execute(stmt).scalars()}
+    params = {"ids": job_ids, "now": now, "worker": worker, "until": now + lease_s}
+    return {job.id: job for job in session.execute(CLAIM, params).scalars()}
 
 
 def renew_leases(session: Session, job_ids: list[str], *, worker: str, lease_s: float) -> int:
@@ -108,6 +119,19 @@ def finish_job(session: Session, job_id: str, *, worker: str, status: str,
     return bool(finish_jobs(session, [Outcome(job_id, status, result, error)], worker=worker))
 
 
+def _finish_statement() -> Any:
+    """finish_jobs' statement (an executemany), built once as claim_jobs' is."""
+    table = Job.__table__
+    mine = (table.c.status == "running", table.c.worker == bindparam("me"))
+    return (update(table).where(table.c.id == bindparam("job_id"), *mine)
+            .values(status=bindparam("to"), result=bindparam("res", type_=NULLABLE_JSON),
+                    error=bindparam("err", type_=NULLABLE_JSON), finished_at=bindparam("now", type_=Float),
+                    lease_expires_at=None, progress=func.coalesce(bindparam("done", type_=Float), table.c.progress)))
+
+
+FINISH = _finish_statement()
+
+
 def finish_jobs(session: Session, outcomes: list[Outcome], *, worker: str) -> set[str]:
     """finish_job for many jobs in one round trip (an executemany, in id order so that two
     writers lock rows in the same order); returns the ids recorded. When some were not (cancelled
@@ -115,16 +139,10 @@ def finish_jobs(session: Session, outcomes: list[Outcome], *, worker: str) -> se
     if not outcomes:
         return set()
     now = time.time()
-    table = Job.__table__
-    mine = (table.c.status == "running", table.c.worker == worker)
-    rows = [{"job_id": o.job_id, "to": o.status, "res": o.result, "err": o.error,
+    rows = [{"job_id": o.job_id, "to": o.status, "res": o.result, "err": o.error, "me": worker, "now": now,
              "done": 1.0 if o.status == "succeeded" else None}
             for o in sorted(outcomes, key=lambda o: o.job_id)]
-    stmt = (update(table).where(table.c.id == bindparam("job_id"), *mine)
-            .values(status=bindparam("to"), result=bindparam("res", type_=NULLABLE_JSON),
-                    error=bindparam("err", type_=NULLABLE_JSON), finished_at=now, lease_expires_at=None,
-                    progress=func.coalesce(bindparam("done", type_=Float), table.c.progress)))
-    changed = session.connection().execute(stmt, rows).rowcount
+    changed = session.connection().execute(FINISH, rows).rowcount
     ids = [r["job_id"] for r in rows]
     if changed == len(ids):
         return set(ids)

@@ -5,6 +5,7 @@ The API renders these rows as Prometheus metrics, so one scrape covers every wor
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -13,6 +14,7 @@ from genq.shared.db import WorkerState, session_scope
 from genq.workers.watch import tolerate_unavailable
 
 log = logging.getLogger("genq.worker")
+_reporting = threading.Lock()  # two first reports at once (a model load and a job's end) both inserted
 
 
 def worker_stats(runtime: Any) -> dict[str, Any]:
@@ -31,7 +33,7 @@ def worker_stats(runtime: Any) -> dict[str, Any]:
 def report_state(runtime: Any) -> None:
     """Upsert this worker's row (best effort: a database blip only delays the report)."""
     now = time.time()
-    with tolerate_unavailable("worker state"), session_scope(runtime.sessions) as s:
+    with _reporting, tolerate_unavailable("worker state"), session_scope(runtime.sessions) as s:
         row = s.get(WorkerState, runtime.worker_id)
         if row is None:
             row = WorkerState(id=runtime.worker_id, models=list(runtime.models), device=str(runtime.device or "auto"),

@@ -91,3 +91,42 @@ def test_a_consumer_with_room_takes_what_waits_in_one_go_in_queue_order_and_lose
             assert [unacked.hexists("unacked", tag) for tag in tags] == [False, False, True, True]
     # Closing the channel gave the two unacknowledged back (in kombu's order for restored messages).
     assert sorted(_drain(publisher, model)) == ["low", "new-1", "new-2"]
+
+
+def test_acks_in_an_event_loop_are_written_together_before_it_polls_again_and_at_close(
+        redis_url: str, tmp_path: Path) -> None:
+    """redis_transport defers a worker's acks to its event loop's next tick: acked messages stay
+    in the unacked index until then, leave it together, and those acked after the last tick leave
+    it when the channel closes (none is restored to the queue)."""
+    import redis
+    from kombu import Consumer, Exchange, Queue
+    from kombu.asynchronous import Hub
+
+    publisher = _publisher(redis_url, tmp_path)
+    model = f"acks-{uuid.uuid4().hex[:6]}"
+    publisher.publish([Publish(f"j{i}", model) for i in range(4)])
+    unacked = redis.Redis.from_url(redis_url)
+    name = queue_name(model)
+    received: list[object] = []
+    hub = Hub()
+    with publisher.app.connection_for_read() as conn:
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        flush = next(f for f in hub.on_tick if f.__name__ == "flush_acks")
+        consumer = Consumer(conn.default_channel, [Queue(name, Exchange(name), routing_key=name)],
+                            callbacks=[lambda body, message: received.append(message)])
+        consumer.qos(prefetch_count=4)
+        with consumer:
+            flush()  # the loop's first tick: from now on acks wait for a tick
+            conn.drain_events(timeout=5)
+            tags = [m.delivery_tag for m in received]  # type: ignore[attr-defined]
+            assert len(tags) == 4
+            for message in received[:3]:
+                message.ack()  # type: ignore[attr-defined]
+            assert all(unacked.hexists("unacked", tag) for tag in tags)  # not written yet
+            flush()
+            assert [unacked.hexists("unacked", tag) for tag in tags] == [False, False, False, True]
+            received[3].ack()  # type: ignore[attr-defined]
+    assert not any(unacked.hexists("unacked", tag) for tag in tags)
+    assert not any(unacked.zscore("unacked_index", tag) for tag in tags)
+    assert _drain(publisher, model) == []  # the ones acked were not given back
+    hub.close()
