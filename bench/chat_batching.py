@@ -63,14 +63,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, however this
 from common import (
     ROOT,
     Procs,
-    batch_counts,
-    logged_batches,
+    measured_batch,
     naive_sample,
-    run_batch,
     run_on_services,
-    settled_worker_metrics,
-    stack_env,
-    start_stack,
+    start_genq,
+    worker_flags,
 )
 from text_batching import LOCK_FILE, PG_ADMIN, REDIS_HOST, TextModel, machine, rates
 
@@ -280,36 +277,20 @@ def slots(bodies: list[dict[str, Any]], batches: list[list[dict[str, Any]]], len
 
 def arm_genq(procs: Procs, tmp: Path, db_url: str, registry: Path, bodies: list[dict[str, Any]],
              args: argparse.Namespace) -> dict[str, Any]:
-    import redis
-
-    env = stack_env(db_url=db_url, broker_url=BROKER, storage_url=f"file://{tmp / 'objects'}", registry=registry)
-    redis.Redis.from_url(BROKER).flushdb()
-    flags = ["--log-level", args.worker_log_level]
-    if args.worker_concurrency is not None:
-        flags += ["--concurrency", str(args.worker_concurrency)]
-    client, worker = start_stack(procs, env, MODEL, flags, URL, {**bodies[0], "seed": 10**9})
-    before = settled_worker_metrics(client, procs, [], 1) or []  # counting the warm-up job
-    got = run_batch(client, procs, URL, bodies, 3600)
+    client, stack = start_genq(procs, tmp, db_url=db_url, registry=registry, broker_url=BROKER, model=MODEL, url=URL,
+                               warm_up={**bodies[0], "seed": 10**9}, flags=worker_flags(args))
+    got, report = measured_batch(client, procs, URL, bodies, log_file=tmp / "worker.log")
+    client.close()
     answers = [line["response"]["body"] for line in got["results"]]
     short = [i for i, (a, b) in enumerate(zip(answers, bodies, strict=True)) if len(a["choices"]) != b["n"]]
     if short:
         raise RuntimeError(f"requests {short[:10]} answered with fewer choices than their n")
     tokens = sum(a["usage"]["completion_tokens"] for a in answers)
-    result = {**rates(got["seconds"], len(bodies), tokens), "accept_s": round(got["accept_s"], 3),
-              "succeeded": got["request_counts"]["completed"], "failed": got["request_counts"]["failed"],
-              "prompt_tokens": sum(a["usage"]["prompt_tokens"] for a in answers),
-              "finish_reasons": {r: sum(c["finish_reason"] == r for a in answers for c in a["choices"])
-                                 for r in ("length", "stop")},
-              "stack": {"database": "postgres (temporary database)", "broker": f"redis db {REDIS_DB}",
-                        "storage": "file://", "worker": worker,
-                        "omp_num_threads": env.get("OMP_NUM_THREADS", "torch's default")}}
-    result["worker_metrics"] = settled_worker_metrics(client, procs, before, len(bodies))
-    if counts := batch_counts(before, result["worker_metrics"]):
-        result["worker_batches"] = counts  # this batch's share of the worker's batching counters
-    if batches := logged_batches(tmp / "worker.log"):
-        result["worker_logged_batches"] = batches
-    client.close()
-    return result
+    return {**rates(got["seconds"], len(bodies), tokens), **report,
+            "prompt_tokens": sum(a["usage"]["prompt_tokens"] for a in answers),
+            "finish_reasons": {r: sum(c["finish_reason"] == r for a in answers for c in a["choices"])
+                               for r in ("length", "stop")},
+            "stack": {**stack, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "torch's default")}}
 
 
 def ratios(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any], unit: str) -> dict[str, Any]:

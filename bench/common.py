@@ -387,6 +387,50 @@ def start_stack(procs: Procs, env: dict[str, str], model: str, worker_flags: lis
     return client, " ".join(["genq", *args[2:]])
 
 
+def worker_flags(args: Any) -> list[str]:
+    """`genq worker` flags from a benchmark's --worker-log-level and --worker-concurrency."""
+    flags = ["--log-level", args.worker_log_level]
+    if getattr(args, "worker_concurrency", None) is not None:
+        flags += ["--concurrency", str(args.worker_concurrency)]
+    return flags
+
+
+def start_genq(procs: Procs, tmp: Path, *, db_url: str, registry: Path, broker_url: str, model: str, url: str,
+               warm_up: dict[str, Any], flags: list[str],
+               extra_env: dict[str, str] | None = None) -> tuple[httpx.Client, dict[str, str]]:
+    """The API and one worker for `model` on a throwaway database, the broker's Redis db (emptied
+    first) and file:// storage under tmp, warmed up by one job; returns a client and what the
+    stack is, for the result."""
+    import redis
+
+    env = stack_env(db_url=db_url, broker_url=broker_url, storage_url=f"file://{tmp / 'objects'}", registry=registry)
+    env.update(extra_env or {})
+    redis.Redis.from_url(broker_url).flushdb()
+    client, worker = start_stack(procs, env, model, flags, url, warm_up)
+    stack = {"database": "postgres (temporary database)", "broker": f"redis db {broker_url.rsplit('/', 1)[1]}",
+             "storage": "file://", "worker": worker}
+    return client, stack
+
+
+def measured_batch(client: httpx.Client, procs: Procs, url: str, bodies: list[dict[str, Any]], *,
+                   log_file: Path | None = None, jobs_before: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """run_batch, plus what the worker reports about it: returns the batch (run_batch's dict) and a
+    report of accept_s, the request counts, the worker's metrics and its share of the batching
+    counters (`jobs_before` jobs ran since the worker's counters were last read: its warm-up) and the
+    batches it logged meanwhile (from log_file, at debug level)."""
+    before = settled_worker_metrics(client, procs, [], jobs_before) or []
+    log_at = log_file.stat().st_size if log_file and log_file.exists() else 0
+    got = run_batch(client, procs, url, bodies, 3600)
+    report: dict[str, Any] = {"accept_s": round(got["accept_s"], 3), "succeeded": got["request_counts"]["completed"],
+                              "failed": got["request_counts"]["failed"]}
+    report["worker_metrics"] = settled_worker_metrics(client, procs, before, len(bodies))
+    if counts := batch_counts(before, report["worker_metrics"]):
+        report["worker_batches"] = counts  # this batch's share of the worker's batching counters
+    if log_file and (batches := logged_batches(log_file, log_at)):
+        report["worker_logged_batches"] = batches
+    return got, report
+
+
 def settled_worker_metrics(client: httpx.Client, procs: Procs, before: list[str], jobs: int,
                            wait_s: float = 15) -> list[str] | None:
     """The `genq_worker*` /metrics samples once the batching counters cover `jobs` more jobs than

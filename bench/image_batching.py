@@ -53,15 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, how
 from common import (
     ROOT,
     Procs,
-    batch_counts,
     bench_machine,
-    logged_batches,
+    measured_batch,
     naive_sample,
     run_batch,
     run_on_services,
-    settled_worker_metrics,
-    stack_env,
-    start_stack,
+    start_genq,
+    worker_flags,
 )
 
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import genq's own modules
@@ -192,16 +190,10 @@ def arm_genq(procs: Procs, tmp: Path, db_url: str, registry: Path, workloads: di
              args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Arm c of each workload, one after another on one stack; also genq's images by custom_id,
     downloaded through the API."""
-    import redis
-
-    env = stack_env(db_url=db_url, broker_url=BROKER, storage_url=f"file://{tmp / 'objects'}", registry=registry)
-    redis.Redis.from_url(BROKER).flushdb()
-    flags = ["--log-level", args.worker_log_level]
-    if args.worker_concurrency is not None:
-        flags += ["--concurrency", str(args.worker_concurrency)]
     everyone = [body for bodies in workloads.values() for body in bodies]
     shapes = [everyone[group[0]] for group in groups(everyone)]
-    client, worker = start_stack(procs, env, MODEL, flags, URL, {**shapes[0], "seed": 10**9})
+    client, stack = start_genq(procs, tmp, db_url=db_url, registry=registry, broker_url=BROKER, model=MODEL, url=URL,
+                               warm_up={**shapes[0], "seed": 10**9}, flags=worker_flags(args))
     # As b's warm-up: each shape's first calls, of a full batch, before the clock starts.
     warm = [{**body, "num_inference_steps": 1, "seed": 10**9 + k} for body in shapes for k in range(args.batch_size)]
     run_batch(client, procs, URL, warm, 600)
@@ -209,8 +201,7 @@ def arm_genq(procs: Procs, tmp: Path, db_url: str, registry: Path, workloads: di
     out = {}
     for name, bodies in workloads.items():
         out[name] = genq_batch(client, procs, tmp, bodies, warm_ups)
-        out[name][0]["stack"] = {"database": "postgres (temporary database)", "broker": f"redis db {REDIS_DB}",
-                                 "storage": "file://", "worker": worker}
+        out[name][0]["stack"] = stack
         warm_ups = 0  # the counters were read after the last batch
     client.close()
     return out
@@ -221,24 +212,14 @@ def genq_batch(client: Any, procs: Procs, tmp: Path, bodies: list[dict[str, Any]
     """One workload through genq as one batch: its arm c and its images by custom_id."""
     from PIL import Image
 
-    before = settled_worker_metrics(client, procs, [], jobs_before) or []  # counting the warm-up jobs
-    log_file = tmp / "worker.log"
-    log_at = log_file.stat().st_size if log_file.exists() else 0
-    got = run_batch(client, procs, URL, bodies, 3600)
+    got, report = measured_batch(client, procs, URL, bodies, log_file=tmp / "worker.log", jobs_before=jobs_before)
     images = sum(len(line["response"]["body"]["data"]) for line in got["results"])
-    result = {**rates(got["seconds"], images), "accept_s": round(got["accept_s"], 3),
-              "succeeded": got["request_counts"]["completed"], "failed": got["request_counts"]["failed"]}
-    result["worker_metrics"] = settled_worker_metrics(client, procs, before, len(bodies))
-    if counts := batch_counts(before, result["worker_metrics"]):
-        result["worker_batches"] = counts  # this batch's share of the worker's batching counters
-    if batches := logged_batches(log_file, log_at):
-        result["worker_logged_batches"] = batches
     pictures: dict[str, Any] = {}
     for line in got["results"]:
         img = Image.open(io.BytesIO(client.get(line["response"]["body"]["data"][0]["url"]).content))
         img.load()
         pictures[line["custom_id"]] = img
-    return result, pictures
+    return {**rates(got["seconds"], images), **report}, pictures
 
 
 def compare(ours: list[Any], genq: dict[str, Any]) -> dict[str, Any]:

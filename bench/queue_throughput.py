@@ -50,11 +50,13 @@ from common import (
     Procs,
     Profiler,
     check_redis_dbs_unused,
-    free_port,
+    drop_stale_databases,
     hot_spots,
     package_versions,
     print_result,
     server_versions,
+    stack_env,
+    start_api,
     take_turn,
     wait_for,
 )
@@ -132,14 +134,10 @@ def start_genq(procs: Procs, tmp: Path, db_url: str, workers: int) -> httpx.Clie
     """The API and `workers` echo workers; returns a client once all consume and a probe job has
     gone through."""
     (tmp / "models.toml").write_text(REGISTRY_TOML)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(GENQ_DATABASE_URL=db_url, GENQ_BROKER_URL=GENQ_BROKER, PYTHONUNBUFFERED="1",
-               GENQ_STORAGE_URL=f"file://{tmp / 'objects'}", GENQ_MODELS_FILE=str(tmp / "models.toml"))
+    env = stack_env(db_url=db_url, broker_url=GENQ_BROKER, storage_url=f"file://{tmp / 'objects'}",
+                    registry=tmp / "models.toml")
     redis.Redis.from_url(GENQ_BROKER).flushdb()
-    port = free_port()
-    procs.start("api", ["-m", "genq", "api", "--port", str(port), "--log-level", "warning"], env)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    wait_for(lambda: client.get("/readyz").status_code == 200, 60, "genq API /readyz", 0.05)
+    client = start_api(procs, env)
     for i in range(workers):
         procs.start(f"worker-{i}", ["-m", "genq", "worker", "--models", "echo", "--log-level", "warning"], env)
     # genq's Redis transport separates binding fields with ':' (shared/broker.py): so must the pinger.
@@ -221,10 +219,7 @@ def main() -> None:
             psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         tmp = Path(tmpdir)
         procs = Procs(tmp)
-        # Holding the lock, any unused database of ours was left by a killed run.
-        for (stale,) in admin.execute(r"SELECT datname FROM pg_database d WHERE datname LIKE 'genq\_qbench\_%' "
-                                      "AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)"):
-            admin.execute(f'DROP DATABASE IF EXISTS "{stale}"')
+        drop_stale_databases(admin, "genq_qbench_")  # holding the lock: unused ones were left by a killed run
         admin.execute(f'CREATE DATABASE "{db_name}"')
         try:
             with procs:  # on an error, the logs' tails to stderr; then the processes are stopped

@@ -50,15 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, how
 from common import (
     ROOT,
     Procs,
-    batch_counts,
     bench_machine,
-    logged_batches,
+    measured_batch,
     naive_sample,
-    run_batch,
     run_on_services,
-    settled_worker_metrics,
-    stack_env,
-    start_stack,
+    start_genq,
+    worker_flags,
 )
 
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import genq's own modules
@@ -219,28 +216,12 @@ def arm_batched(runs: list[tuple[float, int]], requests: int, batch_size: int) -
 
 def arm_genq(procs: Procs, tmp: Path, db_url: str, registry: Path, bodies: list[dict[str, Any]],
              args: argparse.Namespace) -> dict[str, Any]:
-    import redis
-
-    env = stack_env(db_url=db_url, broker_url=BROKER, storage_url=f"file://{tmp / 'objects'}", registry=registry)
-    redis.Redis.from_url(BROKER).flushdb()
-    flags = ["--log-level", args.worker_log_level]
-    if args.worker_concurrency is not None:
-        flags += ["--concurrency", str(args.worker_concurrency)]
-    client, worker = start_stack(procs, env, MODEL, flags, URL, {**bodies[0], "seed": 10**9})
-    before = settled_worker_metrics(client, procs, [], 1) or []  # counting the warm-up job
-    got = run_batch(client, procs, URL, bodies, 3600)
-    tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in got["results"])
-    result = {**rates(got["seconds"], len(bodies), tokens), "accept_s": round(got["accept_s"], 3),
-              "succeeded": got["request_counts"]["completed"], "failed": got["request_counts"]["failed"],
-              "stack": {"database": "postgres (temporary database)", "broker": f"redis db {REDIS_DB}",
-                        "storage": "file://", "worker": worker}}
-    result["worker_metrics"] = settled_worker_metrics(client, procs, before, len(bodies))
-    if counts := batch_counts(before, result["worker_metrics"]):
-        result["worker_batches"] = counts  # this batch's share of the worker's batching counters
-    if batches := logged_batches(tmp / "worker.log"):
-        result["worker_logged_batches"] = batches
+    client, stack = start_genq(procs, tmp, db_url=db_url, registry=registry, broker_url=BROKER, model=MODEL, url=URL,
+                               warm_up={**bodies[0], "seed": 10**9}, flags=worker_flags(args))
+    got, report = measured_batch(client, procs, URL, bodies, log_file=tmp / "worker.log")
     client.close()
-    return result
+    tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in got["results"])
+    return {**rates(got["seconds"], len(bodies), tokens), **report, "stack": stack}
 
 
 def machine() -> dict[str, Any]:

@@ -70,8 +70,7 @@ from common import (
     naive_sample,
     run_batch,
     run_on_services,
-    stack_env,
-    start_stack,
+    start_genq,
 )
 from text_batching import (
     LOCK_FILE,
@@ -236,21 +235,18 @@ def staggered_genq(base_url: str, bodies: list[dict[str, Any]], arrivals: list[f
 def genq_arms(tmp: Path, db_url: str, registry: Path, bodies: list[dict[str, Any]], staggered: list[dict[str, Any]],
               arrivals: list[float] | None, run_d: bool) -> tuple[dict[str, Any] | None, list[float] | None]:
     """One stack for arm d's batch (if run_d) and then the staggered requests (if arrivals)."""
-    import redis
-
-    env = stack_env(db_url=db_url, broker_url=BROKER, storage_url=f"file://{tmp / 'objects'}", registry=registry)
-    env["GENQ_MAX_SYNC_WAITS_PER_TENANT"] = "0"  # every staggered request may wait at once
-    redis.Redis.from_url(BROKER).flushdb()
     result, latencies = None, None
     with Procs(tmp / "logs") as procs:  # on an error, the logs' tails to stderr; then the processes are stopped
-        client, worker = start_stack(procs, env, MODEL, ["--log-level", "info"], URL, {**bodies[0], "seed": 10**9})
+        client, stack = start_genq(procs, tmp, db_url=db_url, registry=registry, broker_url=BROKER, model=MODEL,
+                                   url=URL, warm_up={**bodies[0], "seed": 10**9}, flags=["--log-level", "info"],
+                                   # every staggered request may wait at once
+                                   extra_env={"GENQ_MAX_SYNC_WAITS_PER_TENANT": "0"})
         if run_d:
             got = run_batch(client, procs, URL, bodies, 3600)
             tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in got["results"])
             result = {**rates(got["seconds"], len(bodies), tokens), "accept_s": round(got["accept_s"], 3),
                       "succeeded": got["request_counts"]["completed"], "failed": got["request_counts"]["failed"],
-                      "stack": {"database": "postgres (temporary database)", "broker": f"redis db {REDIS_DB}",
-                                "storage": "file://", "worker": worker}}
+                      "stack": stack}
         if arrivals is not None:
             latencies = staggered_genq(str(client.base_url), staggered, arrivals)
         client.close()
