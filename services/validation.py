@@ -23,9 +23,9 @@ from genq.shared.registry import Registry
 from genq.shared.requests import RequestLine
 from genq.shared.schemas import JobBody
 
-MAX_ERRORS_REPORTED = 100
-__all__ = ["LineError", "ValidLine", "parse_json_line", "validate_batch", "validate_line"]
+__all__ = ["LineError", "ValidLine", "field_errors", "parse_json_line", "validate_batch", "validate_line"]
 
+MAX_ERRORS_REPORTED = 100
 MAX_PROMPT_CHARS: int = Settings.model_fields["max_prompt_chars"].default  # the API passes its configured value
 
 
@@ -89,6 +89,12 @@ def _pydantic_errors(exc: ValidationError, line: int | None, prefix: str,
                                     if all(m.startswith("Input should be ") for _, m in same) else joined))
     return errors
 
+
+
+def field_errors(exc: ValidationError, model: type[BaseModel]) -> list[LineError]:
+    """A request body's validation errors, one per field at fault (`hyperparameters.n_epochs`), in
+    the words of the line errors (unknown fields are "unknown field")."""
+    return _pydantic_errors(exc, None, "", model)
 
 
 def _prompt_errors(body: JobBody, line: int | None, max_chars: int) -> list[LineError]:
