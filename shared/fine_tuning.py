@@ -291,8 +291,8 @@ class Method(RequestModel):
 
     @field_validator("dpo", "reinforcement")
     @classmethod
-    def _other(cls, v: Any) -> Any:
-        if v is not None:
+    def _other(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and info.data.get("type") == "supervised":  # another type is refused on its own
             raise ValueError("genq trains only supervised fine-tuning jobs")
         return v
 
