@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,15 +225,25 @@ def test_events_and_checkpoints_page_newest_first(api: TestClient, client: opena
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "after"
 
 
-def test_jobs_list_newest_first_with_a_metadata_filter(client: openai.OpenAI) -> None:
-    training = _upload(client, CHAT)
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def test_jobs_list_newest_first_with_a_metadata_filter(backend: str, tmp_path: Path,
+                                                       request: pytest.FixtureRequest) -> None:
+    """The metadata filter reads inside a JSON column, which each database spells its own way."""
+    database = {"database_url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    with api_client(tmp_path, **database) as api:
+        _jobs_list_newest_first_with_a_metadata_filter(_sdk(api))
+
+
+def _jobs_list_newest_first_with_a_metadata_filter(client: openai.OpenAI) -> None:
+    training, run = _upload(client, CHAT), uuid.uuid4().hex  # the Postgres database is the session's
     made = [client.fine_tuning.jobs.create(model="tiny-gpt2", training_file=training,
-                                           metadata={"team": team}).id for team in ("a", "b", "a")]
-    assert [j.id for j in client.fine_tuning.jobs.list()] == made[::-1]
-    page = client.fine_tuning.jobs.list(limit=2)
+                                           metadata={"run": run, "team": team}).id for team in ("a", "b", "a")]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": run})] == made[::-1]
+    page = client.fine_tuning.jobs.list(limit=2, metadata={"run": run})
     assert [j.id for j in page.data] == made[:0:-1] and page.has_more
-    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})] == [made[2], made[0]]
-    assert list(client.fine_tuning.jobs.list(metadata={"team": "c"})) == []
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": run, "team": "a"})] == [made[2], made[0]]
+    assert list(client.fine_tuning.jobs.list(metadata={"run": run, "team": "c"})) == []
+    assert client.fine_tuning.jobs.list(limit=100).data[0].id == made[-1]
 
 
 def _key(api: TestClient, tenant: str) -> str:
