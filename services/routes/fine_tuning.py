@@ -80,11 +80,23 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 def list_fine_tuning_jobs(request: Request, session: SessionDep, tenant: TenantDep, limit: Limit = 20,
                           after: str | None = None) -> dict[str, Any]:
     """Newest first; `after` is the last id of the previous page; `metadata[k]=v` keeps the jobs
-    whose metadata has that pair."""
+    whose metadata has every such pair."""
     query = select(FineTuningJob).where(owned_by(FineTuningJob.tenant, tenant))
-    for key, value in _metadata_filter(request).items():
-        query = query.where(FineTuningJob.meta[key].as_string() == value)
-    return cursor_page(session, query, FineTuningJob.id, after=after, limit=limit, view=fine_tuning_job_object)
+    wanted = _metadata_filter(request)
+    if not wanted:
+        return cursor_page(session, query, FineTuningJob.id, after=after, limit=limit, view=fine_tuning_job_object)
+    # Compared here rather than in SQL: SQLite's JSON paths miss keys holding quotes or non-ASCII
+    # characters, and a tenant's fine-tuning jobs are few enough to read through.
+    if after:
+        query = query.where(FineTuningJob.id < after)
+    rows = session.execute(query.order_by(FineTuningJob.id.desc()).execution_options(yield_per=200)).scalars()
+    matched: list[FineTuningJob] = []
+    for job in rows:
+        if all((job.meta or {}).get(k) == v for k, v in wanted.items()):
+            matched.append(job)
+            if len(matched) > limit:
+                break
+    return list_page([fine_tuning_job_object(j) for j in matched[:limit]], len(matched) > limit)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJobObject)

@@ -244,6 +244,10 @@ def _jobs_list_newest_first_with_a_metadata_filter(client: openai.OpenAI) -> Non
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": run, "team": "a"})] == [made[2], made[0]]
     assert list(client.fine_tuning.jobs.list(metadata={"run": run, "team": "c"})) == []
     assert client.fine_tuning.jobs.list(limit=100).data[0].id == made[-1]
+    odd = {'say "hi"': "v", "back\\slash": "v", "über": "ü", "a.b": "v"}  # keys a JSON path would have to escape
+    odd_job = client.fine_tuning.jobs.create(model="tiny-gpt2", training_file=training, metadata={"run": run, **odd})
+    for key, value in odd.items():
+        assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": run, key: value})] == [odd_job.id]
 
 
 def _key(api: TestClient, tenant: str) -> str:
@@ -282,3 +286,22 @@ def test_the_openapi_document_describes_the_fine_tuning_routes(api: TestClient) 
     body = doc["paths"]["/v1/fine_tuning/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"model", "training_file", "method", "lora"} <= set(body["properties"])
     assert body["required"] == ["model", "training_file"]
+
+
+def test_a_repeated_create_with_an_idempotency_key_is_one_job(api: TestClient, client: openai.OpenAI) -> None:
+    training = _upload(client, CHAT)
+    body, headers = {"model": "tiny-gpt2", "training_file": training}, {"Idempotency-Key": "ft-once"}
+    first = api.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+    again = api.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+    assert first.status_code == again.status_code == 200 and first.json()["id"] == again.json()["id"]
+    assert _published(api, "tiny-gpt2") == [(FINE_TUNE_TASK, [first.json()["id"]])]
+    other = api.post("/v1/fine_tuning/jobs", json={**body, "seed": 1}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_a_broker_outage_leaves_the_job_recorded_and_queued(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with api_client(tmp_path, broker_url="redis://127.0.0.1:1/0", limits={"rate_limit_per_minute": 0}) as api:
+        client = _sdk(api)
+        job = client.fine_tuning.jobs.create(model="tiny-gpt2", training_file=_upload(client, CHAT))
+        assert job.status == "queued" and client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+    assert f"could not publish fine-tuning job {job.id}" in caplog.text
