@@ -38,6 +38,7 @@ def _jsonl(lines: list[Any]) -> bytes:
 @pytest.fixture()
 def api(tmp_path: Path) -> Iterator[TestClient]:
     with api_client(tmp_path) as c:
+        _published(c, "tiny-gpt2")  # the in-memory broker is the process's: drop what earlier tests sent
         yield c
 
 
