@@ -3,18 +3,16 @@ characters in path and query parameters, and documenting the bodies in the OpenA
 
 from __future__ import annotations
 
-import codecs
 from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
 
 from genq.services.errors import APIError
-from genq.services.validation import LineError, parse_json_line
+from genq.shared.jsonl import BOM, LineError, parse_json_line
 from genq.shared.kinds import ENDPOINTS
 from genq.shared.requests import RequestLine
 
-BOM = codecs.BOM_UTF8
 NUL_MESSAGE = "must not contain NUL (\\u0000) characters"
 
 

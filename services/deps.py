@@ -23,7 +23,7 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 OPERATOR_PATHS = frozenset({"/metrics"})
 # The create endpoints: each request counts against its tenant's rate (GENQ_RATE_LIMIT_PER_MINUTE).
 RATE_LIMITED = frozenset({"/v1/jobs", "/v1/batches", "/v1/batches/{batch_id}/retry", "/v1/files", "/v1/adapters",
-                          *ENDPOINTS})
+                          "/v1/fine_tuning/jobs", *ENDPOINTS})
 
 
 async def get_state(request: Request) -> AppState:

@@ -132,3 +132,79 @@ class Page(_Object, Generic[T]):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class FineTuningError(_Object):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningHyperparameters(_Object):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class SupervisedMethod(_Object):
+    hyperparameters: FineTuningHyperparameters
+
+
+class FineTuningMethod(_Object):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod
+
+
+class FineTuningJobObject(_Object):
+    """OpenAI's `fine_tuning.job`, field for field (genq's `lora` is recorded in the job's first
+    events' data, not here, so OpenAI clients see exactly OpenAI's object)."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: FineTuningError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: FineTuningHyperparameters
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None
+    integrations: None
+    metadata: dict[str, str] | None
+    method: FineTuningMethod
+
+
+class FineTuningEventObject(_Object):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    data: dict[str, Any] | None
+    type: Literal["message", "metrics"]
+
+
+class CheckpointMetrics(_Object):
+    step: float
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class FineTuningCheckpointObject(_Object):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int

@@ -20,12 +20,19 @@ from genq.shared.redis_transport import FRONT_HEADER, TRANSPORT, read_epoch
 from genq.shared.requests import effective_priority
 
 RUN_JOB_TASK = "genq.run_job"
+FINE_TUNE_TASK = "genq.fine_tune"  # args: [fine-tuning job id]
 # Above the longest job we expect to run; genq's own job leases recover crashed work much sooner.
 VISIBILITY_TIMEOUT_S = 6 * 3600
 
 
 def queue_name(model: str) -> str:
     return f"genq.{model}"
+
+
+def train_queue_name(model: str) -> str:
+    """The queue of fine-tuning jobs on a base model, apart from its serving queue: a training run
+    holds a GPU for a long time, and the workers that take it are chosen by this name."""
+    return f"genq.train.{model}"
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Publisher(Protocol):
     """What the API needs from the broker."""
 
     def publish(self, items: Iterable[Publish]) -> int: ...
+    def publish_fine_tune(self, job_id: str, model: str) -> None: ...
     def ping(self) -> None: ...
     def pending(self, model: str) -> int | None: ...
     def epoch(self) -> float | None: ...
@@ -121,6 +129,10 @@ class CeleryPublisher:
                                    headers={FRONT_HEADER: True} if item.front else None)
                 count += 1
         return count
+
+    def publish_fine_tune(self, job_id: str, model: str) -> None:
+        """Send a fine-tuning job's id to its base model's training queue."""
+        self.app.send_task(FINE_TUNE_TASK, args=[job_id], queue=train_queue_name(model))
 
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:

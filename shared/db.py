@@ -216,6 +216,68 @@ class WorkerState(Base):
     stats: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+class FineTuningJob(Base):
+    """An OpenAI-style fine-tuning job: LoRA on a registry text model (genq.shared.fine_tuning_jobs
+    has its statuses and transitions). The worker holds it through `worker` and `lease_expires_at`."""
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (Index("ix_fine_tuning_jobs_tenant_id", "tenant", "id"),
+                      Index("ix_fine_tuning_jobs_status_lease", "status", "lease_expires_at"))
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20))
+    model: Mapped[str] = mapped_column(String(200))  # the registry's base model
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved: no "auto" left
+    lora: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved: r, alpha, dropout, target_modules
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    fine_tuned_model: Mapped[str] = mapped_column(String(400))  # ft:<base>:<suffix or genq>:<id>; shown on success
+    trained_tokens: Mapped[int | None] = mapped_column(Integer)
+    result_files: Mapped[list[str]] = mapped_column(JSON, default=list)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    cancel_requested_at: Mapped[float | None] = mapped_column(Float)  # a running job stops at its next step
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+
+
+class FineTuningEvent(Base):
+    """A job's log line or metrics; `seq` orders them (ids made in the same microsecond do not)."""
+
+    __tablename__ = "fine_tuning_events"
+    __table_args__ = (Index("ix_fine_tuning_events_job_seq", "job_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    level: Mapped[str] = mapped_column(String(8))  # info, warn, error
+    type: Mapped[str] = mapped_column(String(8))  # message, metrics
+    message: Mapped[str] = mapped_column(String(2000))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class FineTuningCheckpoint(Base):
+    """An adapter saved at a training step; its files live in storage under `key_prefix`."""
+
+    __tablename__ = "fine_tuning_checkpoints"
+    __table_args__ = (Index("ix_fine_tuning_checkpoints_job_step", "job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    step: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    key_prefix: Mapped[str] = mapped_column(String(300))
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]

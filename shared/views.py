@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from genq.shared.db import Batch, File, Job
+from genq.shared.db import Batch, File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob, Job, tenant_key
 from genq.shared.errors import ErrorCode, job_failure
+from genq.shared.fine_tuning_jobs import checkpoint_model_name
 from genq.shared.registry import ModelSpec
 from genq.shared.requests import effective_priority
 from genq.shared.results import public_result
@@ -74,3 +75,36 @@ def model_object(spec: ModelSpec) -> dict[str, Any]:
     """OpenAI's Model object for a registry entry, with genq's kind, queue and batch size."""
     return {"id": spec.name, "object": "model", "created": 0, "owned_by": "genq", "kind": spec.kind,
             "queue": spec.queue, "max_batch_size": spec.options.max_batch_size}
+
+
+# The metrics OpenAI's checkpoint object has; a worker may record more, which the object leaves out.
+CHECKPOINT_METRICS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                      "full_valid_loss", "full_valid_mean_token_accuracy")
+
+
+def fine_tuning_job_object(job: FineTuningJob) -> dict[str, Any]:
+    """OpenAI's `fine_tuning.job`, field for field: the hyperparameters shown are those the job
+    trains with ("auto" resolved), also under `method`; the model name only once it succeeded."""
+    hyperparameters = dict(job.hyperparameters)
+    return {
+        "id": job.id, "object": "fine_tuning.job", "created_at": int(job.created_at), "error": job.error,
+        "fine_tuned_model": job.fine_tuned_model if job.status == "succeeded" else None,
+        "finished_at": _ts(job.finished_at), "hyperparameters": hyperparameters, "model": job.model,
+        "organization_id": tenant_key(job.tenant), "result_files": list(job.result_files or []), "seed": job.seed,
+        "status": job.status, "trained_tokens": job.trained_tokens, "training_file": job.training_file,
+        "validation_file": job.validation_file, "estimated_finish": None, "integrations": None,
+        "metadata": job.meta, "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+    }
+
+
+def fine_tuning_event_object(event: FineTuningEvent) -> dict[str, Any]:
+    return {"id": event.id, "object": "fine_tuning.job.event", "created_at": int(event.created_at),
+            "level": event.level, "message": event.message, "data": event.data, "type": event.type}
+
+
+def fine_tuning_checkpoint_object(checkpoint: FineTuningCheckpoint, job: FineTuningJob) -> dict[str, Any]:
+    metrics = {k: checkpoint.metrics[k] for k in CHECKPOINT_METRICS if k in (checkpoint.metrics or {})}
+    return {"id": checkpoint.id, "object": "fine_tuning.job.checkpoint", "created_at": int(checkpoint.created_at),
+            "fine_tuned_model_checkpoint": checkpoint_model_name(job.fine_tuned_model, checkpoint.step),
+            "fine_tuning_job_id": job.id, "metrics": {"step": checkpoint.step, **metrics},
+            "step_number": checkpoint.step}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from genq.services.routes import adapters, batches, events, files, jobs, sync, system, webhooks
+from genq.services.routes import adapters, batches, events, files, fine_tuning, jobs, sync, system, webhooks
 
-ROUTERS: tuple[APIRouter, ...] = tuple(m.router for m in (jobs, batches, events, files, adapters, sync, webhooks,
-                                                          system))
+ROUTERS: tuple[APIRouter, ...] = tuple(m.router for m in (jobs, batches, events, files, fine_tuning, adapters, sync,
+                                                          webhooks, system))

@@ -1,4 +1,4 @@
-"""The OpenAI Files API (purposes `batch` for uploads and `batch_output` for genq's results)."""
+"""The OpenAI Files API (purposes `batch` and `fine-tune` for uploads, `batch_output` for genq's results)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from genq.services.body import NUL_MESSAGE, has_nul, refuse_nul_params
 from genq.services.deps import RendererDep, SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
+from genq.services.fine_tuning import FINE_TUNE_PURPOSE, file_errors
 from genq.services.objects import Deleted, FileObject, Page
 from genq.services.output_files import render_output_file
 from genq.services.resources import Once, create_once, cursor_page, get_owned
@@ -20,10 +21,11 @@ from genq.services.state import AppState
 from genq.services.upload_cap import Cap
 from genq.shared.db import File as FileRow
 from genq.shared.db import new_id, owned_by
+from genq.shared.fine_tuning import parse_training_file
 from genq.shared.views import file_object
 
 router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Depends(refuse_nul_params)])
-UPLOAD_PURPOSES = ("batch",)
+UPLOAD_PURPOSES = ("batch", FINE_TUNE_PURPOSE)
 Purpose = Annotated[str, Form(json_schema_extra={"enum": list(UPLOAD_PURPOSES)})]  # checked in the route
 CHUNK = 1024 * 1024
 
@@ -55,8 +57,9 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 async def upload_file(request: Request, state: StateDep, session: SessionDep, tenant: TenantDep,
                       file: Annotated[UploadFile, File()],
                       purpose: Purpose) -> dict[str, Any]:
-    """Store an uploaded JSONL file; batches name it by `input_file_id` (a body over the limit is
-    refused while it arrives, by UploadCap)."""
+    """Store an uploaded JSONL file; batches name it by `input_file_id`, fine-tuning jobs by
+    `training_file` (a body over the limit is refused while it arrives, by UploadCap). Training
+    data is checked line by line here, so a bad line is refused before any job names the file."""
     if purpose not in UPLOAD_PURPOSES:
         raise APIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", code="invalid_request",
                        param="purpose")
@@ -65,6 +68,8 @@ async def upload_file(request: Request, state: StateDep, session: SessionDep, te
     data = await _read_limited(file, state.limits.max_file_bytes)
 
     def store(once: Once) -> dict[str, Any]:
+        if purpose == FINE_TUNE_PURPOSE and (errors := parse_training_file(data)[1]):
+            raise file_errors("file", [e.as_dict() for e in errors])
         file_id = new_id("file")
         storage_key = f"files/{file_id}.jsonl"
         state.storage.put(storage_key, data, "application/jsonl")

@@ -57,3 +57,36 @@ def test_0005_moves_image_output_keys_into_their_own_list(tmp_path: Path) -> Non
     with engine_for(url).connect() as conn:
         back = dict(conn.execute(text("SELECT id, result FROM jobs")).all())
     assert json.loads(back["job_img"]) == old and json.loads(back["job_txt"]) == text_result
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def test_0007_adds_the_fine_tuning_tables_and_takes_them_away(backend: str, tmp_path: Path,
+                                                               request: pytest.FixtureRequest) -> None:
+    from alembic import command
+    from sqlalchemy import inspect, text
+    from sqlalchemy.orm import Session
+
+    from genq.shared.fine_tuning_jobs import add_event
+    from genq.shared.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path}/ft.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    tables = {"fine_tuning_jobs", "fine_tuning_events", "fine_tuning_checkpoints"}
+
+    def present() -> set[str]:
+        return tables & set(inspect(engine_for(url)).get_table_names())
+
+    upgrade(url)
+    command.downgrade(alembic_config(url), "0006")  # the Postgres database is shared: start from 0006 there too
+    assert present() == set()
+    upgrade(url)
+    assert present() == tables
+    with Session(engine_for(url)) as session:  # events take their order from the database's own sequence
+        for i in range(3):
+            add_event(session, "ftjob-x", f"event {i}", data={"i": i})
+        session.commit()
+        rows = session.execute(text("SELECT seq, message, data FROM fine_tuning_events WHERE job_id = 'ftjob-x' "
+                                    "ORDER BY seq")).all()
+    assert [m for _, m, _ in rows] == ["event 0", "event 1", "event 2"] and len({s for s, _, _ in rows}) == 3
+    command.downgrade(alembic_config(url), "0006")
+    assert present() == set()
+    upgrade(url)  # back at the head for the session's other tests
