@@ -92,9 +92,14 @@ def api(host: str, port: int, workers: int, log_level: str) -> None:
 @click.option("--max-attempts", type=int, default=None,
               help="Starts of one job before it is failed (protects against jobs that crash workers). "
                    "[default: GENQ_WORKER_MAX_ATTEMPTS, else 3]")
+@click.option("--work", type=click.Choice(["both", "inference", "training"]), default=None,
+              help="The jobs taken: inference on the models, their fine-tuning jobs (training), or both. "
+                   "[default: GENQ_WORKER_WORK, else both]")
+@click.option("--checkpoint-every", type=int, default=None,
+              help="Fine-tuning steps between checkpoints. [default: GENQ_WORKER_CHECKPOINT_EVERY, else 50]")
 @click.option("--log-level", default="info", show_default=True)
 def worker(models: str, gpu: int | None, concurrency: int | None, memory_budget: str | None, lease: float | None,
-           max_attempts: int | None, log_level: str) -> None:
+           max_attempts: int | None, work: str | None, checkpoint_every: int | None, log_level: str) -> None:
     """Run a worker consuming the queues of MODELS."""
     # Pin the GPU before anything imports torch: CUDA reads this once, at initialisation.
     if gpu is not None:
@@ -108,7 +113,8 @@ def worker(models: str, gpu: int | None, concurrency: int | None, memory_budget:
 
     _logging(log_level)
     names = [m.strip() for m in models.split(",") if m.strip()]
-    given = {"concurrency": concurrency, "memory_budget": memory_budget, "lease_s": lease, "max_attempts": max_attempts}
+    given = {"concurrency": concurrency, "memory_budget": memory_budget, "lease_s": lease, "max_attempts": max_attempts,
+             "work": work, "checkpoint_every": checkpoint_every}
     try:
         worker_settings = WorkerSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:

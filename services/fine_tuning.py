@@ -22,13 +22,12 @@ from genq.shared.fine_tuning import (
     resolve_hyperparameters,
     resolve_lora,
 )
-from genq.shared.fine_tuning_jobs import add_event, fine_tuned_model_name, new_ft_id
+from genq.shared.fine_tuning_jobs import TRAINABLE_KINDS, add_event, fine_tuned_model_name, new_ft_id
 from genq.shared.registry import Registry
 from genq.shared.storage import Storage
 
 log = logging.getLogger("genq.api")
 FINE_TUNE_PURPOSE = "fine-tune"
-TRAINABLE_KINDS = ("text",)
 
 
 def check_base_model(registry: Registry, name: str) -> None:

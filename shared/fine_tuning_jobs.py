@@ -20,6 +20,7 @@ from genq.shared.db import FineTuningEvent, FineTuningJob, new_id
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 NOT_STARTED = ("validating_files", "queued")
+TRAINABLE_KINDS = ("text",)  # the kinds of registry model genq fine-tunes
 DEFAULT_SUFFIX = "genq"  # the name's part where OpenAI puts the organisation, when no suffix is given
 
 Level = Literal["info", "warn", "error"]

@@ -61,6 +61,7 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models")
     registry = build_tiny(out)
     source = str((out / "tiny-gpt2").resolve())
+    chat_source = str((out / "tiny-chat").resolve())
     registry.write_text(registry.read_text() + f"""
 [models.tiny-gpt2-idle]
 kind = "text"
@@ -118,6 +119,16 @@ source = "{source}"
 [models.lru-b]
 kind = "text"
 source = "{source}"
+
+# Fine-tuning tests: ft-chat is trained by the workers those tests start; no worker serves
+# ft-queue-chat, so its training tasks stay on the queue to be read.
+[models.ft-chat]
+kind = "text"
+source = "{chat_source}"
+
+[models.ft-queue-chat]
+kind = "text"
+source = "{chat_source}"
 """)
     return registry
 

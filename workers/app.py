@@ -10,8 +10,9 @@ from typing import Any
 from celery import Celery, signals
 from sqlalchemy.exc import OperationalError
 
-from genq.shared.broker import RUN_JOB_TASK, CeleryPublisher, make_celery, queue_name
+from genq.shared.broker import FINE_TUNE_TASK, RUN_JOB_TASK, CeleryPublisher, make_celery, queue_name, train_queue_name
 from genq.shared.config import Settings
+from genq.shared.fine_tuning_jobs import TRAINABLE_KINDS
 from genq.shared.registry import Registry, load_registry
 from genq.shared.storage import storage_from_settings
 from genq.workers.cache import device_budget
@@ -42,7 +43,39 @@ def build_worker(settings: Settings, models: list[str], worker: WorkerSettings |
     def run_job(job_id: str) -> str:
         return runtime.execute(job_id)
 
+    if worker.work != "inference" and (trainable := training_models(runtime.registry, models)):
+        from genq.workers.fine_tune import FineTuner, TrainingLimits
+
+        tuner = FineTuner(runtime.sessions, runtime.storage, runtime.registry, runtime.publisher,
+                          worker_id=runtime.worker_id, device=runtime.device, stopping=runtime.stopping,
+                          limits=TrainingLimits(worker.lease_s, worker.max_attempts, worker.checkpoint_every))
+        runtime.fine_tuner, runtime.training_models = tuner, trainable
+
+        # A training run holds its message until it ends; the job's own lease recovers a dead worker's.
+        @app.task(name=FINE_TUNE_TASK, acks_late=True, reject_on_worker_lost=True,
+                  autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=30, max_retries=None)
+        def fine_tune(job_id: str) -> str:
+            return tuner.execute(job_id)
+
+        # A warm shutdown waits for running tasks: a training run stops at its next step instead
+        # (with a checkpoint) and goes back to the queue for another worker to resume.
+        signals.worker_shutting_down.connect(lambda **_: tuner.halt.set(), weak=False)
+
     return app, runtime
+
+
+def training_models(registry: Registry, models: list[str]) -> list[str]:
+    """The models whose fine-tuning jobs a worker serving `models` takes (text models)."""
+    return [m for m in models if (spec := registry.get(m)) is not None and spec.kind in TRAINABLE_KINDS]
+
+
+def worker_queues(registry: Registry, models: list[str], worker: WorkerSettings) -> list[str]:
+    """The queues a worker consumes: its models' (unless it only trains) and their training queues
+    (unless it only serves)."""
+    queues = [] if worker.work == "training" else [queue_name(m) for m in models]
+    if worker.work != "inference":
+        queues += [train_queue_name(m) for m in training_models(registry, models)]
+    return queues
 
 
 def _hand_back_on_cold_shutdown(runtime: WorkerRuntime) -> None:
@@ -91,12 +124,15 @@ def run_worker(settings: Settings, models: list[str], worker: WorkerSettings | N
         concurrency = default_concurrency(runtime.registry, models)
     log.info("worker %s: concurrency %d, model memory budget %s", runtime.worker_id, concurrency,
              f"{runtime.memory_budget >> 20} MiB" if runtime.memory_budget else "unlimited")
-    if preload:
+    if preload and worker.work != "training":
         runtime.preload()
     runtime.start_maintenance()
     _hand_back_on_cold_shutdown(runtime)
     pool = "solo" if concurrency <= 1 else "threads"
-    argv = ["worker", "-Q", ",".join(queue_name(m) for m in models), "--pool", pool,
+    queues = worker_queues(runtime.registry, models, worker)
+    if not queues:
+        raise ValueError(f"nothing to do: --work training, but none of {', '.join(models)} can be fine-tuned")
+    argv = ["worker", "-Q", ",".join(queues), "--pool", pool,
             "--concurrency", str(max(1, concurrency)), "--loglevel", loglevel,
             "--hostname", f"genq-{'+'.join(models)}-{runtime.worker_id.split(':')[1]}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat"]

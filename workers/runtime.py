@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
@@ -40,6 +40,9 @@ from genq.workers.runners import make_runner
 from genq.workers.runners.base import BatchItem, InvalidRequest, JobCancelled, RunContext, Runner
 from genq.workers.state import report_state
 from genq.workers.watch import JobWatch
+
+if TYPE_CHECKING:
+    from genq.workers.fine_tune import FineTuner
 
 log = logging.getLogger("genq.worker")
 CHECK_EVERY_S = 0.25  # progress reports and cancel checks, for all held jobs at once
@@ -94,6 +97,8 @@ class WorkerRuntime:
         self._claims = Coalescer(self._claim_group)
         self._finishes = Coalescer(self._finish_group, after=self._check_batches)
         self.isolation = Isolation()
+        self.fine_tuner: FineTuner | None = None  # set when this worker takes fine-tuning jobs (workers/app.py)
+        self.training_models: list[str] = []
 
     # --- models --------------------------------------------------------------------------
 
@@ -384,6 +389,8 @@ class WorkerRuntime:
                 batch_id = s.get(Job, job_id).batch_id  # type: ignore[union-attr]
             if batch_id:
                 maybe_finalize_batch(self.sessions, self.storage, batch_id)
+        if self.fine_tuner is not None:
+            self.fine_tuner.maintain(self.training_models)
         # The upkeep the API runs too, for these models, so queued work moves with no API process up.
         run_tasks(self.upkeep)
         report_state(self)

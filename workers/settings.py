@@ -3,6 +3,8 @@ override. Each default is written here once."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,6 +18,9 @@ class WorkerSettings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, description="starts of one job before it is failed")
     memory_budget: str = Field(default="auto", description="bytes of loaded models to keep: auto, 0 (no limit), 20GiB")
     concurrency: int | None = Field(default=None, ge=1, description="jobs held at once; default from the models")
+    work: Literal["both", "inference", "training"] = Field(
+        default="both", description="the jobs taken: inference, fine-tuning of the models (training), or both")
+    checkpoint_every: int = Field(default=50, ge=1, description="fine-tuning steps between checkpoints")
 
     @field_validator("memory_budget")
     @classmethod

@@ -55,14 +55,14 @@ def _taken(settings: Any, model: str) -> list[tuple[str, list[Any]]]:
 def test_a_created_job_reaches_its_training_queue(api: Stack, settings_for: Any) -> None:
     client = openai.OpenAI(base_url=f"{api.base_url}/v1", api_key="sk-local", max_retries=0, timeout=60)
     settings = settings_for()
-    _taken(settings, "tiny-chat")  # nothing left over from an earlier run
+    _taken(settings, "ft-queue-chat")  # nothing left over from an earlier run
     data = "".join(json.dumps(x) + "\n" for x in CHAT).encode()
     training = client.files.create(file=("chat.jsonl", io.BytesIO(data)), purpose="fine-tune")
     assert client.files.content(training.id).content == data
-    job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training.id, suffix="helper",
+    job = client.fine_tuning.jobs.create(model="ft-queue-chat", training_file=training.id, suffix="helper",
                                          extra_body={"lora": {"r": 2}})
     assert job.status == "queued" and job.hyperparameters.n_epochs == 10  # auto, for 4 examples
-    assert _taken(settings, "tiny-chat") == [(FINE_TUNE_TASK, [job.id])]
+    assert _taken(settings, "ft-queue-chat") == [(FINE_TUNE_TASK, [job.id])]
     created = client.fine_tuning.jobs.list_events(job.id).data[0]
     assert created.data["lora"]["r"] == 2 and created.data["training_examples"] == 4
 
