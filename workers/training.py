@@ -43,74 +43,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from genq.workers.training_config import (
+    BASE_LR,
+    Hyperparameters,
+    TrainingConfig,
+    resolve_hyperparameters,
+)
 from genq.workers.training_data import IGNORE, EncodedSet, collate, default_max_length, encode_examples
 
-# LoRA trains well at 1e-4..3e-4 with AdamW (the peft and QLoRA papers' range); OpenAI's
-# learning_rate_multiplier scales this base: lr = BASE_LR * multiplier.
-BASE_LR = 2e-4
+__all__ = ["BASE_LR", "Checkpoint", "Hyperparameters", "TrainingConfig", "TrainingHooks", "TrainingResult",
+           "add_lora", "adapter_files", "default_target_modules", "epoch_order", "lr_factor", "mean_token_loss",
+           "resolve_hyperparameters", "train"]
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-STATE_FORMAT = 1
-# OpenAI's cookbook rule for n_epochs "auto": 3 epochs, more for small sets and fewer for large ones,
-# so that a job sees between MIN_TARGET_EXAMPLES and MAX_TARGET_EXAMPLES examples in all.
-DEFAULT_EPOCHS, MIN_EPOCHS, MAX_EPOCHS = 3, 1, 25
-MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 100, 25_000
-DEFAULT_BATCH_SIZE = 8  # "auto": 8 examples, or all when there are fewer
-Auto = Literal["auto"]
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """What a fine-tuning job asks for. Step counts of 0 mean "only at the end"."""
-
-    n_epochs: int | Auto = "auto"
-    batch_size: int | Auto = "auto"
-    learning_rate_multiplier: float | Auto = "auto"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str | None = None  # None: peft's default for the architecture
-    seed: int = 0
-    max_length: int | None = None  # None: the model's context length
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    checkpoint_every: int = 0
-    eval_every: int = 0
-    log_every: int = 1
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """The resolved values a job reports back (OpenAI shows these on the job once it starts)."""
-
-    n_epochs: int
-    batch_size: int
-    learning_rate_multiplier: float
-
-    @property
-    def learning_rate(self) -> float:
-        return BASE_LR * self.learning_rate_multiplier
-
-
-def resolve_hyperparameters(config: TrainingConfig, n_examples: int) -> Hyperparameters:
-    """Replace "auto": n_epochs by OpenAI's cookbook rule (3, raised to see >= 100 examples and
-    lowered to see <= 25,000, within 1..25), batch_size 8 (at most n_examples), multiplier 1."""
-    if n_examples < 1:
-        raise ValueError("fine-tuning needs at least one training example")
-    n_epochs = config.n_epochs
-    if n_epochs == "auto":
-        n_epochs = DEFAULT_EPOCHS
-        if n_examples * n_epochs < MIN_TARGET_EXAMPLES:
-            n_epochs = min(MAX_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / n_examples))
-        elif n_examples * n_epochs > MAX_TARGET_EXAMPLES:
-            n_epochs = max(MIN_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
-    batch_size = min(DEFAULT_BATCH_SIZE, n_examples) if config.batch_size == "auto" else config.batch_size
-    multiplier = 1.0 if config.learning_rate_multiplier == "auto" else float(config.learning_rate_multiplier)
-    if n_epochs < 1 or batch_size < 1 or not multiplier > 0:
-        raise ValueError(f"invalid hyperparameters: n_epochs={n_epochs}, batch_size={batch_size}, "
-                         f"learning_rate_multiplier={multiplier}")
-    return Hyperparameters(int(n_epochs), int(batch_size), multiplier)
+STATE_FORMAT = 1  # of the trainer-state blob in a Checkpoint
 
 
 @dataclass(frozen=True)
@@ -215,16 +163,24 @@ def train(model_dir: Path | str, train_examples: Sequence[dict[str, Any]], *,
 def add_lora(base: Any, config: TrainingConfig) -> Any:
     """Wrap the base model in a peft LoRA model; only the LoRA weights train."""
     from peft import LoraConfig, get_peft_model
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
     from transformers.pytorch_utils import Conv1D
 
-    targets = config.target_modules or DEFAULT_TARGETS.get(base.config.model_type) or "all-linear"
+    targets = config.target_modules or default_target_modules(base.config.model_type)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM",
                       # GPT-2's Conv1D stores weights (in, out); peft needs telling, or it warns and guesses.
                       fan_in_fan_out=any(isinstance(m, Conv1D) for m in base.modules()))
     base.config.use_cache = False  # no KV cache while training
     return get_peft_model(base, lora)
+
+
+def default_target_modules(model_type: str) -> list[str] | str:
+    """peft's default LoRA targets for the architecture (GPT-2: c_attn; Llama: q_proj, v_proj), or
+    every linear layer but the output one ("all-linear") for architectures peft has no default for."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    targets = DEFAULTS.get(model_type)
+    return sorted(targets) if targets else "all-linear"
 
 
 def adapter_files(model: Any) -> dict[str, bytes]:
@@ -280,7 +236,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     return [int(i) for i in torch.randperm(n, generator=generator)]
 
 
-def _lr_factor(step: int, *, warmup: int, total: int) -> float:
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
     """Linear warmup over `warmup` steps, then linear decay to zero at `total`."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
@@ -300,7 +256,7 @@ class _Loop:
         self.total_steps = self.batches_per_epoch * hp.n_epochs
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)
-        factor = partial(_lr_factor, warmup=config.warmup_steps, total=self.total_steps)
+        factor = partial(lr_factor, warmup=config.warmup_steps, total=self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.step = self.epoch = self.position = 0
         self.metrics = _Metrics()

@@ -19,7 +19,9 @@ from genq.workers.training import (
     Checkpoint,
     TrainingConfig,
     TrainingHooks,
+    default_target_modules,
     epoch_order,
+    lr_factor,
     mean_token_loss,
     resolve_hyperparameters,
     train,
@@ -162,6 +164,23 @@ def test_auto_hyperparameters_follow_the_documented_rule() -> None:
         resolve_hyperparameters(auto, 0)
 
 
+def test_a_bad_config_is_refused_naming_each_problem() -> None:
+    with pytest.raises(ValueError, match=r"lora_r must be at least 1, got 0; lora_dropout must be in \[0, 1\)"):
+        TrainingConfig(lora_r=0, lora_dropout=1.0)
+
+
+def test_learning_rate_warms_up_then_decays_linearly_to_zero() -> None:
+    factors = [lr_factor(step, warmup=2, total=6) for step in range(6)]
+    assert factors == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25])
+    assert [lr_factor(step, warmup=0, total=4) for step in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_default_targets_are_peft_defaults_else_all_linear() -> None:
+    assert default_target_modules("gpt2") == ["c_attn"]
+    assert default_target_modules("llama") == ["q_proj", "v_proj"]
+    assert default_target_modules("no-such-architecture") == "all-linear"
+
+
 def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
     assert epoch_order(3, 1, 20) == epoch_order(3, 1, 20)
     assert sorted(epoch_order(3, 1, 20)) == list(range(20))
@@ -269,6 +288,28 @@ def test_trainer_state_loads_without_pickle(models: Path) -> None:
     _run(models, SMALL, hooks=TrainingHooks(save_checkpoint=checkpoints.append))
     state = torch.load(io.BytesIO(checkpoints[0].trainer_state), weights_only=True)
     assert {"optimizer", "scheduler", "rng", "metrics"} <= state.keys()
+
+
+def test_prompt_completion_adapter_passes_genqs_upload_check(models: Path) -> None:
+    """The plain tiny text model trains on prompt/completion pairs, and its adapter is what genq's
+    adapter upload accepts: the two peft files, rank and peft's default GPT-2 target."""
+    import zipfile
+
+    from genq.services.adapter_archive import check_archive
+    from genq.shared.registry import model_spec
+    from genq.workers.tiny import CORPUS
+
+    sentences = [s.strip() for s in CORPUS.replace("\n", " ").split(". ") if len(s.split()) > 6][:12]
+    pairs = [{"prompt": " ".join(s.split()[:4]), "completion": " " + " ".join(s.split()[4:])} for s in sentences]
+    result = train(models / "tiny-gpt2", pairs, config=TrainingConfig(n_epochs=2, batch_size=4, lora_r=4))
+    assert result.step == 6 and result.trained_tokens > 0
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in result.adapter_files.items():
+            archive.writestr(name, data)
+    with check_archive(buffer.getvalue(), model=model_spec("tiny-gpt2", "text", "x"), max_bytes=1 << 24) as checked:
+        assert sorted(checked.files) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert (checked.rank, checked.target_modules) == (4, ["c_attn"])
 
 
 # --- evidence: a tiny chat model learns Python's docstrings ---------------------------------------
