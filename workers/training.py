@@ -13,8 +13,10 @@ the database and cancel a job.
   (see genq.workers.training_data for what is trained on).
 - `config`: hyperparameters; "auto" ones resolve as `resolve_hyperparameters` documents.
 - `hooks.progress(event)`: every `log_every` steps, the last step and after each validation pass,
-  a dict with step, total_steps, epoch, train_loss, tokens_per_s, trained_tokens, and valid_loss
-  when a validation pass ran at that step.
+  a dict with step (1-based, counted across resumes), total_steps, epoch (0-based), train_loss
+  (mean token loss of the steps since the previous event), tokens_per_s (trained tokens per
+  second of training steps), trained_tokens (so far), and valid_loss when a validation pass
+  (every `eval_every` steps and at the end, over all `valid_examples`) ran at that step.
 - `hooks.save_checkpoint(Checkpoint)`: every `checkpoint_every` steps, at the end and on cancel.
 - `hooks.cancelled()`: checked before every step; when true, a checkpoint of the current step is
   saved and the result says cancelled.
@@ -187,6 +189,8 @@ def adapter_files(model: Any) -> dict[str, bytes]:
     """The adapter as peft's save_pretrained writes it, without its README and without the worker's
     local base-model path (the base is whichever registered model the adapter is attached to)."""
     with tempfile.TemporaryDirectory() as tmp:
+        # Embeddings are never trained or resized here: a LoRA on a tied lm_head needs only its own
+        # LoRA tensors, not a copy of the base embedding matrix peft would otherwise add.
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         files = {name: (Path(tmp) / name).read_bytes() for name in ADAPTER_FILES}
     cfg = json.loads(files["adapter_config.json"])
