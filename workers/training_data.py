@@ -118,7 +118,11 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[in
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], *, generation_prompt: bool) -> list[int]:
     # The template writes any special tokens itself (BOS included), so none are added here.
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - a template's own error (jinja's, or raise_exception's)
+        raise ExampleError(f"the chat template cannot render the first {len(messages)} message(s): "
+                           f"{type(exc).__name__}: {exc}") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

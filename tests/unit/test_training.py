@@ -133,6 +133,18 @@ def test_a_template_that_breaks_the_prefix_property_is_refused(chat_tokenizer: A
         encode_examples(broken, [{"messages": CHAT}], 512)
 
 
+def test_a_template_error_is_reported_as_the_examples_error(chat_tokenizer: Any) -> None:
+    import copy
+
+    strict = copy.deepcopy(chat_tokenizer)
+    strict.chat_template = "{% if not messages %}{{ raise_exception('empty conversation') }}{% endif %}" + \
+        chat_tokenizer.chat_template
+    answer_first = {"messages": [{"role": "assistant", "content": "Hello."}]}
+    with pytest.raises(ExampleError, match="example 1: the chat template cannot render the first 0 message.*: "
+                                           ".*empty conversation"):
+        encode_examples(strict, [{"messages": CHAT}, answer_first], 512)
+
+
 def test_chat_needs_a_chat_template(models: Path) -> None:
     from transformers import AutoTokenizer
 
