@@ -10,7 +10,9 @@ epoch, LoRA r 8 on peft's default targets (GPT-2: c_attn), dropout 0.05.
             the first --warmup steps (training steps only), `job_tokens_per_s` over the whole call
             (loading, tokenizing, the final adapter), as a job would see it.
   bare      the same batches (train's own encoding, order and collation) through the least a LoRA
-            loop does: forward with labels, backward, AdamW, scheduler; no hooks, no checkpoints.
+            loop does: forward with labels (the model's own loss on its full logits), backward,
+            AdamW, scheduler; no hooks, no checkpoints. train() computes the output layer only at
+            trained positions, so train_over_bare > 1 is that saving.
   trainer   transformers' Trainer (needs accelerate, which peft depends on) on the same encoded
             examples, the same batch size, lr and schedule, logging and saving off.
 Ratios: train_over_bare and trainer_over_train (steady rates, the first --warmup steps excluded in

@@ -21,9 +21,11 @@ from genq.workers.training import (
     TrainingHooks,
     default_target_modules,
     epoch_order,
+    head_at_trained_only,
     lr_factor,
     mean_token_loss,
     resolve_hyperparameters,
+    token_loss,
     train,
 )
 from genq.workers.training_data import IGNORE, ExampleError, collate, encode_example, encode_examples
@@ -322,6 +324,33 @@ def test_prompt_completion_adapter_passes_genqs_upload_check(models: Path) -> No
     with check_archive(buffer.getvalue(), model=model_spec("tiny-gpt2", "text", "x"), max_bytes=1 << 24) as checked:
         assert sorted(checked.files) == ["adapter_config.json", "adapter_model.safetensors"]
         assert (checked.rank, checked.target_modules) == (4, ["c_attn"])
+
+
+def _scaled_gpt2() -> type:
+    """A GPT-2 that changes its logits after the output layer, as Cohere's logit_scale does."""
+    from transformers import GPT2LMHeadModel
+
+    class ScaledGPT2(GPT2LMHeadModel):  # type: ignore[misc]
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().forward(*args, **kwargs)
+            out.logits = 4.0 * out.logits
+            return out
+
+    return ScaledGPT2
+
+
+def test_output_layer_runs_only_at_trained_positions_when_that_is_the_models_own_loss(
+        models: Path, chat_tokenizer: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    batch = collate(encode_examples(chat_tokenizer, python_doc_chats(4), 512).examples, chat_tokenizer.eos_token_id)
+    plain = AutoModelForCausalLM.from_pretrained(models / "tiny-chat", dtype=torch.float32)
+    assert head_at_trained_only(plain, batch, "cpu")
+    with torch.no_grad():
+        (full, n_full), (part, n_part) = (token_loss(plain, batch, "cpu", trained_only=flag) for flag in (False, True))
+    assert n_full == n_part > 0 and float(part) == pytest.approx(float(full), rel=1e-5)
+    scaled = _scaled_gpt2().from_pretrained(models / "tiny-chat", dtype=torch.float32)
+    assert not head_at_trained_only(scaled, batch, "cpu")
 
 
 # --- evidence: a tiny chat model learns Python's docstrings ---------------------------------------
