@@ -92,7 +92,7 @@ def test_a_job_trains_to_succeeded_and_registers_its_adapter(stack: Stack) -> No
 def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint_on_another(stack: Stack) -> None:
     client = _client(stack)
     first = _worker(stack, "trainer-a", "--checkpoint-every", "10")
-    job = _create(client, 400, n_epochs=2, batch_size=1)  # 800 steps: long enough to kill mid-run
+    job = _create(client, 200, n_epochs=2, batch_size=1)  # 400 steps: long enough to kill mid-run
 
     def checkpointed() -> int | None:
         _status(client, job.id, "running")
@@ -103,7 +103,7 @@ def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint_on_another(stack
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(10)
     saved = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
-    assert saved < 800, "the job ended before the worker was killed"
+    assert saved < 400, "the job ended before the worker was killed"
     _worker(stack, "trainer-b", "--checkpoint-every", "200")
     done = wait_for(lambda: _status(client, job.id, "succeeded"), 300, 0.2, "job succeeded after a resume")
     events = _messages(client, job.id)
