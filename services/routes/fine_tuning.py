@@ -16,6 +16,7 @@ from genq.services.body import model_schema, parse_json_body, read_body, refuse_
 from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
 from genq.services.fine_tuning import create_job, enqueue_fine_tune
+from genq.services.fine_tuning_events import follow_events, last_event_id
 from genq.services.objects import FineTuningCheckpointObject, FineTuningEventObject, FineTuningJobObject, Page
 from genq.services.resources import Once, create_once, cursor_page, get_owned, list_page
 from genq.services.validation import field_errors
@@ -115,11 +116,19 @@ def cancel_fine_tuning_job(fine_tuning_job_id: str, session: SessionDep, tenant:
     return fine_tuning_job_object(job)
 
 
-@router.get("/{fine_tuning_job_id}/events", response_model=Page[FineTuningEventObject])
-def list_fine_tuning_events(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep, limit: Limit = 20,
-                            after: str | None = None) -> dict[str, Any]:
-    """The job's events, newest first; `after` is the last event id of the previous page."""
+@router.get("/{fine_tuning_job_id}/events", response_model=Page[FineTuningEventObject],
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "A page of events; with stream=true, Server-Sent Events until "
+                                            "the job ends"}})
+def list_fine_tuning_events(fine_tuning_job_id: str, request: Request, state: StateDep, session: SessionDep,
+                            tenant: TenantDep, limit: Limit = 20, after: str | None = None,
+                            stream: bool = False) -> Any:
+    """The job's events, newest first; `after` is the last event id of the previous page. With
+    `stream=true`: every event oldest first, then new ones as they happen, until the job ends."""
     job = load_job(session, fine_tuning_job_id, tenant)
+    if stream:
+        session.close()  # a stream may last hours: it polls in sessions of its own, holding no connection between
+        return follow_events(state.sessions, job.id, last_event_id(request))
     query = select(FineTuningEvent).where(FineTuningEvent.job_id == job.id)
     if after:
         prev = session.execute(select(FineTuningEvent).where(FineTuningEvent.id == after)).scalar_one_or_none()

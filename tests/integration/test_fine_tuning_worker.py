@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
+from genq.sse import iter_events
 from tests.support.processes import Stack
 from tests.support.waiting import wait_for
 
@@ -75,13 +77,28 @@ def test_a_job_trains_to_succeeded_and_registers_its_adapter(stack: Stack) -> No
     client = _client(stack)
     _worker(stack, "trainer", "--checkpoint-every", "4")
     job = _create(client, 12, n_epochs=2, batch_size=4)  # 3 steps an epoch, 6 in all
-    done = wait_for(lambda: _status(client, job.id, "succeeded"), 180, 0.2, "job succeeded")
+    # Followed live: every event as it is written, then the ended job.
+    with httpx.stream("GET", f"{stack.base_url}/v1/fine_tuning/jobs/{job.id}/events", params={"stream": "true"},
+                      timeout=180) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        streamed = list(iter_events(resp.iter_bytes()))
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded"
     assert done.fine_tuned_model == f"ft:{MODEL}:count:{job.id}" and done.trained_tokens > 0
     assert done.finished_at >= done.created_at
     events = _messages(client, job.id)
     metrics = [e for e in events if e.type == "metrics"]
     assert metrics and metrics[-1].data["step"] == 6 and metrics[-1].data["train_loss"] > 0
     assert events[-1].message == "The job has successfully completed"
+    assert [e.event for e in streamed] == ["fine_tuning.job.event"] * len(events) + ["fine_tuning.job", "done"]
+    assert [json.loads(e.data)["id"] for e in streamed[:-2]] == [e.id for e in events]
+    assert json.loads(streamed[-2].data)["status"] == "succeeded"
+    # A reconnect with Last-Event-ID gets only what came after that event.
+    with httpx.stream("GET", f"{stack.base_url}/v1/fine_tuning/jobs/{job.id}/events", params={"stream": "true"},
+                      headers={"Last-Event-ID": streamed[-4].id or ""}, timeout=60) as resp:
+        again = list(iter_events(resp.iter_bytes()))
+    assert [e.event for e in again] == ["fine_tuning.job.event", "fine_tuning.job", "done"]
+    assert json.loads(again[0].data)["id"] == events[-1].id
     steps = sorted(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
     assert steps == [4, 6]  # every 4 steps, and the last
     adapters = client.get("/adapters", cast_to=object)
