@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from genq.services.errors import APIError
 from genq.services.state import AppState
+from genq.services.webhooks import validate_subscription
 from genq.shared.db import File, FineTuningJob
 from genq.shared.fine_tuning import (
     MAX_ERRORS_REPORTED,
@@ -78,6 +79,7 @@ def create_job(state: AppState, session: Session, spec: FineTuningJobCreate, ten
     if spec.validation_file is not None:
         add_event(session, job_id, f"Validating validation file: {spec.validation_file}", at=now)
         training_examples(session, state.storage, tenant, spec.validation_file, "validation_file")
+    webhook_url = check_webhook(state, spec)
     hyperparameters = resolve_hyperparameters(spec.requested_hyperparameters(), len(examples))
     lora = resolve_lora(spec.lora)
     job = FineTuningJob(
@@ -86,11 +88,24 @@ def create_job(state: AppState, session: Session, spec: FineTuningJobCreate, ten
         seed=spec.seed if spec.seed is not None else secrets.randbelow(SEED_MAX + 1),
         hyperparameters=hyperparameters, lora=lora, meta=spec.metadata,
         fine_tuned_model=fine_tuned_model_name(spec.model, spec.suffix, job_id), result_files=[],
-        created_at=now, attempts=0)
+        created_at=now, attempts=0, webhook_url=webhook_url, webhook_events=spec.webhook_events)
     session.add(job)
     add_event(session, job_id, "Files validated, moving job to queued state", at=now,
               data={"training_examples": len(examples), "hyperparameters": hyperparameters, "lora": lora})
     return job
+
+
+def check_webhook(state: AppState, spec: FineTuningJobCreate) -> str | None:
+    """The job's webhook URL, checked as a job's or batch's is (400 naming the field)."""
+    if spec.webhook_url is None:
+        if spec.webhook_events is not None:
+            raise APIError(400, "webhook_events: needs a webhook_url", code="invalid_request", param="webhook_events")
+        return None
+    try:
+        url, _ = validate_subscription(spec.webhook_url, None, state.webhook_policy)
+    except ValueError as exc:
+        raise APIError(400, f"webhook_url: {exc}", code="invalid_request", param="webhook_url") from None
+    return url
 
 
 def enqueue_fine_tune(state: AppState, job: FineTuningJob) -> bool:

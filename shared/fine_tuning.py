@@ -342,6 +342,9 @@ class FineTuningJobCreate(RequestModel):
     method: Method | None = None
     integrations: Any = None
     lora: Lora | None = None
+    # genq's extensions, as on jobs and batches: where to POST the job's webhook events, and which.
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_events: list[Literal["succeeded", "failed", "cancelled", "progress"]] | None = None
 
     @field_validator("suffix")
     @classmethod

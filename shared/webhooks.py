@@ -14,15 +14,18 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from genq.shared.db import Batch, Job, WebhookDelivery, new_id
+from genq.shared.db import Batch, FineTuningJob, Job, WebhookDelivery, new_id
 from genq.shared.jobs import batch_counts, request_counts
 from genq.shared.results import public_result
 from genq.shared.schemas import DEFAULT_EVENTS, EVENTS
-from genq.shared.views import batch_object, job_object
+from genq.shared.views import batch_object, fine_tuning_job_object, job_object
 
 JOB_STATUS_EVENTS = {"succeeded": "completed", "failed": "failed", "cancelled": "cancelled"}
 BATCH_STATUS_EVENTS = {"completed": "completed", "failed": "failed", "cancelled": "cancelled", "expired": "expired"}
 PROGRESS_STATUSES = ("in_progress", "finalizing")
+# A fine-tuning job's events, sent as `fine_tuning.job.<event>` (OpenAI's names for the first three).
+FINE_TUNING_EVENTS = ("succeeded", "failed", "cancelled", "progress")
+FINE_TUNING_DEFAULT_EVENTS = ("succeeded", "failed", "cancelled")
 
 
 def _enqueue(session: Session, *, tenant: str | None, url: str, kind: str, object_id: str,
@@ -92,3 +95,21 @@ def notify_batch(session: Session, batch_id: str) -> WebhookDelivery | None:
     batch = session.get(Batch, batch_id, populate_existing=True)
     event = BATCH_STATUS_EVENTS.get(batch.status) if batch else None
     return enqueue_batch_event(session, batch, event) if batch and event else None
+
+
+def notify_fine_tuning(session: Session, job_id: str, event: str, *,
+                       metrics: dict[str, Any] | None = None) -> WebhookDelivery | None:
+    """Queue `fine_tuning.job.<event>` if the job subscribed to it (in the caller's transaction,
+    after the change it reports): the job object, with the step's `metrics` for `progress`."""
+    if event not in FINE_TUNING_EVENTS:
+        raise ValueError(f"unknown fine-tuning webhook event {event!r}")
+    job = session.get(FineTuningJob, job_id, populate_existing=True)
+    if job is None or not job.webhook_url:
+        return None
+    if event not in (FINE_TUNING_DEFAULT_EVENTS if job.webhook_events is None else job.webhook_events):
+        return None
+    data = fine_tuning_job_object(job)
+    if metrics is not None:
+        data = {**data, "metrics": metrics}
+    return _enqueue(session, tenant=job.tenant, url=job.webhook_url, kind=f"fine_tuning.job.{event}",
+                    object_id=job.id, data=data)

@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq.shared import webhooks
 from genq.shared.adapters import storage_key as adapter_storage_key
 from genq.shared.broker import Publisher
 from genq.shared.db import Adapter, File, FineTuningCheckpoint, FineTuningJob, new_id, session_scope
@@ -115,6 +116,7 @@ def requeue_expired_training(session: Session, *, models: list[str], max_attempt
         if session.execute(update(FineTuningJob).where(*guard).values(**values)).rowcount:  # type: ignore[attr-defined]
             if attempts >= max_attempts:
                 add_event(session, job_id, f"The job failed: its worker stopped {attempts} times", level="error")
+                webhooks.notify_fine_tuning(session, job_id, "failed")
                 failed.append(job_id)
             else:
                 add_event(session, job_id, "The worker training this job stopped; the job is queued again and "
@@ -186,6 +188,8 @@ class _Run:
             name = checkpoint_model_name(self.job.fine_tuned_model, ckpt.step)
             add_event(s, self.job_id, f"Checkpoint created at step {ckpt.step}",
                       data={"step": ckpt.step, "checkpoint": name})
+            webhooks.notify_fine_tuning(s, self.job_id, "progress", metrics={
+                **{k: v for k, v in self.last_metrics.items() if v is not None}, "step": ckpt.step})
 
     def cancelled(self) -> bool:
         """Whether training should stop now: a cancel, this worker stopping, or the lease lost."""
@@ -325,6 +329,7 @@ class FineTuner:
                             "train_loss": result.train_loss, "valid_loss": result.valid_loss,
                             "truncated_examples": result.truncated})
             add_event(s, job.id, "The job has successfully completed")
+            webhooks.notify_fine_tuning(s, job.id, "succeeded")
         return "succeeded"
 
     def _finish(self, job: FineTuningJob, status: str, result: TrainingResult, message: str) -> str:
@@ -334,6 +339,7 @@ class FineTuner:
             if done.rowcount:  # type: ignore[attr-defined]
                 add_event(s, job.id, f"{message} at step {result.step} of {result.total_steps}; "
                           "its checkpoints are kept")
+                webhooks.notify_fine_tuning(s, job.id, status)
         return status
 
     def _fail(self, job: FineTuningJob, exc: Exception) -> None:
@@ -344,6 +350,7 @@ class FineTuner:
                 error={"code": "training_failed", "message": message, "param": None}))
             if done.rowcount:  # type: ignore[attr-defined]
                 add_event(s, job.id, f"The job failed: {message}", level="error")
+                webhooks.notify_fine_tuning(s, job.id, "failed")
 
     def _hand_back(self, job: FineTuningJob) -> None:
         """A stopping worker's job goes back to the queue (its attempt not counted) for another to resume."""

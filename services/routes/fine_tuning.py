@@ -25,6 +25,7 @@ from genq.shared.db import FineTuningCheckpoint, FineTuningEvent, FineTuningJob,
 from genq.shared.fine_tuning import FineTuningJobCreate
 from genq.shared.requests import METADATA_MAX_PAIRS
 from genq.shared.views import fine_tuning_checkpoint_object, fine_tuning_event_object, fine_tuning_job_object
+from genq.shared.webhooks import notify_fine_tuning
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], dependencies=[Depends(refuse_nul_params)])
 
@@ -110,7 +111,8 @@ def cancel_fine_tuning_job(fine_tuning_job_id: str, session: SessionDep, tenant:
     """A job not started is `cancelled` at once; a running one stays `running` until its worker
     stops it at its next step; a finished one is answered unchanged."""
     job = load_job(session, fine_tuning_job_id, tenant)
-    ft_state.cancel(session, job.id)
+    if ft_state.cancel(session, job.id) == "cancelled":
+        notify_fine_tuning(session, job.id, "cancelled")  # a running job's worker sends it when it stops
     session.commit()
     session.refresh(job)
     return fine_tuning_job_object(job)

@@ -41,6 +41,8 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer, nullable=False),
         sa.Column("worker", sa.String(200)),
         sa.Column("lease_expires_at", sa.Float),
+        sa.Column("webhook_url", sa.String(2048)),
+        sa.Column("webhook_events", sa.JSON),
     )
     op.create_index("ix_fine_tuning_jobs_tenant_id", "fine_tuning_jobs", ["tenant", "id"])
     op.create_index("ix_fine_tuning_jobs_status_lease", "fine_tuning_jobs", ["status", "lease_expires_at"])
