@@ -311,3 +311,13 @@ def test_fine_tuned_models_are_their_tenants_own(tmp_path: Path, tiny_dir: Path,
                         json={"url": "/v1/chat/completions", "body": _chat(ft.name)})
         assert mine.status_code == 202 and mine.json()["model"] == ft.name
         assert acme.models.delete(ft.name).deleted
+
+
+def test_a_model_whose_base_left_the_registry_is_unlisted_but_deletable(api: TestClient, lora: Path) -> None:
+    ft = _register(api, lora, base="retired-model")
+    assert ft.name not in [m["id"] for m in api.get("/v1/models").json()["data"]]
+    assert api.get(f"/v1/models/{ft.name}").status_code == 404
+    resp = api.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": _chat(ft.name)})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "model_not_found"
+    assert "fine-tuned from 'retired-model', which is no longer in the registry" in resp.json()["error"]["message"]
+    assert api.delete(f"/v1/models/{ft.name}").json() == {"id": ft.name, "object": "model", "deleted": True}
