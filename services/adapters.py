@@ -20,6 +20,7 @@ from genq.services.adapter_archive import CONFIG_NAME, AdapterError, CheckedAdap
 from genq.services.adapter_archive import AdapterTooLarge as AdapterTooLarge  # re-exported: the routes catch it here
 from genq.shared.adapters import storage_key
 from genq.shared.db import Adapter, IdempotencyKey, new_id, owned_by
+from genq.shared.fine_tuning_jobs import is_fine_tuned
 from genq.shared.kinds import ADAPTER_KINDS
 from genq.shared.registry import ModelSpec, Registry
 from genq.shared.storage import Storage
@@ -57,6 +58,10 @@ class AdapterCatalog:
                 by_name.setdefault(r.name, (r.id, r.base_model))  # the oldest, were a race to leave two
             self._uploads = (by_id, by_name)
         return self._uploads
+
+    def fine_tuned(self, model: str) -> tuple[str, str] | None:
+        """(adapter id, base model) of the tenant's fine-tuned model `model` (an `ft:` name), or None."""
+        return self._read()[1].get(model) if is_fine_tuned(model) else None
 
     def resolve(self, *, model: str, ref: str) -> str:
         """The stable id of adapter `ref` (an id or a name) for `model`, or AdapterError."""

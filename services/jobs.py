@@ -22,12 +22,20 @@ def _job_row(v: ValidLine, *, tenant: str | None, batch_id: str | None, seq: int
     """A job's row; `priority` is its batch's, which the line's own overrides."""
     return {
         "id": new_id("job"), "batch_id": batch_id, "seq": seq, "tenant": tenant,
-        "custom_id": v.request.custom_id, "url": v.request.url, "model": v.body.model,  # type: ignore[attr-defined]
-        "body": v.body.model_dump(exclude_unset=True),
+        "custom_id": v.request.custom_id, "url": v.request.url, "model": v.body.model,
+        "requested_model": v.requested_model, "body": v.body.model_dump(exclude_unset=True),
         "priority": effective_priority(v.request.priority, priority),
         "webhook_url": v.request.webhook_url, "webhook_events": v.request.webhook_events,
         "status": "queued", "progress": 0.0, "attempts": 0, "created_at": now,
     }
+
+
+def request_body(job: Job) -> dict[str, Any]:
+    """The job's body as its request wrote it (what a retry validates again): a fine-tuned model's
+    name in place of the base model and adapter it runs on, so a retry finds the model anew."""
+    if job.requested_model is None:
+        return job.body
+    return {**{k: v for k, v in job.body.items() if k != "adapter"}, "model": job.requested_model}
 
 
 def create_job(session: Session, *, line: ValidLine, tenant: str | None) -> tuple[Job, Publish]:

@@ -27,7 +27,7 @@ from genq.services.state import AppState
 from genq.shared.chat import CHAT_URL
 from genq.shared.db import Job, session_scope
 from genq.shared.errors import job_failure
-from genq.shared.results import ResultRenderer
+from genq.shared.results import ResultRenderer, requested_model
 from genq.shared.schemas import TERMINAL_JOB_STATUSES, response_id
 from genq.shared.streams import Delta, RedisTokenSource, streams_on
 
@@ -43,7 +43,8 @@ class ChunkWriter:
         suffix = job.id.removeprefix("job_")
         self.base = {"id": response_id("chatcmpl" if self.chat else "cmpl", suffix),
                      "object": "chat.completion.chunk" if self.chat else "text_completion",
-                     "created": int(job.created_at), "model": job.model, "system_fingerprint": fingerprint}
+                     "created": int(job.created_at), "model": requested_model(job),
+                     "system_fingerprint": fingerprint}
         self.choices, self.include_usage = choices, include_usage
         self.echoed = echoed or []  # a completion with `echo`: each choice's text starts with its prompt
 

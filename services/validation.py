@@ -15,8 +15,10 @@ from pydantic import BaseModel, ValidationError
 
 from genq.services.adapters import AdapterCatalog, AdapterError
 from genq.services.egress import AddressPolicy
+from genq.services.fine_tuned import unknown_model
 from genq.services.webhooks import validate_subscription
 from genq.shared.config import Settings
+from genq.shared.fine_tuning_jobs import is_fine_tuned
 from genq.shared.jsonl import LineError, parse_json_line
 from genq.shared.kinds import body_model, served_by
 from genq.shared.registry import Registry
@@ -33,7 +35,8 @@ MAX_PROMPT_CHARS: int = Settings.model_fields["max_prompt_chars"].default  # the
 class ValidLine:
     line: int
     request: RequestLine
-    body: JobBody
+    body: JobBody  # as it runs: a fine-tuned model's request names its base model and adapter
+    requested_model: str | None = None  # the fine-tuned model's name, when the request named one
 
 
 def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
@@ -114,7 +117,9 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
 
     A named adapter is resolved through `adapters` (the submitting tenant's uploads and the
     registry's; registry adapters only when None) and the body keeps its stable id, so a later
-    rename or deletion of a same-named adapter cannot change what the job runs."""
+    rename or deletion of a same-named adapter cannot change what the job runs. A fine-tuned
+    model of the tenant (`ft:...`) is served by its base model with its adapter: the body names
+    those, and `requested_model` keeps the name the request used."""
     if not isinstance(obj, dict):
         return None, [LineError(line, None, "must be a JSON object")]
     try:
@@ -141,26 +146,48 @@ def validate_line(obj: Any, line: int | None, registry: Registry, *, endpoint: s
         return None, [LineError(line, "body.stream", f"only POST {req.url} streams; jobs and batch lines "
                                                      "are answered whole (leave stream out or false)")]
 
-    model = req.body.get("model")
+    catalog = adapters if adapters is not None else AdapterCatalog(None, registry, None)
+    named = body.model  # what messages name: the model the request named
+    requested: str | None = None
+    if is_fine_tuned(named):
+        served, errors = _on_base_model(body, line, named, catalog)
+        if served is None:
+            return None, errors
+        body, requested = served, named
+    model = body.model
     spec = registry.get(model)
     if spec is None:
-        return None, [LineError(line, "body.model", f"model {model!r} is not in the registry",
-                                code="model_not_found")]
+        message = unknown_model(model) if requested is None else \
+            f"model {requested!r} is fine-tuned from {model!r}, which is no longer in the registry"
+        return None, [LineError(line, "body.model", message, code="model_not_found")]
     if spec.kind not in served_by(req.url):
         return None, [LineError(line, "body.model",
-                                f"model {model!r} is a {spec.kind} model and cannot serve {req.url}")]
-    if limits := spec.options.limit_errors(body, model, spec.source):
+                                f"model {named!r} is a {spec.kind} model and cannot serve {req.url}")]
+    if limits := spec.options.limit_errors(body, named, spec.source):
         param, message = limits[0]
         return None, [LineError(line, param, message)]
     ref = body.adapter
-    if ref is not None:
+    if ref is not None and requested is None:
         try:
-            catalog = adapters if adapters is not None else AdapterCatalog(None, registry, None)
             adapter_id = catalog.resolve(model=model, ref=ref)
         except AdapterError as exc:
             return None, [LineError(line, "body.adapter", exc.message, code=exc.code)]
         body = body.model_copy(update={"adapter": adapter_id})
-    return ValidLine(line or 0, req, body), []
+    return ValidLine(line or 0, req, body, requested), []
+
+
+def _on_base_model(body: JobBody, line: int | None, model: str,
+                   catalog: AdapterCatalog) -> tuple[JobBody | None, list[LineError]]:
+    """A request naming the tenant's fine-tuned model `model`, as its base model's request with
+    the model's adapter (by its stable id, as a named adapter is kept)."""
+    if body.adapter is not None:
+        return None, [LineError(line, "body.adapter", f"model {model!r} is a fine-tuned model and brings its own "
+                                "adapter: leave adapter out, or name its base model with the adapter")]
+    found = catalog.fine_tuned(model)
+    if found is None:
+        return None, [LineError(line, "body.model", unknown_model(model), code="model_not_found")]
+    adapter_id, base = found
+    return body.model_copy(update={"model": base, "adapter": adapter_id}), []
 
 
 def too_many_lines(count: int, max_lines: int) -> LineError | None:

@@ -95,7 +95,10 @@ class Job(Base):
     tenant: Mapped[str | None] = mapped_column(String(64))
     custom_id: Mapped[str | None] = mapped_column(String(512))
     url: Mapped[str] = mapped_column(String(64))
-    model: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))  # the registry model that serves it: its queue
+    # The name the request used where it is not `model`: a fine-tuned model's `ft:` name (the job runs
+    # on its base with its adapter). The job, its result and its stream show this name.
+    requested_model: Mapped[str | None] = mapped_column(String(400))
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
     priority: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))

@@ -22,6 +22,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 NOT_STARTED = ("validating_files", "queued")
 TRAINABLE_KINDS = ("text",)  # the kinds of registry model genq fine-tunes
 DEFAULT_SUFFIX = "genq"  # the name's part where OpenAI puts the organisation, when no suffix is given
+# Fine-tuned model names start so; registry models and uploaded adapters cannot (their names hold no ':').
+FINE_TUNED_PREFIX = "ft:"
 
 Level = Literal["info", "warn", "error"]
 EventType = Literal["message", "metrics"]
@@ -34,7 +36,12 @@ def new_ft_id(prefix: Literal["ftjob", "ftevent", "ftckpt"]) -> str:
 
 def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
     """`ft:<base>:<suffix or genq>:<job id>`, the name a succeeded job's model is served under."""
-    return f"ft:{base}:{suffix or DEFAULT_SUFFIX}:{job_id}"
+    return f"{FINE_TUNED_PREFIX}{base}:{suffix or DEFAULT_SUFFIX}:{job_id}"
+
+
+def is_fine_tuned(model: object) -> bool:
+    """Whether a request's `model` names a fine-tuned model (served as its base with its adapter)."""
+    return isinstance(model, str) and model.startswith(FINE_TUNED_PREFIX)
 
 
 def checkpoint_model_name(fine_tuned_model: str, step: int) -> str:

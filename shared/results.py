@@ -41,7 +41,7 @@ class ResultRenderer:
     def render(self, job: Job) -> dict[str, Any] | None:
         result = job.result
         if not result or "output_keys" not in result:
-            return result
+            return as_requested(job, result)
         as_b64 = (job.body or {}).get("response_format") == "b64_json"
         data = []
         for item, key in zip(result["data"], result["output_keys"], strict=True):
@@ -51,7 +51,7 @@ class ResultRenderer:
             else:
                 item["url"] = self.image_url(job.id, key)
             data.append(item)
-        return {**(public_result(result) or {}), "data": data}
+        return as_requested(job, {**(public_result(result) or {}), "data": data})
 
 
 def public_result(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -60,3 +60,24 @@ def public_result(result: dict[str, Any] | None) -> dict[str, Any] | None:
     if not result or "output_keys" not in result:
         return result
     return {k: v for k, v in result.items() if k != "output_keys"}
+
+
+def requested_model(job: Job) -> str:
+    """The model name the job's request used, which the job and its answers show: a fine-tuned
+    model's name, where the job runs on its base model (`job.model`, the routing column)."""
+    return job.requested_model or job.model
+
+
+def as_requested(job: Job, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`result` naming the model its request named, as OpenAI's answers for a fine-tuned model do
+    (the worker wrote the base model it ran). Rewritten when read, so what is stored stays the
+    worker's own."""
+    if not result or job.requested_model is None or "model" not in result:
+        return result
+    return {**result, "model": job.requested_model}
+
+
+def stored_result(job: Job) -> dict[str, Any] | None:
+    """The job's stored result as readers without image URLs see it (webhook payloads, the job
+    object): no storage keys, the requested model's name."""
+    return as_requested(job, public_result(job.result))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from genq.shared.db import Batch, File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob, Job, tenant_key
+from genq.shared.db import Adapter, Batch, File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob, Job, tenant_key
 from genq.shared.errors import ErrorCode, job_failure
 from genq.shared.fine_tuning_jobs import checkpoint_model_name
 from genq.shared.registry import ModelSpec
 from genq.shared.requests import effective_priority
-from genq.shared.results import public_result
+from genq.shared.results import requested_model, stored_result
 
 
 def _ts(value: float | None) -> int | None:
@@ -20,12 +20,12 @@ def job_object(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any]
     """The job as the API shows it; `result` is the rendered result (see shared.results)."""
     return {
         "id": job.id, "object": "job", "batch_id": job.batch_id, "custom_id": job.custom_id,
-        "url": job.url, "model": job.model, "status": job.status,
+        "url": job.url, "model": requested_model(job), "status": job.status,
         "priority": effective_priority(job.priority),
         "progress": round(job.progress or 0.0, 4), "attempts": job.attempts,
         "created_at": _ts(job.created_at), "started_at": _ts(job.started_at),
         "finished_at": _ts(job.finished_at), "error": job.error,
-        "result": public_result(job.result) if result is None else result,
+        "result": stored_result(job) if result is None else result,
     }
 
 
@@ -53,7 +53,7 @@ def output_line(job: Job, result: dict[str, Any] | None = None) -> dict[str, Any
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     if job.status == "succeeded":
-        body = public_result(job.result) if result is None else result
+        body = stored_result(job) if result is None else result
         response = {"status_code": 200, "request_id": job.id, "body": body}
     elif job.status == "cancelled":
         stored = job.error or {}
@@ -71,10 +71,18 @@ def file_object(f: File) -> dict[str, Any]:
             "filename": f.filename, "purpose": f.purpose, "status": "processed", "status_details": None}
 
 
-def model_object(spec: ModelSpec) -> dict[str, Any]:
-    """OpenAI's Model object for a registry entry, with genq's kind, queue and batch size."""
-    return {"id": spec.name, "object": "model", "created": 0, "owned_by": "genq", "kind": spec.kind,
-            "queue": spec.queue, "max_batch_size": spec.options.max_batch_size}
+def model_object(spec: ModelSpec, *, name: str | None = None, created: int = 0,
+                 owned_by: str = "genq") -> dict[str, Any]:
+    """OpenAI's Model object for a registry entry (or, with `name`, a model served by it), with
+    genq's kind, queue and batch size."""
+    return {"id": name or spec.name, "object": "model", "created": created, "owned_by": owned_by,
+            "kind": spec.kind, "queue": spec.queue, "max_batch_size": spec.options.max_batch_size}
+
+
+def fine_tuned_model_object(row: Adapter, base: ModelSpec) -> dict[str, Any]:
+    """A fine-tuned model (its adapter row) as OpenAI lists one: owned by its tenant (as a job's
+    `organization_id` says), served on its base model's queue."""
+    return model_object(base, name=row.name, created=int(row.created_at), owned_by=tenant_key(row.tenant))
 
 
 # The metrics OpenAI's checkpoint object has; a worker may record more, which the object leaves out.

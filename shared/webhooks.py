@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from genq.shared.db import Batch, FineTuningJob, Job, WebhookDelivery, new_id
 from genq.shared.jobs import batch_counts, request_counts
-from genq.shared.results import public_result
+from genq.shared.results import as_requested, stored_result
 from genq.shared.schemas import DEFAULT_EVENTS, EVENTS
 from genq.shared.views import batch_object, fine_tuning_job_object, job_object
 
@@ -53,7 +53,7 @@ def enqueue_job_event(session: Session, job: Job, event: str, *,
         return None
     assert job.webhook_url is not None
     return _enqueue(session, tenant=job.tenant, url=job.webhook_url, kind=f"job.{event}", object_id=job.id,
-                    data=job_object(job, public_result(job.result) if result is None else result))
+                    data=job_object(job, stored_result(job) if result is None else as_requested(job, result)))
 
 
 def enqueue_batch_event(session: Session, batch: Batch, event: str,

@@ -116,7 +116,8 @@ def get_adapter(adapter_id: str, state: StateDep, session: SessionDep, tenant: T
 
 @router.delete("/{adapter_id}", response_model=Deleted)
 def delete_adapter(adapter_id: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    """Delete an uploaded adapter and its files. Jobs already queued with it fail when they run."""
+    """Delete an uploaded adapter and its files (a fine-tuned model's adapter too, which deletes
+    that model, as DELETE /v1/models/{model} does). Jobs already queued with it fail when they run."""
     row = adapters_data.get(session, tenant=tenant, adapter_id=adapter_id)
     if row is None:
         if adapter_id in state.registry.adapters:

@@ -248,7 +248,8 @@ async def retry_batch(batch_id: str, request: Request, state: StateDep, session:
         if not jobs:
             raise APIError(400, f"batch {batch_id} has no {' or '.join(statuses)} requests to retry",
                            code="nothing_to_retry")
-        numbered = [(i, {"custom_id": j.custom_id, "url": j.url, "body": j.body, "priority": j.priority})
+        numbered = [(i, {"custom_id": j.custom_id, "url": j.url, "body": jobs_data.request_body(j),
+                         "priority": j.priority})
                     for i, j in enumerate(jobs, start=1)]
         lines, errors = validate_batch(numbered, state.registry, max_lines=state.limits.max_batch_lines,
                                        max_prompt_chars=state.limits.max_prompt_chars,

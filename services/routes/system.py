@@ -10,10 +10,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
+from genq.services import fine_tuned
 from genq.services.body import refuse_nul_params
-from genq.services.deps import StateDep, require_operator
+from genq.services.deps import SessionDep, StateDep, TenantDep, require_operator
 from genq.services.errors import APIError, error_response
-from genq.services.objects import ModelList, ModelObject
+from genq.services.objects import Deleted, ModelList, ModelObject
 from genq.shared.errors import ErrorCode
 from genq.shared.views import model_object
 
@@ -22,19 +23,44 @@ log = logging.getLogger("genq.api")
 
 
 @router.get("/v1/models", response_model=ModelList)
-def list_models(state: StateDep) -> dict[str, Any]:
-    """The registry in OpenAI's list shape, with each model's kind and queue."""
-    return {"object": "list", "data": [model_object(s) for s in state.registry.models.values()]}
+def list_models(state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    """The registry in OpenAI's list shape, with each model's kind and queue, then the caller's
+    fine-tuned models (oldest first)."""
+    data = [model_object(s) for s in state.registry.models.values()]
+    return {"object": "list", "data": data + fine_tuned.listed(session, state.registry, tenant=tenant)}
+
+
+def _unknown(model: str) -> APIError:
+    return APIError(None, fine_tuned.unknown_model(model), code=ErrorCode.MODEL_NOT_FOUND, param="model")
 
 
 @router.get("/v1/models/{model}", response_model=ModelObject, dependencies=[Depends(refuse_nul_params)])
-def get_model(model: str, state: StateDep) -> dict[str, Any]:
-    """One registered model, as OpenAI's `client.models.retrieve` reads it."""
+def get_model(model: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    """One registered model or fine-tuned model of the caller's, as OpenAI's `client.models.retrieve` reads it."""
     spec = state.registry.get(model)
-    if spec is None:
-        raise APIError(None, f"model {model!r} is not in the registry", code=ErrorCode.MODEL_NOT_FOUND,
+    if spec is not None:
+        return model_object(spec)
+    row = fine_tuned.find(session, tenant=tenant, model=model)
+    obj = None if row is None else fine_tuned.model_object(state.registry, row)
+    if obj is None:
+        raise _unknown(model)
+    return obj
+
+
+@router.delete("/v1/models/{model}", response_model=Deleted, dependencies=[Depends(refuse_nul_params)],
+               responses={403: error_response("A registry model (code `permission_denied`): only fine-tuned "
+                                              "models can be deleted")})
+def delete_model(model: str, state: StateDep, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    """Delete one of the caller's fine-tuned models: its adapter and files (as DELETE /v1/adapters/{id}
+    does). Registry models are the operator's."""
+    if state.registry.get(model) is not None:
+        raise APIError(403, f"model {model!r} comes from the model registry (GENQ_MODELS_FILE) and cannot be "
+                       "deleted through the API; only fine-tuned models (ft:...) can", code="permission_denied",
                        param="model")
-    return model_object(spec)
+    row = fine_tuned.find(session, tenant=tenant, model=model)
+    if row is None:
+        raise _unknown(model)
+    return fine_tuned.delete(session, state.storage, row)
 
 
 @router.get("/healthz")

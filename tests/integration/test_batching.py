@@ -158,6 +158,46 @@ def test_adapters_end_to_end_change_only_their_own_requests(stack: Stack, tiny_r
     assert texts == {f"r{i}": styled if i % 2 else plain for i in range(8)}
 
 
+def test_a_fine_tuned_model_answers_as_its_base_with_its_adapter(stack: Stack, tiny_registry: Path, tmp_path: Path,
+                                                                 pg_url: str, settings_for: Any) -> None:
+    """A fine-tuned model, registered as the training worker registers one, through the openai
+    package: the tiny-chat worker generates with its adapter (the same text as naming the base model
+    and the adapter, not the base's own), and the answer and its stream say the ft: name."""
+    import openai
+
+    from genq.shared.db import session_factory
+    from genq.shared.storage import storage_from_settings
+    from genq.workers.tiny_lora import build_text_lora
+    from tests.support.fine_tuned import register_fine_tuned
+
+    lora = build_text_lora(tiny_registry.parent / "tiny-chat", tmp_path / "lora", seed=5)
+    with session_factory(pg_url)() as session:
+        ft = register_fine_tuned(session, storage_from_settings(settings_for()), tenant=None, base="tiny-chat",
+                                 adapter_dir=lora, suffix="style")
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="sk-local", max_retries=0, timeout=120)
+    ask: dict[str, Any] = {"messages": [{"role": "user", "content": "Name a river."}], "max_tokens": 12,
+                           "temperature": 0}
+    tuned = client.chat.completions.create(model=ft.name, **ask)
+    assert tuned.model == ft.name
+    with stack.client() as c:
+        same = c.post("/v1/chat/completions", json={"model": "tiny-chat", "adapter": ft.id, **ask}).json()
+        plain = c.post("/v1/chat/completions", json={"model": "tiny-chat", **ask}).json()
+    assert same["model"] == "tiny-chat" and plain["model"] == "tiny-chat"
+    assert tuned.choices[0].message.content == same["choices"][0]["message"]["content"]
+    assert tuned.choices[0].message.content != plain["choices"][0]["message"]["content"]  # the adapter ran
+
+    chunks = list(client.chat.completions.create(model=ft.name, stream=True, **ask))
+    assert {chunk.model for chunk in chunks} == {ft.name}
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+        tuned.choices[0].message.content
+
+    assert ft.name in [m.id for m in client.models.list()]
+    assert client.models.delete(ft.name).deleted
+    with pytest.raises(openai.BadRequestError) as gone:
+        client.chat.completions.create(model=ft.name, **ask)
+    assert gone.value.code == "model_not_found"
+
+
 def test_a_worker_serving_two_models_keeps_them_within_its_memory_budget(stack: Stack,
                                                                          tiny_registry: Path) -> None:
     weights = sum(p.stat().st_size for p in (tiny_registry.parent / "tiny-gpt2").glob("*.safetensors"))

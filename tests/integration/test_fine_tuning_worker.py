@@ -150,3 +150,22 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(stack: Stack) -> N
     assert done.fine_tuned_model is None
     assert client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert any(e.message.startswith("Fine-tuning job cancelled at step") for e in _messages(client, job.id))
+
+
+def test_the_trained_model_answers_by_its_name(stack: Stack) -> None:
+    """What a job trained is a model of its tenant's: a worker serving the base model answers a chat
+    completion naming it with the trained adapter, and says its name."""
+    client = _client(stack)
+    _worker(stack, "trainer-and-server", "--work", "both")
+    job = _create(client, 8, n_epochs=1, batch_size=4)
+    done = wait_for(lambda: _status(client, job.id, "succeeded"), 180, 0.2, "job succeeded")
+    listed = {m.id: m for m in client.models.list()}
+    assert listed[done.fine_tuned_model].owned_by == done.organization_id
+    adapter = next(a for a in client.get("/adapters", cast_to=object)["data"]  # type: ignore[index]
+                   if a["name"] == done.fine_tuned_model)
+    ask: dict[str, Any] = {"messages": [{"role": "user", "content": "Count from 3"}], "max_tokens": 8,
+                           "temperature": 0}
+    tuned = client.chat.completions.create(model=done.fine_tuned_model, **ask)
+    same = client.chat.completions.create(model=MODEL, extra_body={"adapter": adapter["id"]}, **ask)
+    assert tuned.model == done.fine_tuned_model and same.model == MODEL
+    assert tuned.choices[0].message.content == same.choices[0].message.content

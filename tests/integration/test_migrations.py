@@ -90,3 +90,24 @@ def test_0007_adds_the_fine_tuning_tables_and_takes_them_away(backend: str, tmp_
     command.downgrade(alembic_config(url), "0006")
     assert present() == set()
     upgrade(url)  # back at the head for the session's other tests
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def test_0008_adds_the_requested_model_of_jobs_and_takes_it_away(backend: str, tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from genq.shared.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path}/rm.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+
+    def columns() -> set[str]:
+        return {c["name"] for c in inspect(engine_for(url)).get_columns("jobs")}
+
+    upgrade(url)
+    assert "requested_model" in columns()
+    command.downgrade(alembic_config(url), "0007")
+    assert "requested_model" not in columns() and {"model", "body"} <= columns()
+    upgrade(url)  # back at the head for the session's other tests
+    assert "requested_model" in columns()
