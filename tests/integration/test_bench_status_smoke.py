@@ -18,7 +18,8 @@ JOBS = 600  # enough that the drain outlasts a few client periods: workers now f
 def test_status_load_bench_reports_sane_numbers(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH), "--jobs", str(JOBS), "--workers", "1", "--api-workers", "2",
-           "--clients", "4", "--poll-ms", "20", "--idle-reads", "30", "--max-seconds", "180", "--lock-wait", "20", "--out", str(out)]
+           "--clients", "4", "--poll-ms", "20", "--idle-reads", "30", "--max-seconds", "180", "--lock-wait", "20",
+           "--out", str(out)]
     result = run_benchmark(cmd, out, 240, "another status load benchmark run holds the lock")
 
     assert result["capped"] is False and result["progress"]["status"] == "completed"

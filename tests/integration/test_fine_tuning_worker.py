@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from genq.sse import iter_events
+from tests.integration.test_webhooks import Receiver
 from tests.support.processes import Stack
 from tests.support.waiting import wait_for
 
@@ -57,10 +58,10 @@ def _worker(stack: Stack, name: str, *extra: str) -> Any:
     return proc
 
 
-def _create(client: openai.OpenAI, examples: int, **hyper: Any) -> Any:
+def _create(client: openai.OpenAI, examples: int, extra: dict[str, Any] | None = None, **hyper: Any) -> Any:
     training = client.files.create(file=("train.jsonl", io.BytesIO(chat_lines(examples))), purpose="fine-tune")
     return client.fine_tuning.jobs.create(model=MODEL, training_file=training.id, seed=7, suffix="count",
-                                          hyperparameters=hyper, extra_body={"lora": {"r": 4}})
+                                          hyperparameters=hyper, extra_body={"lora": {"r": 4}, **(extra or {})})
 
 
 def _status(client: openai.OpenAI, job_id: str, *wanted: str) -> Any:
@@ -76,7 +77,23 @@ def _messages(client: openai.OpenAI, job_id: str) -> list[Any]:
 def test_a_job_trains_to_succeeded_and_registers_its_adapter(stack: Stack) -> None:
     client = _client(stack)
     _worker(stack, "trainer", "--checkpoint-every", "4")
-    job = _create(client, 12, n_epochs=2, batch_size=4)  # 3 steps an epoch, 6 in all
+    secret = client.get("/webhooks/secret", cast_to=object)["secret"]  # type: ignore[index]
+    with Receiver(secret) as hooks:
+        job = _create(client, 12, {"webhook_url": hooks.url, "webhook_events": ["succeeded", "progress"]},
+                      n_epochs=2, batch_size=4)  # 3 steps an epoch, 6 in all
+        _follow_and_check(stack, client, job)
+        got = wait_for(lambda: list(hooks.requests) if len(hooks.requests) >= 3 else None, 60, 0.1,
+                       "the job's webhooks")
+    assert len(got) == 3 and all(r["valid"] for r in got)  # signed with the tenant's secret
+    progress = [r["event"]["data"] for r in got if r["event"]["type"] == "fine_tuning.job.progress"]
+    assert sorted(p["metrics"]["step"] for p in progress) == [4, 6]  # one at each checkpoint
+    assert all(p["metrics"]["train_loss"] > 0 for p in progress)
+    (final,) = [r["event"]["data"] for r in got if r["event"]["type"] == "fine_tuning.job.succeeded"]
+    assert final["id"] == job.id and final["status"] == "succeeded" and final["fine_tuned_model"]
+
+
+def _follow_and_check(stack: Stack, client: openai.OpenAI, job: Any) -> None:
+    """Follow a job's events live to its end, then check the job, its events and checkpoints."""
     # Followed live: every event as it is written, then the ended job.
     with httpx.stream("GET", f"{stack.base_url}/v1/fine_tuning/jobs/{job.id}/events", params={"stream": "true"},
                       timeout=180) as resp:
