@@ -15,13 +15,22 @@ epoch, LoRA r 8 on peft's default targets (GPT-2: c_attn), dropout 0.05.
             trained positions, so train_over_bare > 1 is that saving.
   trainer   transformers' Trainer (needs accelerate, which peft depends on) on the same encoded
             examples, the same batch size, lr and schedule, logging and saving off.
-Ratios: train_over_bare and trainer_over_train (steady rates, the first --warmup steps excluded in
-every arm). Absolute rates depend on the machine and its load: compare numbers within one output.
-The default run (8 steps, 6x512, one CPU thread) takes about 1.5 minutes on 2 shared cores.
-A queue arm (through genq's API and a worker) comes later.
+  genq      the same job through the queue: the genq API and one `genq worker --work training`
+            (Postgres, Redis, file:// storage) with as many torch threads; the chats uploaded as a
+            fine-tune file and trained by a job with the same hyperparameters, LoRA and seed.
+            `steady_tokens_per_s` from the job's metrics events after the first --warmup steps,
+            `job_tokens_per_s` over the job's wall time (POST -> `succeeded`, as a client sees it:
+            the worker loads the base model for the job, tokenizes, checkpoints and registers the
+            adapter), to compare with train's job_tokens_per_s.
+Ratios: train_over_bare, trainer_over_train and genq_over_train (steady rates, the first --warmup
+steps excluded in every arm), and genq_job_over_train_job (whole jobs). Absolute rates depend on the
+machine and its load: compare numbers within one output. The default run (8 steps, 6x512, one CPU
+thread) takes about 2.5 minutes on 2 shared cores. The genq arm needs Redis (GENQ_BENCH_REDIS; flushes
+db GENQ_BENCH_FINE_TUNING_REDIS_DB, default 13, and refuses it while other clients use it) and
+Postgres (GENQ_BENCH_PG_ADMIN; a temporary database is dropped at the end).
 
 Run: .venv/bin/python bench/fine_tuning.py [--steps 8] [--batch-size 8] [--shape 6x512|small]
-     [--threads 1] [--skip-arms trainer] [--device cpu|cuda] [--out FILE]
+     [--threads 1] [--skip-arms trainer,genq] [--device cpu|cuda] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,8 +45,22 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import package_versions, print_result
+from common import (
+    Procs,
+    check_redis_dbs_unused,
+    drop_stale_databases,
+    package_versions,
+    print_result,
+    stack_env,
+    start_api,
+    wait_for,
+)
 
+REDIS_HOST = os.environ.get("GENQ_BENCH_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("GENQ_BENCH_FINE_TUNING_REDIS_DB", "13"))
+PG_ADMIN = os.environ.get("GENQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+DB_PREFIX = "genq_ftbench_"
+MODEL = "bench-chat"
 SHAPES = {"6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8}, "small": None}  # None: gpt2-small's defaults
 
 
@@ -64,10 +87,7 @@ def arm_train(model_dir: Path, chats: list[dict[str, Any]], args: argparse.Names
     result = train(model_dir, chats, config=TrainingConfig(n_epochs=1, batch_size=args.batch_size),
                    hooks=TrainingHooks(progress=events.append), device=args.device)
     seconds = time.perf_counter() - started
-    # Each event covers one step: its tokens are the growth of trained_tokens, its seconds tokens / rate.
-    steps = [(e["trained_tokens"] - p["trained_tokens"], e["tokens_per_s"])
-             for p, e in zip(events[args.warmup - 1:], events[args.warmup:], strict=False)]
-    rate = sum(tokens for tokens, _ in steps) / sum(tokens / per_s for tokens, per_s in steps)
+    rate = steady_rate(events, args.warmup)
     return {"steps": result.step, "trained_tokens": result.trained_tokens, "seconds": round(seconds, 2),
             "job_tokens_per_s": round(result.trained_tokens / seconds, 1), "steady_tokens_per_s": round(rate, 1),
             "final_train_loss": round(result.train_loss or 0.0, 4)}
@@ -166,6 +186,85 @@ def arm_trainer(model_dir: Path, chats: list[dict[str, Any]], args: argparse.Nam
     return {"steps": clock.step, "steady_tokens_per_s": round(data.trained_tokens * share / clock.seconds, 1)}
 
 
+def steady_rate(events: list[dict[str, Any]], warmup: int) -> float:
+    """Trained tokens/s over the steps after the first `warmup`, from one progress event per step:
+    each step's tokens are the growth of trained_tokens, its seconds tokens / its rate."""
+    steps = [(e["trained_tokens"] - p["trained_tokens"], e["tokens_per_s"])
+             for p, e in zip(events[warmup - 1:], events[warmup:], strict=False)]
+    return sum(tokens for tokens, _ in steps) / sum(tokens / per_s for tokens, per_s in steps)
+
+
+def arm_genq(model_dir: Path, chats: list[dict[str, Any]], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import uuid
+
+    import psycopg
+    import redis
+
+    from genq.workers.tiny import write_registry
+
+    check_redis_dbs_unused(REDIS_HOST, (REDIS_DB,), "GENQ_BENCH_FINE_TUNING_REDIS_DB")
+    broker = f"{REDIS_HOST}/{REDIS_DB}"
+    registry = write_registry(tmp, {MODEL: {"kind": "text", "source": str(model_dir)}})
+    db_name = f"{DB_PREFIX}{uuid.uuid4().hex[:10]}"
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        drop_stale_databases(admin, DB_PREFIX)
+        admin.execute(f'CREATE DATABASE "{db_name}"')
+        try:
+            with Procs(tmp / "logs") as procs:
+                env = stack_env(db_url=f"{base}/{db_name}", broker_url=broker, storage_url=f"file://{tmp / 'objects'}",
+                                registry=registry)
+                if args.threads:
+                    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+                redis.Redis.from_url(broker).flushdb()
+                client = start_api(procs, env)
+                procs.start("worker", ["-m", "genq", "worker", "--models", MODEL, "--work", "training",
+                                       "--checkpoint-every", str(args.steps), "--log-level", "info"], env)
+                log = tmp / "logs" / "worker.log"
+                wait_for(lambda: procs.check_alive() or (log.exists() and b"ready." in log.read_bytes()), 120,
+                         "genq worker ready", 0.2)
+                return _genq_job(client, procs, chats, args)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+            redis.Redis.from_url(broker).flushdb()
+
+
+def _genq_job(client: Any, procs: Procs, chats: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    data = "".join(json.dumps(c) + "\n" for c in chats).encode()
+    upload = client.post("/v1/files", files={"file": ("chats.jsonl", data)}, data={"purpose": "fine-tune"})
+    upload.raise_for_status()
+    file_id = upload.json()["id"]
+    started = time.perf_counter()
+    resp = client.post("/v1/fine_tuning/jobs", json={
+        "model": MODEL, "training_file": file_id, "seed": 0,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 1, "batch_size": args.batch_size, "learning_rate_multiplier": 1.0}}},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05}})
+    resp.raise_for_status()
+    job_id = resp.json()["id"]
+
+    def ended() -> dict[str, Any] | None:
+        procs.check_alive()
+        job: dict[str, Any] = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in ("failed", "cancelled"):
+            raise RuntimeError(f"fine-tuning job {job['status']}: {job['error']}")
+        return job if job["status"] == "succeeded" else None
+
+    job = wait_for(ended, 3600, "fine-tuning job succeeded", 0.2)
+    seconds = time.perf_counter() - started
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"][::-1]
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    if len(metrics) != args.steps:
+        raise RuntimeError(f"expected one metrics event per step, got {len(metrics)} for {args.steps} steps")
+    return {"steps": metrics[-1]["step"], "trained_tokens": job["trained_tokens"], "seconds": round(seconds, 2),
+            "job_tokens_per_s": round(job["trained_tokens"] / seconds, 1),
+            "steady_tokens_per_s": round(steady_rate(metrics, args.warmup), 1),
+            "final_train_loss": round(metrics[-1]["train_loss"], 4),
+            "stack": "genq api + genq worker --work training (postgres, redis, file://)"}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -180,18 +279,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         chats = workload(args)
         arms: dict[str, Any] = {}
         skip = set(filter(None, args.skip_arms.split(",")))
-        for name in ("train", "bare", "trainer"):
+        for name in ("train", "bare", "trainer", "genq"):
             if name in skip:
                 continue
             if name == "trainer":
                 arms[name] = arm_trainer(model_dir, chats, args, tmp)
+            elif name == "genq":
+                arms[name] = arm_genq(model_dir, chats, args, tmp)
             else:
                 arms[name] = (arm_train if name == "train" else arm_bare)(model_dir, chats, args)
             arms[name]["arm_s"] = round(time.perf_counter() - started, 1)
             started = time.perf_counter()
     rates = {name: arm["steady_tokens_per_s"] for name, arm in arms.items()}
     ratios = {"train_over_bare": rates["train"] / rates["bare"] if {"train", "bare"} <= rates.keys() else None,
-              "trainer_over_train": rates["trainer"] / rates["train"] if {"train", "trainer"} <= rates.keys() else None}
+              "trainer_over_train": rates["trainer"] / rates["train"] if {"train", "trainer"} <= rates.keys() else None,
+              "genq_over_train": rates["genq"] / rates["train"] if {"train", "genq"} <= rates.keys() else None,
+              "genq_job_over_train_job": arms["genq"]["job_tokens_per_s"] / arms["train"]["job_tokens_per_s"]
+              if {"train", "genq"} <= arms.keys() else None}
     return {"benchmark": "fine_tuning", "shape": args.shape, "device": args.device, "steps": args.steps,
             "batch_size": args.batch_size, "warmup_steps_excluded": args.warmup, "model_build_s": round(build_s, 1),
             "arms": arms, "ratios": {k: round(v, 3) if v else None for k, v in ratios.items()},
@@ -210,7 +314,7 @@ def main() -> None:
     # One thread by default: on a 2-core machine shared with other work, torch's two spinning OpenMP
     # threads made steps many times slower and the arms' rates noisy.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--skip-arms", default="", help="comma-separated arms not to run: bare,trainer")
+    parser.add_argument("--skip-arms", default="", help="comma-separated arms not to run: bare,trainer,genq")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
