@@ -29,13 +29,14 @@ thread) takes about 2.5 minutes on 2 shared cores. The genq arm needs Redis (GEN
 db GENQ_BENCH_FINE_TUNING_REDIS_DB, default 13, and refuses it while other clients use it) and
 Postgres (GENQ_BENCH_PG_ADMIN; a temporary database is dropped at the end).
 
-Run: .venv/bin/python bench/fine_tuning.py [--steps 8] [--batch-size 8] [--shape 6x512|small]
+Run: .venv/bin/python bench/fine_tuning.py [--steps 8] [--batch-size 8] [--shape 6x512|small|tiny]
      [--threads 1] [--skip-arms trainer,genq] [--device cpu|cuda] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -61,7 +62,9 @@ REDIS_DB = int(os.environ.get("GENQ_BENCH_FINE_TUNING_REDIS_DB", "13"))
 PG_ADMIN = os.environ.get("GENQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 DB_PREFIX = "genq_ftbench_"
 MODEL = "bench-chat"
-SHAPES = {"6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8}, "small": None}  # None: gpt2-small's defaults
+# None: gpt2-small's defaults; tiny (2 layers, 64 wide) only checks that the benchmark runs.
+SHAPES = {"6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8}, "small": None,
+          "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2}}
 
 
 def build_model(tmp: Path, shape: str) -> Path:
@@ -179,7 +182,8 @@ def arm_trainer(model_dir: Path, chats: list[dict[str, Any]], args: argparse.Nam
         remove_unused_columns=False, use_cpu=args.device == "cpu")
     trainer = Trainer(model=_lora_model(model_dir, args.device), args=training_args, train_dataset=rows,
                       data_collator=pad, callbacks=[clock])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its summary; stdout is the JSON
+        trainer.train()
     # Trainer shuffles with its own sampler (the same examples in another order): count the tokens
     # of all but the mean warm-up share.
     share = (clock.step - args.warmup) / clock.step
@@ -187,10 +191,11 @@ def arm_trainer(model_dir: Path, chats: list[dict[str, Any]], args: argparse.Nam
 
 
 def steady_rate(events: list[dict[str, Any]], warmup: int) -> float:
-    """Trained tokens/s over the steps after the first `warmup`, from one progress event per step:
-    each step's tokens are the growth of trained_tokens, its seconds tokens / its rate."""
+    """Trained tokens/s over the steps after the first `warmup`, from progress events that each
+    cover the steps since the one before (one step in train(); a worker writes at most one a second):
+    an event's tokens are the growth of trained_tokens, its seconds tokens / its rate."""
     steps = [(e["trained_tokens"] - p["trained_tokens"], e["tokens_per_s"])
-             for p, e in zip(events[warmup - 1:], events[warmup:], strict=False)]
+             for p, e in zip(events, events[1:], strict=False) if p["step"] >= warmup]
     return sum(tokens for tokens, _ in steps) / sum(tokens / per_s for tokens, per_s in steps)
 
 
@@ -256,8 +261,8 @@ def _genq_job(client: Any, procs: Procs, chats: list[dict[str, Any]], args: argp
     seconds = time.perf_counter() - started
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"][::-1]
     metrics = [e["data"] for e in events if e["type"] == "metrics"]
-    if len(metrics) != args.steps:
-        raise RuntimeError(f"expected one metrics event per step, got {len(metrics)} for {args.steps} steps")
+    if metrics[-1]["step"] != args.steps:
+        raise RuntimeError(f"the job's last metrics event is of step {metrics[-1]['step']}, not {args.steps}")
     return {"steps": metrics[-1]["step"], "trained_tokens": job["trained_tokens"], "seconds": round(seconds, 2),
             "job_tokens_per_s": round(job["trained_tokens"] / seconds, 1),
             "steady_tokens_per_s": round(steady_rate(metrics, args.warmup), 1),

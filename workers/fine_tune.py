@@ -139,6 +139,33 @@ def latest_checkpoint(session: Session, storage: Storage, job_id: str) -> Checkp
 
 # --- one job ----------------------------------------------------------------------------------------
 
+class _Window:
+    """The steps since the last metrics event written: their tokens, seconds and summed loss."""
+
+    def __init__(self) -> None:
+        self.at: int | None = None  # trained_tokens at the last step seen
+        self.tokens, self.seconds, self.loss = 0, 0.0, 0.0
+
+    def add(self, event: dict[str, Any]) -> None:
+        # One progress event covers the steps since the one before: its trained tokens are the growth
+        # of trained_tokens (the first after a start or resume: taken as one step's worth, by its rate).
+        rate, loss = float(event.get("tokens_per_s") or 0.0), float(event.get("train_loss") or 0.0)
+        tokens = event["trained_tokens"] - self.at if self.at is not None else None
+        self.at = event["trained_tokens"]
+        if tokens is None:
+            self.tokens, self.seconds, self.loss = 0, 0.0, 0.0
+            tokens = 1  # weights the first window's rate and loss alone
+        self.tokens += tokens
+        self.seconds += tokens / rate if rate > 0 else 0.0
+        self.loss += loss * tokens
+
+    def take(self) -> dict[str, float]:
+        out = {"train_loss": self.loss / self.tokens if self.tokens else 0.0,
+               "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0}
+        self.tokens, self.seconds, self.loss = 0, 0.0, 0.0
+        return out
+
+
 class _Run:
     """One attempt at one job: the hooks training calls, and what they write."""
 
@@ -146,6 +173,7 @@ class _Run:
         self.tuner, self.job = tuner, job
         self.job_id, self.worker = job.id, tuner.worker_id
         self._checked = self._evented = 0.0
+        self._window = _Window()
         self._cancel = False
         self.stopping = False  # the worker is shutting down: hand the job back
         self.last_metrics: dict[str, Any] = {}
@@ -154,15 +182,19 @@ class _Run:
         return session_scope(self.tuner.sessions)
 
     def progress(self, event: dict[str, Any]) -> None:
+        """Write a metrics event at most every EVENT_EVERY_S (and at validation passes and the end);
+        its train_loss and tokens_per_s cover every step since the last one written."""
         self.last_metrics = {**self.last_metrics, **event}
+        self._window.add(event)
         now = time.monotonic()
         final = event.get("step") == event.get("total_steps")
         if not (final or "valid_loss" in event or now - self._evented >= EVENT_EVERY_S):
             return
         self._evented = now
-        data = {k: event[k] for k in ("step", "total_steps", "train_loss", "valid_loss", "tokens_per_s",
-                                      "trained_tokens", "epoch") if event.get(k) is not None}
-        text = f"Step {event['step']}/{event['total_steps']}: training loss={event['train_loss']:.4f}"
+        data = {k: event[k] for k in ("step", "total_steps", "valid_loss", "trained_tokens", "epoch")
+                if event.get(k) is not None}
+        data.update(self._window.take())
+        text = f"Step {event['step']}/{event['total_steps']}: training loss={data['train_loss']:.4f}"
         if "valid_loss" in event:
             text += f", validation loss={event['valid_loss']:.4f}"
         with self._session() as s:
