@@ -288,7 +288,7 @@ class FineTuner:
                 add_event(s, job.id, text)
             result = self.trainer(self._model_source(job), train_examples, config=self._config(job),
                                   valid_examples=valid_examples, hooks=run.hooks(), resume=resume,
-                                  device=self.device or "cpu")
+                                  device=self._device(job))
         except LeaseLost:
             log.warning("fine-tuning job %s: another worker holds it now; stopping", job.id)
             return "lost"
@@ -310,6 +310,14 @@ class FineTuner:
         if spec is None:
             raise ValueError(f"model {job.model!r} is no longer in the registry")
         return str(spec.source)
+
+    def _device(self, job: FineTuningJob) -> str:
+        """Where the model's inference runs on this worker (as the text runner decides it): the
+        worker's device, else the registry entry's (`auto`: the first visible GPU, else the CPU)."""
+        from genq.workers.runners.device import resolve_device
+
+        spec = self.registry.get(job.model)
+        return resolve_device(self.device or (spec.device if spec else "auto"))
 
     def _config(self, job: FineTuningJob) -> TrainingConfig:
         hp, lora = job.hyperparameters, job.lora
