@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from genq.services.errors import APIError
 from genq.services.state import AppState
 from genq.services.webhooks import validate_subscription
+from genq.shared import fine_tuning_jobs as ft_state
 from genq.shared.db import File, FineTuningJob
 from genq.shared.fine_tuning import (
     MAX_ERRORS_REPORTED,
@@ -109,13 +110,7 @@ def check_webhook(state: AppState, spec: FineTuningJobCreate) -> str | None:
 
 
 def enqueue_fine_tune(state: AppState, job: FineTuningJob) -> bool:
-    """Hand a committed `queued` job to the training workers: the seam the worker side plugs into.
-    For now a Celery task `genq.fine_tune` with the job id on the queue `genq.train.<model>`. A
-    broker outage does not fail the request (the job is recorded); it is logged and False
-    returned, and the job waits `queued` for a sweeper to publish it again."""
-    try:
-        state.publisher.publish_fine_tune(job.id, job.model)
-    except Exception:  # kombu raises many kinds; the job is recorded either way
-        log.warning("could not publish fine-tuning job %s; it stays queued", job.id, exc_info=True)
-        return False
-    return True
+    """Hand a committed `queued` job to the training workers: the task `genq.fine_tune` with the job
+    id on the queue `genq.train.<model>`. A broker outage does not fail the request (the job is
+    recorded); False is returned and the upkeep sweep publishes the job once the broker is back."""
+    return ft_state.publish(state.sessions, state.publisher, job.id, job.model)

@@ -251,6 +251,7 @@ class FineTuningJob(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON)  # None: the terminal ones
+    published_at: Mapped[float | None] = mapped_column(Float)  # its message last reached the broker; None: not yet
 
 
 class FineTuningEvent(Base):

@@ -9,14 +9,17 @@ Statuses, as OpenAI's: `validating_files` -> `queued` -> `running` -> `succeeded
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from genq.shared.db import FineTuningEvent, FineTuningJob, new_id
+from genq.shared.broker import Publisher
+from genq.shared.db import FineTuningEvent, FineTuningJob, new_id, session_scope
 
+log = logging.getLogger("genq.fine_tuning")
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 NOT_STARTED = ("validating_files", "queued")
@@ -79,3 +82,47 @@ def cancel(session: Session, job_id: str, *, now: float | None = None) -> str:
         return "requested"
     job = session.get(FineTuningJob, job_id)
     return "requested" if job is not None and job.status == "running" else "finished"
+
+
+# --- handing jobs to the training queues ---------------------------------------------------------
+
+UNPUBLISHED_GRACE_S = 30.0  # a queued job unpublished for longer missed its publish: send it again
+SWEEP_LIMIT = 100
+
+
+def publish(factory: sessionmaker[Session], publisher: Publisher, job_id: str, model: str) -> bool:
+    """Send a queued job's task to its training queue and record that it went (False, and logged,
+    when the broker is down: the sweep below sends it later). A message that is sent twice is
+    harmless: a worker starts a job only from `queued`."""
+    try:
+        publisher.publish_fine_tune(job_id, model)
+    except Exception:  # kombu raises many kinds; the job is recorded either way
+        log.warning("could not publish fine-tuning job %s; it stays queued", job_id, exc_info=True)
+        return False
+    with session_scope(factory) as session:
+        session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.status == "queued")
+                        .values(published_at=time.time()))
+    return True
+
+
+def sweep_unpublished(factory: sessionmaker[Session], publisher: Publisher, models: list[str] | None = None, *,
+                      grace_s: float = UNPUBLISHED_GRACE_S) -> int:
+    """Publish the queued jobs whose message never reached the broker, or was lost with the
+    broker's data (published before its epoch); returns how many went out."""
+    now = time.time()
+    try:
+        epoch = publisher.epoch()
+    except Exception:  # noqa: BLE001 - broker down: the unpublished ones are still tried below
+        epoch = None
+    lost = FineTuningJob.published_at.is_(None) & (FineTuningJob.created_at < now - grace_s)
+    if epoch is not None:
+        lost = lost | (FineTuningJob.published_at < epoch)
+    q = select(FineTuningJob.id, FineTuningJob.model).where(FineTuningJob.status == "queued", lost)
+    if models is not None:
+        q = q.where(FineTuningJob.model.in_(models))
+    with session_scope(factory) as session:
+        rows = session.execute(q.order_by(FineTuningJob.id).limit(SWEEP_LIMIT)).all()
+    sent = sum(publish(factory, publisher, job_id, model) for job_id, model in rows)
+    if sent:
+        log.warning("published %d fine-tuning job(s) the broker had not received", sent)
+    return sent

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from genq.shared import outbox
+from genq.shared import fine_tuning_jobs, outbox
 from genq.shared.broker import Publisher
 from genq.shared.finalize import expire_batches, finalize_stale_batches
 from genq.shared.storage import Storage
@@ -36,6 +36,8 @@ def upkeep_tasks(sessions: sessionmaker[Session], storage: Storage, publisher: P
         Task("republish lost jobs", lambda: outbox.republish_lost(sessions, publisher, names)),
         Task("expire batches", lambda: expire_batches(sessions, storage)),
         Task("finalize stale batches", lambda: finalize_stale_batches(sessions, storage)),
+        Task("publish unpublished fine-tuning jobs",
+             lambda: fine_tuning_jobs.sweep_unpublished(sessions, publisher, names)),
     ]
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq.shared import fine_tuning_jobs as ft_state
 from genq.shared import webhooks
 from genq.shared.adapters import storage_key as adapter_storage_key
 from genq.shared.broker import Publisher
@@ -112,7 +113,7 @@ def requeue_expired_training(session: Session, *, models: list[str], max_attempt
                                       "error": {"code": "worker_lost", "param": None,
                                                 "message": f"the worker training this job stopped {attempts} times"}}
         else:
-            values = {"status": "queued", "worker": None, "lease_expires_at": None}
+            values = {"status": "queued", "worker": None, "lease_expires_at": None, "published_at": None}
         if session.execute(update(FineTuningJob).where(*guard).values(**values)).rowcount:  # type: ignore[attr-defined]
             if attempts >= max_attempts:
                 add_event(session, job_id, f"The job failed: its worker stopped {attempts} times", level="error")
@@ -396,14 +397,12 @@ class FineTuner:
         """A stopping worker's job goes back to the queue (its attempt not counted) for another to resume."""
         with session_scope(self.sessions) as s:
             done = s.execute(update(FineTuningJob).where(*_held(job.id, self.worker_id)).values(
-                status="queued", worker=None, lease_expires_at=None, attempts=FineTuningJob.attempts - 1))
+                status="queued", worker=None, lease_expires_at=None, published_at=None,
+                attempts=FineTuningJob.attempts - 1))
             if done.rowcount:  # type: ignore[attr-defined]
                 add_event(s, job.id, "The worker is shutting down: the job is queued again and resumes from its "
                           "last checkpoint", level="warn")
-        try:
-            self.publisher.publish_fine_tune(job.id, job.model)
-        except Exception:
-            log.warning("could not publish fine-tuning job %s again", job.id, exc_info=True)
+        ft_state.publish(self.sessions, self.publisher, job.id, job.model)  # else the upkeep sweep does
 
     # --- the lease loop's share ---
 
@@ -416,9 +415,6 @@ class FineTuner:
                           .values(lease_expires_at=time.time() + self.limits.lease_s))
             publish, failed = requeue_expired_training(s, models=models, max_attempts=self.limits.max_attempts)
         for job_id, model in publish:
-            try:
-                self.publisher.publish_fine_tune(job_id, model)
-            except Exception:
-                log.warning("could not publish recovered fine-tuning job %s", job_id, exc_info=True)
+            ft_state.publish(self.sessions, self.publisher, job_id, model)  # else the upkeep sweep does
         if publish or failed:
             log.warning("fine-tuning jobs of a dead worker: %d queued again, %d failed", len(publish), len(failed))

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from genq.shared.db import FineTuningEvent, FineTuningJob, session_factory, session_scope
+from genq.shared import fine_tuning_jobs as ft_state
+from genq.shared.db import File, FineTuningEvent, FineTuningJob, session_factory, session_scope
 from genq.shared.migrate import upgrade
 from genq.shared.registry import model_spec
 from genq.shared.storage import FileStorage
@@ -22,11 +23,17 @@ from genq.workers.training import Checkpoint, TrainingResult
 
 
 class Publisher:
-    def __init__(self) -> None:
+    def __init__(self, epoch: float | None = None, down: bool = False) -> None:
         self.sent: list[tuple[str, str]] = []
+        self.since, self.down = epoch, down
 
     def publish_fine_tune(self, job_id: str, model: str) -> None:
+        if self.down:
+            raise ConnectionError("broker down")
         self.sent.append((job_id, model))
+
+    def epoch(self) -> float | None:
+        return self.since
 
 
 class Registry:
@@ -49,8 +56,6 @@ def storage(tmp_path: Path) -> FileStorage:
 
 
 def add_job(sessions: sessionmaker[Session], job_id: str = "ftjob-1", **values: Any) -> None:
-    from genq.shared.db import File
-
     row = {"tenant": None, "status": "queued", "model": "m", "training_file": "file-1", "seed": 1,
            "hyperparameters": {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0},
            "lora": {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None}, "fine_tuned_model": f"ft:m:x:{job_id}",
@@ -163,3 +168,19 @@ def test_metrics_windows_cover_every_step_since_the_last_event() -> None:
     window.add({"trained_tokens": 30, "tokens_per_s": 10.0, "train_loss": 1.0})  # 20 tokens in 2 s
     window.add({"trained_tokens": 40, "tokens_per_s": 5.0, "train_loss": 4.0})  # 10 tokens in 2 s
     assert window.take() == {"train_loss": pytest.approx(2.0), "tokens_per_s": pytest.approx(7.5)}
+
+
+def test_queued_jobs_whose_message_never_went_or_was_lost_are_published_again(sessions: sessionmaker[Session]) -> None:
+    now = time.time()
+    add_job(sessions, "ftjob-1", created_at=now - 60)  # its publish failed a minute ago
+    add_job(sessions, "ftjob-2", created_at=now)  # just created: its publish may still be on the way
+    add_job(sessions, "ftjob-3", created_at=now - 60, published_at=now - 50)  # sent before the broker restarted
+    add_job(sessions, "ftjob-4", created_at=now - 60, published_at=now - 5)  # sent since: still there
+    add_job(sessions, "ftjob-5", created_at=now - 60, status="cancelled")
+    assert ft_state.sweep_unpublished(sessions, Publisher(down=True), ["m"]) == 0  # broker down: next time
+    assert job(sessions, "ftjob-1").published_at is None
+    publisher = Publisher(epoch=now - 10)
+    assert ft_state.sweep_unpublished(sessions, publisher, ["m"]) == 2
+    assert sorted(publisher.sent) == [("ftjob-1", "m"), ("ftjob-3", "m")]
+    assert job(sessions, "ftjob-1").published_at >= now  # type: ignore[operator]
+    assert ft_state.sweep_unpublished(sessions, Publisher(epoch=now - 10), ["m"]) == 0  # nothing left to send

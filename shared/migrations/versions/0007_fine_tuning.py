@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("lease_expires_at", sa.Float),
         sa.Column("webhook_url", sa.String(2048)),
         sa.Column("webhook_events", sa.JSON),
+        sa.Column("published_at", sa.Float),
     )
     op.create_index("ix_fine_tuning_jobs_tenant_id", "fine_tuning_jobs", ["tenant", "id"])
     op.create_index("ix_fine_tuning_jobs_status_lease", "fine_tuning_jobs", ["status", "lease_expires_at"])
