@@ -15,6 +15,7 @@ import pytest
 
 from genq.shared.broker import FINE_TUNE_TASK, make_celery, train_queue_name
 from tests.support.processes import Stack
+from tests.support.queues import take_all
 
 pytestmark = pytest.mark.integration
 
@@ -38,18 +39,7 @@ def api(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _taken(settings: Any, model: str) -> list[tuple[str, list[Any]]]:
     """Take every task off a model's training queue: (task name, args)."""
-    out = []
-    with make_celery(settings).connection_for_read() as conn:
-        queue = conn.SimpleQueue(train_queue_name(model))
-        while True:
-            try:
-                message = queue.get(timeout=1)
-            except queue.Empty:
-                break
-            out.append((message.headers["task"], message.payload[0]))
-            message.ack()
-        queue.close()
-    return out
+    return take_all(make_celery(settings), train_queue_name(model), timeout=1)
 
 
 def test_a_created_job_reaches_its_training_queue(api: Stack, settings_for: Any) -> None:

@@ -26,6 +26,7 @@ from genq.shared.finalize import maybe_finalize_batch
 from genq.shared.webhooks import enqueue_job_event
 from tests.support.app import api_client
 from tests.support.fine_tuned import FILES, register_fine_tuned
+from tests.support.queues import take_all
 
 BASE = "tiny-chat"
 MESSAGES = [{"role": "user", "content": "Where is the station?"}]
@@ -51,18 +52,7 @@ def _register(api: TestClient, lora: Path, tenant: str | None = None, base: str 
 
 def _queued(api: TestClient, model: str) -> list[str]:
     """The job ids waiting on a model's queue of the in-memory broker (taken off it)."""
-    out = []
-    with _state(api).publisher.app.connection_for_read() as conn:
-        queue = conn.SimpleQueue(queue_name(model))
-        while True:
-            try:
-                message = queue.get(timeout=0.1)
-            except queue.Empty:
-                break
-            out.append(message.payload[0][0])
-            message.ack()
-        queue.close()
-    return out
+    return [args[0] for _, args in take_all(_state(api).publisher.app, queue_name(model))]
 
 
 def _job(api: TestClient, job_id: str) -> Job:

@@ -26,6 +26,7 @@ from genq.shared.db import File, FineTuningCheckpoint, session_scope
 from genq.shared.db import FineTuningJob as JobRow
 from genq.shared.fine_tuning_jobs import add_event, new_ft_id
 from tests.support.app import api_client
+from tests.support.queues import take_all
 
 CHAT = [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}
         for i in range(5)]
@@ -69,18 +70,7 @@ def _state(api: TestClient) -> Any:
 
 def _published(api: TestClient, model: str) -> list[tuple[str, list[Any]]]:
     """The tasks waiting on a model's training queue of the in-memory broker: (task name, args)."""
-    out = []
-    with _state(api).publisher.app.connection_for_read() as conn:
-        queue = conn.SimpleQueue(train_queue_name(model))
-        while True:
-            try:
-                message = queue.get(timeout=0.1)
-            except queue.Empty:
-                break
-            out.append((message.headers["task"], message.payload[0]))
-            message.ack()
-        queue.close()
-    return out
+    return take_all(_state(api).publisher.app, train_queue_name(model))
 
 
 def test_a_fine_tuning_script_runs_unchanged(api: TestClient, client: openai.OpenAI) -> None:
