@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     RUNTIME_ERROR = "runtime_error"
     WORKER_LOST = "worker_lost"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
+    TRAINING_FAILED = "training_failed"  # a fine-tuning job's training raised an error
     # The API's own failures.
     DATABASE_UNAVAILABLE = "database_unavailable"
     STORAGE_UNAVAILABLE = "storage_unavailable"
@@ -57,7 +58,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BODY_TOO_LARGE: 413, ErrorCode.FILE_TOO_LARGE: 413, ErrorCode.BATCH_TOO_LARGE: 413,
     ErrorCode.RATE_LIMIT_EXCEEDED: 429, ErrorCode.QUEUED_JOBS_LIMIT: 429, ErrorCode.SYNC_WAITS_LIMIT: 429,
     ErrorCode.RUNTIME_ERROR: 500, ErrorCode.INTERNAL_ERROR: 500, ErrorCode.WORKER_LOST: 500,
-    ErrorCode.TOO_MANY_ATTEMPTS: 500,
+    ErrorCode.TOO_MANY_ATTEMPTS: 500, ErrorCode.TRAINING_FAILED: 500,
     ErrorCode.NO_WORKER_AVAILABLE: 503, ErrorCode.DATABASE_UNAVAILABLE: 503, ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
 }

@@ -38,6 +38,7 @@ from genq.shared import webhooks
 from genq.shared.adapters import storage_key as adapter_storage_key
 from genq.shared.broker import Publisher
 from genq.shared.db import Adapter, File, FineTuningCheckpoint, FineTuningJob, new_id, session_scope
+from genq.shared.errors import ErrorCode
 from genq.shared.fine_tuning import ChatExample, Example, PromptExample, parse_training_file
 from genq.shared.fine_tuning_jobs import add_event, checkpoint_model_name, new_ft_id
 from genq.shared.registry import Registry
@@ -110,7 +111,7 @@ def requeue_expired_training(session: Session, *, models: list[str], max_attempt
         guard = (FineTuningJob.id == job_id, FineTuningJob.status == "running", FineTuningJob.lease_expires_at < now)
         if attempts >= max_attempts:
             values: dict[str, Any] = {"status": "failed", "finished_at": now, "lease_expires_at": None,
-                                      "error": {"code": "worker_lost", "param": None,
+                                      "error": {"code": ErrorCode.WORKER_LOST.value, "param": None,
                                                 "message": f"the worker training this job stopped {attempts} times"}}
         else:
             values = {"status": "queued", "worker": None, "lease_expires_at": None, "published_at": None}
@@ -388,7 +389,7 @@ class FineTuner:
         with session_scope(self.sessions) as s:
             done = s.execute(update(FineTuningJob).where(*_held(job.id, self.worker_id)).values(
                 status="failed", finished_at=time.time(), lease_expires_at=None,
-                error={"code": "training_failed", "message": message, "param": None}))
+                error={"code": ErrorCode.TRAINING_FAILED.value, "message": message, "param": None}))
             if done.rowcount:  # type: ignore[attr-defined]
                 add_event(s, job.id, f"The job failed: {message}", level="error")
                 webhooks.notify_fine_tuning(s, job.id, "failed")

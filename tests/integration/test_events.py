@@ -186,8 +186,11 @@ def test_stream_follows_a_batch_to_completed(events_api: str, paced_worker: None
 
     counts = [d for n, d in zip(names, data, strict=True) if n == "counts"]
     completed = [c["request_counts"]["completed"] for c in counts]
-    assert completed == sorted(completed) and completed[-1] == 10
-    assert counts[-1]["status"] == "completed"
+    if counts:
+        assert completed == sorted(completed) and completed[-1] == 10
+        assert counts[-1]["status"] == "completed"
+    else:  # instant jobs on a slow machine: the batch had ended by the first snapshot, nothing changed after
+        assert model == "echo" and data[0]["status"] == "completed"
 
     jobs = [d for n, d in zip(names, data, strict=True) if n == "job"]
     listed = httpx.get(f"{events_api}/v1/batches/{batch['id']}/jobs", params={"limit": 100}).json()["data"]
