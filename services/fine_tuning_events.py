@@ -20,19 +20,16 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from genq.services.sse import POLL_S, SEP, event_stream
 from genq.shared.db import FineTuningEvent, FineTuningJob
 from genq.shared.fine_tuning_jobs import TERMINAL
 from genq.shared.views import fine_tuning_event_object, fine_tuning_job_object
 
-POLL_S = 0.5
-KEEPALIVE_S = 15.0
 PAGE = 500  # events read per poll
-SEP = "\n"
 
 
 @dataclass
@@ -79,12 +76,5 @@ async def _stream(follower: EventFollower) -> AsyncIterator[ServerSentEvent]:
             await anyio.sleep(POLL_S)
 
 
-def last_event_id(request: Request) -> int:
-    value = request.headers.get("last-event-id", "").strip()
-    return int(value) if value.isdigit() else 0
-
-
 def follow_events(sessions: sessionmaker[Session], job_id: str, after_seq: int) -> EventSourceResponse:
-    return EventSourceResponse(_stream(EventFollower(sessions, job_id, after_seq)), sep=SEP, ping=KEEPALIVE_S,
-                               ping_message_factory=lambda: ServerSentEvent(comment="keepalive", sep=SEP),
-                               headers={"Cache-Control": "no-cache"})
+    return event_stream(_stream(EventFollower(sessions, job_id, after_seq)))

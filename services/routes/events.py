@@ -37,6 +37,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from genq.services.body import refuse_nul_params
 from genq.services.deps import StateDep, TenantDep
 from genq.services.routes.batches import load_batch
+from genq.services.sse import POLL_S, SEP, event_stream, last_event_id
 from genq.shared import jobs as jobs_data
 from genq.shared.db import Batch, Job
 from genq.shared.schemas import TERMINAL_BATCH_STATUSES
@@ -44,8 +45,6 @@ from genq.shared.views import batch_object
 
 router = APIRouter(tags=["batches"], dependencies=[Depends(refuse_nul_params)])
 
-POLL_S = 0.5
-KEEPALIVE_S = 15.0  # the ping interval, read when each stream starts
 # Job times come from the workers' clocks and are committed a moment after they are taken, so each
 # poll looks this far behind the newest time it has seen; (id, status) pairs already sent are skipped.
 OVERLAP_S = 5.0
@@ -107,13 +106,6 @@ class BatchFollower:
         return events, ended
 
 
-SEP = "\n"  # each event carries its own line ending in sse-starlette
-
-
-def _keepalive() -> ServerSentEvent:
-    return ServerSentEvent(comment="keepalive", sep=SEP)
-
-
 async def _stream(follower: BatchFollower, first: dict[str, Any], last_id: int) -> AsyncIterator[ServerSentEvent]:
     event_id = last_id
 
@@ -133,11 +125,6 @@ async def _stream(follower: BatchFollower, first: dict[str, Any], last_id: int) 
         await anyio.sleep(POLL_S)
 
 
-def _last_event_id(request: Request) -> int:
-    value = request.headers.get("last-event-id", "").strip()
-    return int(value) if value.isdigit() else 0
-
-
 @router.get("/v1/batches/{batch_id}/events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "Server-Sent Events until the batch ends"}})
@@ -153,6 +140,4 @@ async def batch_events(batch_id: str, request: Request, state: StateDep, tenant:
     first = await run_in_threadpool(_load)
     follower = BatchFollower(state.sessions, batch_id, first["status"], first["request_counts"])
     # The library watches for the client leaving (and for shutdown) and then cancels the stream.
-    return EventSourceResponse(_stream(follower, first, _last_event_id(request)), sep=SEP,
-                               ping=KEEPALIVE_S, ping_message_factory=_keepalive,
-                               headers={"Cache-Control": "no-cache"})
+    return event_stream(_stream(follower, first, last_event_id(request)))

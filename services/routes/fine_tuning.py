@@ -16,9 +16,10 @@ from genq.services.body import model_schema, parse_json_body, read_body, refuse_
 from genq.services.deps import SessionDep, StateDep, TenantDep
 from genq.services.errors import APIError
 from genq.services.fine_tuning import create_job, enqueue_fine_tune
-from genq.services.fine_tuning_events import follow_events, last_event_id
+from genq.services.fine_tuning_events import follow_events
 from genq.services.objects import FineTuningCheckpointObject, FineTuningEventObject, FineTuningJobObject, Page
 from genq.services.resources import Once, create_once, cursor_page, get_owned, list_page
+from genq.services.sse import last_event_id
 from genq.services.validation import field_errors
 from genq.shared import fine_tuning_jobs as ft_state
 from genq.shared.db import FineTuningCheckpoint, FineTuningEvent, FineTuningJob, owned_by

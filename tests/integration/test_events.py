@@ -206,9 +206,9 @@ def test_stream_follows_a_batch_to_completed(events_api: str, paced_worker: None
 @pytest.mark.integration
 def test_stream_ends_cancelled_with_keepalives_while_idle(events_api: str, stack: Stack,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from genq.services.routes import events as routes_events
+    from genq.services import sse
 
-    monkeypatch.setattr(routes_events, "KEEPALIVE_S", 0.6)  # the app runs in this process
+    monkeypatch.setattr(sse, "KEEPALIVE_S", 0.6)  # the app runs in this process
     batch = _submit(events_api, "tiny-gpt2-idle", 4, "sse-cancel")  # no worker serves this model
     client = Client(events_api)
     events: list[tuple[str, dict[str, Any]]] = []
